@@ -1,0 +1,19 @@
+"""Dictionary architectures. Importing this package registers every architecture.
+
+Adding one: a module here with ``@register("name", NameConfig)`` on a :class:`Dictionary` subclass,
+plus one import line below.
+"""
+
+from sparsedict.dictionaries import topk  # noqa: F401  (registers)
+from sparsedict.dictionaries.base import (
+    Dictionary,
+    DictionaryConfig,
+    Output,
+    SparseCode,
+    available,
+    build,
+    lookup,
+    register,
+)
+
+__all__ = ["Dictionary", "DictionaryConfig", "Output", "SparseCode", "available", "build", "lookup", "register"]

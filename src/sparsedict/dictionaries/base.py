@@ -1,0 +1,327 @@
+"""The Dictionary interface, the sparse code it produces, and the architecture registry.
+
+Canonical layout (= SAELens): ``W_enc [d_in, n]``, ``b_enc [n]``, ``W_dec [n, d_out]`` (row i is latent i's
+direction), ``b_dec [d_out]``, optional ``W_skip [d_out, d_in]`` (skip transcoder). A transcoder is any
+dictionary whose ``target`` hookpoint differs from its ``hookpoint``; there is no separate class hierarchy.
+
+Every architecture is one module in this package that subclasses :class:`Dictionary`, declares its own
+config dataclass (a subclass of :class:`DictionaryConfig`) and registers both with ``@register("name")``.
+Gradient-trained dictionaries return their loss terms in ``Output.losses`` (already weighted; the trainer
+sums them). Dictionaries with their own solver (SNMF) set ``trains_by_gradient = False`` and implement
+``fit_step(x, y)``; the trainer's data loop, checkpoints and logging are the same for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class DictionaryConfig:
+    """Fields shared by every architecture. Architecture configs subclass this and add their own."""
+
+    architecture: str = "topk"
+    """Registered architecture name (see ``sparsedict.dictionaries.available()``)."""
+    hookpoint: str = ""
+    """Input hookpoint (alias like ``resid_post.6`` or module path like ``model.layers.6``)."""
+    target: str = ""
+    """Target hookpoint for a transcoder; empty means the dictionary reconstructs its input (an SAE)."""
+    d_in: int = 0
+    """Input dimension; 0 means 'take it from the activation cache'."""
+    d_out: int = 0
+    """Target dimension; 0 means equal to d_in (or taken from the target hookpoint in the cache)."""
+    n_latents: int = 0
+    """Number of latents; 0 means ``expansion * d_in``."""
+    expansion: int = 8
+    """Width as a multiple of d_in, used when n_latents is 0."""
+    skip: bool = False
+    """Add a linear skip connection ``x W_skip^T`` (zero-initialised): a skip transcoder."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (SAEs only; forced off for transcoders)."""
+    b_dec_init: str = "median"
+    """How to initialise b_dec from a data sample: 'median' (geometric median), 'mean' or 'zero'."""
+    dtype: str = "float32"
+    """Parameter dtype (master weights; compute may use autocast)."""
+    name: str = ""
+    """Name of this dictionary inside a run (defaults to architecture + hookpoint)."""
+
+    def resolved(self, d_in: int, d_out: int | None = None) -> DictionaryConfig:
+        """Return a copy with d_in, d_out and n_latents filled in from the data."""
+        d_in = self.d_in or d_in
+        d_out = self.d_out or (d_out if d_out is not None else d_in)
+        n = self.n_latents or self.expansion * d_in
+        if self.d_in and self.d_in != d_in:
+            raise ValueError(f"config says d_in={self.d_in} but the data has d={d_in}: fix d_in or the hookpoint")
+        return dataclasses.replace(self, d_in=d_in, d_out=d_out, n_latents=n)
+
+    @property
+    def is_transcoder(self) -> bool:
+        return bool(self.target) and self.target != self.hookpoint
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SparseCode:
+    """A batch of codes: k-sparse (``values``/``indices`` ``[B, k]``) or dense (``values [B, n]``, no indices).
+
+    Zero entries in a k-sparse code are allowed (they count as inactive in L0).
+    """
+
+    values: Tensor
+    indices: Tensor | None
+    n_latents: int
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.indices is not None
+
+    def to_dense(self) -> Tensor:
+        if self.indices is None:
+            return self.values
+        out = self.values.new_zeros(self.values.shape[0], self.n_latents)
+        return out.scatter_add_(1, self.indices, self.values)
+
+    def active(self) -> Tensor:
+        """Boolean ``[B, n]``-free summary: per-latent count of nonzero activations in this batch ``[n]``."""
+        if self.indices is None:
+            return (self.values != 0).sum(0)
+        counts = torch.zeros(self.n_latents, dtype=torch.long, device=self.values.device)
+        return counts.index_add_(0, self.indices.flatten(), (self.values != 0).flatten().long())
+
+    def l0(self) -> Tensor:
+        """Number of nonzero latents per token ``[B]``."""
+        return (self.values != 0).sum(-1)
+
+
+@dataclass
+class Output:
+    """What ``Dictionary.forward`` returns."""
+
+    x_hat: Tensor
+    """Reconstruction of the target ``[B, d_out]``."""
+    code: SparseCode
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    """Weighted loss terms; the trainer minimises their sum."""
+
+
+_REGISTRY: dict[str, tuple[type[Dictionary], type[DictionaryConfig]]] = {}
+
+
+def register(name: str, config_cls: type[DictionaryConfig]):
+    """Class decorator: make an architecture available under ``name`` with its config class."""
+
+    def wrap(cls: type[Dictionary]) -> type[Dictionary]:
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        _REGISTRY[name] = (cls, config_cls)
+        cls.architecture = name
+        cls.config_class = config_cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def lookup(name: str) -> tuple[type[Dictionary], type[DictionaryConfig]]:
+    if name not in _REGISTRY:
+        near = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise KeyError(f"unknown architecture {name!r}.{hint} Registered: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def build(cfg: DictionaryConfig) -> Dictionary:
+    """Instantiate the registered class for ``cfg.architecture`` (cfg must be resolved: d_in, n set)."""
+    cls, _ = lookup(cfg.architecture)
+    if not cfg.d_in or not cfg.n_latents:
+        raise ValueError("build() needs a resolved config: call cfg.resolved(d_in) first")
+    return cls(cfg)
+
+
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm on the rows of ``x [N, d]`` (in fp64), returns ``[d]``."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * (1 + y.norm()):
+            y = y_new
+            break
+        y = y_new
+    return y
+
+
+class Dictionary(nn.Module):
+    """Base class: parameters in the canonical layout, encode/decode/forward, decoder normalisation."""
+
+    architecture: ClassVar[str] = ""
+    config_class: ClassVar[type[DictionaryConfig]] = DictionaryConfig
+    unit_norm_decoder: ClassVar[bool] = True
+    """If True the trainer keeps decoder rows at unit norm (parallel gradient removed, rows renormalised)."""
+    trains_by_gradient: ClassVar[bool] = True
+    """False for dictionaries trained by their own solver through ``fit_step``."""
+
+    def __init__(self, cfg: DictionaryConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, n, d_out = cfg.d_in, cfg.n_latents, cfg.d_out or cfg.d_in
+        dtype = getattr(torch, cfg.dtype)
+        w_dec = torch.randn(n, d_out, dtype=dtype)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        # W_enc = W_dec^T (a copy, not tied); for transcoders d_out may differ from d_in.
+        w_enc = w_dec.T.clone() if d_out == d else torch.randn(d, n, dtype=dtype) / d**0.5
+        self.W_enc = nn.Parameter(w_enc.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d, dtype=dtype)) if cfg.skip else None
+        # Input normalisation: the model sees x * input_scale and reconstructs y * input_scale.
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+
+    # -- shapes ----------------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out or self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def subtracts_b_dec(self) -> bool:
+        return self.cfg.apply_b_dec_to_input and not self.cfg.is_transcoder and self.d_out == self.d_in
+
+    def check_input(self, x: Tensor, what: str = "input", dim: int | None = None) -> None:
+        dim = self.d_in if dim is None else dim
+        if x.ndim != 2 or x.shape[-1] != dim:
+            raise ValueError(
+                f"{type(self).__name__} expects {what} of shape [batch, {dim}] but got {list(x.shape)}: "
+                f"this dictionary was trained on hookpoint {self.cfg.hookpoint!r} with d={dim}"
+            )
+
+    # -- the forward pass --------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Dense encoder pre-activations ``[B, n]`` (used by dense architectures and AuxK)."""
+        if self.subtracts_b_dec:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> SparseCode:
+        raise NotImplementedError
+
+    def decode(self, code: SparseCode, x: Tensor | None = None) -> Tensor:
+        """``x̂ = code · W_dec + b_dec`` (+ ``x W_skip^T`` when a skip connection exists and x is given)."""
+        from sparsedict.kernels import sparse_decode
+
+        if code.indices is None:
+            out = code.values @ self.W_dec + self.b_dec
+        else:
+            out = sparse_decode(code.indices, code.values, self.W_dec, self.b_dec)
+        if self.W_skip is not None and x is not None:
+            out = out + x @ self.W_skip.T
+        return out
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        self.check_input(x)
+        y = x if target is None else target
+        code = self.encode(x)
+        x_hat = self.decode(code, x)
+        losses = {"mse": mse_loss(x_hat, y)}
+        losses.update(self.aux_losses(x, y, code, x_hat))
+        return Output(x_hat, code, losses)
+
+    def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
+        """Architecture-specific loss terms (sparsity penalties, AuxK, ...), already weighted."""
+        return {}
+
+    # -- training hooks (no-ops unless an architecture needs them) -------------------------------------
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer before each step (coefficient warmups, threshold schedules)."""
+
+    def after_step(self, out: Output) -> None:
+        """Called by the trainer after each optimiser step with that step's output (threshold EMAs)."""
+
+    def set_dead_mask(self, dead: Tensor | None) -> None:
+        """The trainer hands over the current dead-latent mask ``[n]`` (for AuxK)."""
+        self._dead_mask = dead
+
+    def fit_step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__} is trained by gradient, not by fit_step")
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Initialise biases from a data sample (``x`` already normalised by ``input_scale``)."""
+        y = x if y is None else y
+        how = self.cfg.b_dec_init
+        if how == "median":
+            self.b_dec.copy_(geometric_median(y).to(self.b_dec.dtype))
+        elif how == "mean":
+            self.b_dec.copy_(y.double().mean(0).to(self.b_dec.dtype))
+        elif how != "zero":
+            raise ValueError(f"b_dec_init must be 'median', 'mean' or 'zero', not {how!r}")
+
+    # -- decoder normalisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def normalise_decoder(self, eps: float = 1e-8) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True) + eps)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the component of each decoder row's gradient parallel to that row."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec / (self.W_dec.norm(dim=1, keepdim=True) + 1e-8)
+        g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def fold_scaling(self) -> None:
+        """Fold ``input_scale`` c into the weights so the dictionary works on raw activations.
+
+        Trained on ``c·x``, the model computes ``x̂ = f(c·x)/c``. With ``W_enc *= c``, ``W_dec /= c`` and
+        ``b_dec /= c`` it computes the same ``x̂`` from raw ``x`` with unchanged latent magnitudes.
+        """
+        c = float(self.input_scale)
+        if c == 1.0:
+            return
+        self.W_enc.mul_(c)
+        self.W_dec.div_(c)
+        self.b_dec.div_(c)
+        self.fold_extra(c)
+        self.input_scale.fill_(1.0)
+
+    def fold_extra(self, c: float) -> None:
+        """Architectures with extra parameters in activation units fold them here."""
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, path, meta: dict[str, Any] | None = None) -> None:
+        from sparsedict.hub import save_pretrained
+
+        save_pretrained(self, path, meta)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> Dictionary:
+        from sparsedict.hub import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
+
+def mse_loss(x_hat: Tensor, y: Tensor) -> Tensor:
+    """Per-token squared error summed over dimensions, averaged over tokens (fp32)."""
+    return (x_hat.float() - y.float()).pow(2).sum(-1).mean()

@@ -1,0 +1,63 @@
+"""TopK SAE (Gao et al. 2024) with the AuxK dead-latent loss.
+
+``z = TopK(ReLU((x − b_dec) W_enc + b_enc))``, ``x̂ = z W_dec + b_dec``; unit-norm decoder rows.
+AuxK: ``e = y − x̂`` (detached), top-``k_aux`` pre-activations among dead latents, ``ê = z_aux W_dec``
+decoded **without** b_dec, ``L_aux = α ‖e − ê‖² / Σ‖e − ē‖²`` (normalised by the residual's batch variance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, SparseCode, register
+from sparsedict.kernels import sparse_decode, topk_encode
+
+
+@dataclass
+class TopKConfig(DictionaryConfig):
+    architecture: str = "topk"
+    """Registered architecture name."""
+    k: int = 32
+    """Active latents per token."""
+    aux_k: int = 0
+    """Dead latents used by the AuxK loss; 0 means d_in // 2."""
+    aux_alpha: float = 1 / 32
+    """Weight of the AuxK loss (0 turns it off)."""
+
+
+def auxk_loss(model: Dictionary, x_in: Tensor, residual: Tensor, k_aux: int, alpha: float) -> dict[str, Tensor]:
+    """AuxK term for ``model`` (TopK-like: ``W_enc``, ``b_enc``, ``W_dec``, ``_dead_mask``).
+
+    ``x_in`` is the encoder input (b_dec already subtracted where the model does so) and
+    ``residual = y − x̂``. Only the dead columns of ``W_enc`` are multiplied (a GEMM over the dead
+    latents, not the full width); the aux code is decoded without b_dec.
+    """
+    dead = getattr(model, "_dead_mask", None)
+    if not model.training or alpha <= 0 or dead is None or not bool(dead.any()):
+        return {}
+    dead_idx = dead.nonzero().squeeze(1)
+    pre_dead = x_in @ model.W_enc[:, dead_idx] + model.b_enc[dead_idx]
+    vals, j = pre_dead.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False)
+    e_hat = sparse_decode(dead_idx[j], vals.relu(), model.W_dec)
+    residual = residual.detach().float()
+    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    loss = (e_hat.float() - residual).pow(2).sum(-1).mean() / denom
+    return {"auxk": alpha * loss}
+
+
+@register("topk", TopKConfig)
+class TopK(Dictionary):
+    cfg: TopKConfig
+
+    def _x_in(self, x: Tensor) -> Tensor:
+        return x - self.b_dec if self.subtracts_b_dec else x
+
+    def encode(self, x: Tensor) -> SparseCode:
+        values, indices = topk_encode(self._x_in(x), self.W_enc, self.b_enc, self.cfg.k)
+        return SparseCode(values, indices, self.n_latents)
+
+    def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
+        return auxk_loss(self, self._x_in(x), y - x_hat, self.cfg.aux_k or self.d_in // 2, self.cfg.aux_alpha)
