@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 
-import torch
-from torch import Tensor
-
 from sparsedict.kernels.sparse_decode import sparse_decode_ref
 from sparsedict.kernels.topk_encode import topk_encode_ref
+from torch import Tensor
 
 
 def use_triton(t: Tensor) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, SparseCode, register
