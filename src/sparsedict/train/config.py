@@ -1,0 +1,68 @@
+"""TrainConfig: everything about how dictionaries are trained (not what they are, nor the data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4096
+    """Tokens per optimiser step (global, summed over data-parallel ranks)."""
+    epochs: float = 1.0
+    """Passes over the cached training tokens (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many steps (0: determined by epochs)."""
+    optimizer: str = "adam"
+    """'adam' or 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper)."""
+    lr: float = 0.0
+    """Learning rate; 0 uses the width rule: adam 2e-4/sqrt(n/2^14), signum_sf 5e-3/sqrt(n/2^14)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 6.25e-10
+    """Adam epsilon."""
+    momentum: float = 0.95
+    """Schedule-free momentum for 'signum_sf'."""
+    warmup_steps: int = 100
+    """Linear LR warmup steps (Adam)."""
+    decay_fraction: float = 0.2
+    """Linear LR decay to 0 over this final fraction of steps (Adam; 0 disables)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0: off)."""
+    normalise_inputs: str = "none"
+    """'none', 'sqrt_d' (E‖x‖ = √d, SAELens/Anthropic) or 'unit_msn' (E‖x‖² = 1, Gemma Scope). Folded on export."""
+    init_rows: int = 32768
+    """Rows sampled from the store to initialise b_dec and normalisation constants."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead when it has not fired for this many training tokens (AuxK target, dead %)."""
+    autocast: str = "none"
+    """Compute dtype for the encoder/decoder GEMMs: 'none' (fp32) or 'bf16' (fp32 master weights)."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    device: str = "cpu"
+    """'cpu', 'cuda' or 'cuda:N' (under torchrun the local rank picks the GPU)."""
+    threads: int = 0
+    """CPU threads for torch (0: all cores of this machine)."""
+    log_every: int = 10
+    """Steps between log records (JSONL, wandb, progress bar)."""
+    checkpoint_every: int = 0
+    """Steps between resumable training checkpoints (0: only at the end and on SIGTERM)."""
+    out_dir: str = "runs/train"
+    """Where checkpoints, logs and the final dictionaries go."""
+    wandb_project: str = ""
+    """Log to this wandb project from rank 0 (empty: no wandb)."""
+    shard_latents: bool = False
+    """Split each dictionary's latents across ranks (latent/tensor parallel) instead of replicating it."""
+    dist_timeout_min: float = 10.0
+    """Collective timeout in minutes: a dead rank ends the job with an error instead of a hang."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "signum_sf"):
+            raise ValueError(f"optimizer must be 'adam' or 'signum_sf', not {self.optimizer!r}")
+        if self.normalise_inputs not in ("none", "sqrt_d", "unit_msn"):
+            raise ValueError(f"normalise_inputs must be 'none', 'sqrt_d' or 'unit_msn', not {self.normalise_inputs!r}")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', not {self.autocast!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        self.betas = tuple(self.betas)

@@ -1,0 +1,63 @@
+"""In-memory data source with the ActivationStore interface (tests, planted dictionaries, small data)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+class TensorSource:
+    """Shuffled minibatches of in-memory rows ``x [N, d_in]`` (and targets ``y [N, d_out]``).
+
+    Same interface as :class:`sparsedict.cache.ActivationStore`: iterate for ``(x, y)`` batches
+    (``y`` is None for an SAE), ``d_in``/``d_out``/``n_rows``, ``sample``, ``state_dict`` for exact
+    resume. Each epoch is a fresh permutation drawn from ``seed + epoch``; rank ``r`` of ``world_size``
+    takes every ``world_size``-th row of it, so ranks never share a row within an epoch.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor | None = None, batch_size: int = 4096, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        self.x, self.y = x, y
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self.meta: dict = {}
+
+    @property
+    def d_in(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return (self.y if self.y is not None else self.x).shape[1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.x.shape[0]
+
+    def _order(self) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n_rows, generator=g)[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        while True:
+            order = self._order()
+            while self.position + self.batch_size <= order.numel():
+                idx = order[self.position : self.position + self.batch_size]
+                self.position += self.batch_size
+                yield self.x[idx], (self.y[idx] if self.y is not None else None)
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def sample(self, n_rows: int, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(self.n_rows, generator=g)[:n_rows]
+        return self.x[idx], (self.y[idx] if self.y is not None else None)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,54 @@
+"""Dead-latent tracking: tokens since each latent last fired, all-reduced across data-parallel ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsedict.dictionaries.base import SparseCode
+
+
+class DeadLatentTracker:
+    """Counts, per latent, the training tokens since it last fired (int64 on the device).
+
+    A latent is *dead* when that count exceeds ``window`` tokens. ``fired_total`` counts firings over
+    the whole run (for firing-frequency histograms).
+    """
+
+    def __init__(self, n_latents: int, window: int, device: torch.device | str = "cpu"):
+        self.window = window
+        self.since = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.fired_total = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.tokens = 0
+
+    def update(self, code: SparseCode, n_tokens: int) -> None:
+        counts = code.active()
+        counts = _all_reduce_sum(counts)
+        n_tokens = int(_all_reduce_sum(torch.tensor(n_tokens, device=counts.device)))
+        fired = counts > 0
+        self.since.add_(n_tokens).masked_fill_(fired, 0)
+        self.fired_total.add_(counts)
+        self.tokens += n_tokens
+
+    def dead_mask(self) -> Tensor:
+        return self.since >= self.window
+
+    def dead_fraction(self) -> float:
+        return float(self.dead_mask().float().mean())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"since": self.since, "fired_total": self.fired_total, "tokens": torch.tensor(self.tokens)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.since.copy_(state["since"])
+        self.fired_total.copy_(state["fired_total"])
+        self.tokens = int(state["tokens"])
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t

@@ -1,0 +1,27 @@
+"""Learning-rate and coefficient schedules as pure functions of the step (so resume is exact)."""
+
+from __future__ import annotations
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """Linear warmup over ``warmup_steps``, constant, then linear decay to 0 over the last ``decay_fraction``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay_fraction > 0 and total_steps > 0:
+        decay_start = int(total_steps * (1 - decay_fraction))
+        if step >= decay_start:
+            return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+    return 1.0
+
+
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """Coefficient warmup from 0 to 1 over ``warmup_steps`` (sparsity penalties)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def width_lr(n_latents: int, optimizer: str) -> float:
+    """Default LR from the width rule ``base / sqrt(n / 2^14)`` (METHODS.md §1.2)."""
+    base = 2e-4 if optimizer == "adam" else 5e-3
+    return base / (n_latents / 2**14) ** 0.5
