@@ -1,0 +1,60 @@
+"""Shared test helpers: a planted-dictionary data generator and a dictionary-recovery metric.
+
+``planted_data`` draws ``n_atoms`` random unit-norm atoms in ``R^d`` and builds each row as a sparse
+non-negative combination of ``k_active`` distinct atoms (coefficients ``U(0.5, 2.5)``), plus Gaussian noise
+and a constant offset (so that ``b_dec`` has something to learn). A dictionary learner that works should
+recover the atoms as decoder directions; ``mean_max_cosine`` measures how well.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def planted_data(
+    d: int = 64,
+    n_atoms: int = 256,
+    k_active: int = 6,
+    n_rows: int = 60_000,
+    noise: float = 0.01,
+    offset: float = 0.5,
+    seed: int = 0,
+    nonneg: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Return ``(x [n_rows, d], atoms [n_atoms, d])`` with ``x = Σ_j c_j atom_{i_j} + noise + offset``.
+
+    Atoms have unit norm. With ``nonneg=True`` the atoms are ``|N(0,1)|`` directions (non-negative
+    entries) and the noise is clamped so that every entry of ``x`` is ≥ 0 (for SNMF-style tests).
+    Deterministic in ``seed`` (a private generator; the global RNG is untouched).
+    """
+    if k_active > n_atoms:
+        raise ValueError(f"k_active={k_active} exceeds n_atoms={n_atoms}")
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    if nonneg:
+        atoms = atoms.abs()
+    atoms = atoms / atoms.norm(dim=1, keepdim=True)
+    # k distinct atoms per row: the indices of the k smallest of n uniform draws.
+    idx = torch.rand(n_rows, n_atoms, generator=g).argsort(dim=1)[:, :k_active]
+    coef = torch.rand(n_rows, k_active, generator=g) * 2.0 + 0.5
+    x = torch.einsum("rk,rkd->rd", coef, atoms[idx])
+    x = x + noise * torch.randn(n_rows, d, generator=g) + offset
+    if nonneg:
+        x = x.clamp_min(0.0)
+    return x, atoms
+
+
+def mean_max_cosine(learned: Tensor, true: Tensor, absolute: bool = True) -> float:
+    """For each true atom (row of ``true [m, d]``), the best cosine over ``learned [n, d]``; averaged.
+
+    ``absolute=True`` uses ``|cos|`` (sign-free: a learned direction may be a negated atom).
+    """
+    learned = learned.detach().float()
+    true = true.detach().float()
+    a = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = true / true.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = a @ b.T  # [n, m]
+    if absolute:
+        cos = cos.abs()
+    return cos.max(dim=0).values.mean().item()
