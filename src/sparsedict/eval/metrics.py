@@ -143,3 +143,26 @@ class ReconstructionStats:
         if self.fired is not None:
             out.update(l0=self.l0, dead_fraction=self.dead_fraction, dense_fraction=self.dense_fraction)
         return out
+
+
+@torch.no_grad()
+def reconstruction_stats(model, batches, max_rows: int | None = None, device: str | torch.device = "cpu") -> ReconstructionStats:
+    """Accumulate :class:`ReconstructionStats` of ``model`` over an iterable of ``(x, y)`` batches.
+
+    ``y`` None means the target is ``x`` (an SAE). Stops after ``max_rows`` rows when given.
+    """
+    stats = ReconstructionStats(model.n_latents)
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        x = x.to(device, torch.float32)
+        y = x if y is None else y.to(device, torch.float32)
+        if max_rows is not None and stats.tokens + x.shape[0] > max_rows:
+            keep = max_rows - stats.tokens
+            x, y = x[:keep], y[:keep]
+        code = model.encode(x)
+        stats.update(y, model.decode(code, x), code)
+        if max_rows is not None and stats.tokens >= max_rows:
+            break
+    model.train(was_training)
+    return stats

@@ -152,7 +152,7 @@ class Trainer:
         try:
             with self.logger.progress(self.total_steps, self.step) as bar:
                 while self.step < self.total_steps and not self._stop:
-                    batches = {key: next(it) for key, it in iters.items()}
+                    batches = {key: _next_batch(iters, key, self.sources[key]) for key in iters}
                     last = self.train_step(batches)
                     tps = (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0)
                     bar.update(1, tps, last)
@@ -228,6 +228,15 @@ class Trainer:
                 m.model.save_pretrained(path, info)
             paths[m.name] = path
         return paths
+
+
+def _next_batch(iters: dict, key: SourceKey, source: Any) -> tuple[Tensor, Tensor | None]:
+    """Next batch of ``key``; a source whose iterator ends after an epoch is restarted."""
+    try:
+        return next(iters[key])
+    except StopIteration:
+        iters[key] = iter(source)
+        return next(iters[key])
 
 
 def input_scale(x: Tensor, how: str) -> float:
