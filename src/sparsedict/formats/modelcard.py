@@ -1,0 +1,118 @@
+"""Generated model card (``README.md``) for a saved dictionary.
+
+The card states what a user needs before loading: architecture and sizes, the model and hookpoint the
+dictionary reads (and the target a transcoder writes), the training tokens, the input normalisation that was
+folded into the weights, and evaluation metrics when the checkpoint's ``meta`` carries them. Numbers come from
+the checkpoint's own ``config.json``; nothing is invented, and unknown fields say "not recorded".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_METRIC_ORDER = (
+    "fvu",
+    "explained_variance",
+    "mse",
+    "l0",
+    "dead_fraction",
+    "ce_loss_recovered",
+    "delta_ce",
+    "kl",
+)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _metrics(meta: dict[str, Any]) -> dict[str, Any]:
+    found = meta.get("metrics") or meta.get("eval") or {}
+    if not isinstance(found, dict):
+        return {}
+    flat = {k: v for k, v in found.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    ordered = {k: flat[k] for k in _METRIC_ORDER if k in flat}
+    ordered.update({k: v for k, v in sorted(flat.items()) if k not in ordered})
+    return ordered
+
+
+def render(config: dict[str, Any], repo_id: str | None = None) -> str:
+    """Markdown model card for a sparsedict ``config.json`` dict (with YAML front matter for the hub)."""
+    d = config.get("dictionary", {})
+    meta = config.get("meta", {}) or {}
+    arch = config.get("architecture", d.get("architecture", "?"))
+    model = meta.get("model") or "not recorded"
+    hookpoint = d.get("hookpoint") or meta.get("hookpoint") or "not recorded"
+    target = d.get("target") or ""
+    tokens = meta.get("training_tokens", meta.get("tokens"))
+    kind = "transcoder" if target and target != hookpoint else "sparse autoencoder"
+    if d.get("skip"):
+        kind = "skip " + kind
+    tags = ["sparsedict", "sparse-autoencoder", "interpretability", arch]
+    front = ["---", "library_name: sparsedict", "tags:"] + [f"- {t}" for t in tags]
+    if isinstance(model, str) and model.count("/") == 1 and " " not in model:
+        front.append(f"base_model: {model}")
+    front.append("---")
+    title = repo_id or d.get("name") or f"{arch} {kind} on {hookpoint}"
+    lines = [*front, "", f"# {title}", ""]
+    lines.append(f"A {arch} {kind} trained with sparsedict.")
+    lines += ["", "| field | value |", "|---|---|"]
+    rows = [
+        ("architecture", arch),
+        ("model", model),
+        ("hookpoint (input)", hookpoint),
+    ]
+    if target:
+        rows.append(("target (output)", target))
+    if meta.get("source_hookpoint") and meta.get("source_hookpoint") != hookpoint:
+        rows.append(("hookpoint in the source library", meta["source_hookpoint"]))
+    rows += [
+        ("d_in", d.get("d_in")),
+        ("d_out", d.get("d_out") or d.get("d_in")),
+        ("latents", d.get("n_latents")),
+    ]
+    for key in ("k", "l1_coefficient", "l0_coefficient"):
+        if key in d:
+            rows.append((key, d[key]))
+    rows.append(("subtracts b_dec before encoding", d.get("apply_b_dec_to_input")))
+    rows.append(("training tokens", tokens if tokens is not None else "not recorded"))
+    if "input_scale_folded" in meta:
+        rows.append(("input scale (folded into the weights)", meta["input_scale_folded"]))
+    if meta.get("source_format"):
+        rows.append(("converted from", meta["source_format"]))
+    rows.append(("sparsedict version", config.get("sparsedict_version", "?")))
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    metrics = _metrics(meta)
+    lines += ["", "## Evaluation", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        if meta.get("eval_tokens"):
+            lines += ["", f"Measured on {_fmt(meta['eval_tokens'])} held-out tokens."]
+    else:
+        lines.append("No evaluation metrics were recorded with this checkpoint.")
+    load_arg = json.dumps(repo_id or "path/to/this/directory")
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from sparsedict import from_pretrained",
+        "from sparsedict.lm import load_model",
+        "",
+        f"sae = from_pretrained({load_arg})",
+        f"model, tok = load_model({json.dumps(model if model != 'not recorded' else 'smollm2-135m')})",
+        'with sae.hook(model, mode="both") as h:  # splice the reconstruction, keep the codes',
+        '    model(**tok("Hello world", return_tensors="pt"))',
+        "codes = h.last  # SparseCode for every token",
+        "```",
+        "",
+        "Files: `config.json` (architecture, sizes, hookpoint, metadata) and `model.safetensors` (weights in the "
+        "layout `W_enc [d_in, n]`, `b_enc [n]`, `W_dec [n, d_out]`, `b_dec [d_out]`).",
+        "",
+    ]
+    return "\n".join(lines)
