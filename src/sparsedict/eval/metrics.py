@@ -12,6 +12,21 @@ evaluated tokens were split into batches and merge exactly across batches and ra
 - **dead %** = fraction of latents with zero firings over the evaluated tokens; **dense %** = fraction
   firing on more than ``dense_threshold`` (10 %) of tokens.
 - **relative reconstruction bias** ``γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩`` (< 1 means shrinkage).
+- **L2 ratio** ``= Σ_t ‖ŷ_t‖ / Σ_t ‖y_t‖`` (ratio of summed norms).
+- **L0 distribution**: quantiles of the per-token L0 read off its exact histogram (lower quantile:
+  the smallest L0 whose cumulative token count reaches ``q·T``); standard deviation
+  ``sqrt(Σ_t l0_t²/T − L0²)``.
+- **firing-frequency histogram**: counts of latents per ``log10(freq)`` bin, ``freq_i = fires_i / T``;
+  dead latents (``freq = 0``) counted separately.
+
+Spliced-model metrics (:class:`SpliceStats`), over the kept positions ``t`` of held-out contexts,
+with ``p`` the next-token distribution at ``t`` and ``x_{t+1}`` the true next token:
+
+- ``CE = mean_t −log p(x_{t+1})`` for the clean, spliced, zero-ablated and mean-ablated model.
+- **CE-loss recovered** ``= (CE_zero − CE_spliced) / (CE_zero − CE_clean)``; the same with the
+  mean-ablation baseline; **ΔLM loss** ``= CE_spliced − CE_clean``.
+- **KL**(clean‖spliced) ``= mean_t Σ_v p_clean(v) (log p_clean(v) − log p_spliced(v))``;
+  ``kl_div_score = (KL_zero − KL_spliced) / KL_zero``.
 """
 
 from __future__ import annotations
@@ -44,6 +59,9 @@ class ReconstructionStats:
     s_hat2: float = 0.0
     s_cos: float = 0.0
     s_l0: float = 0.0
+    s_l0sq: float = 0.0
+    s_norm: float = 0.0
+    s_norm_hat: float = 0.0
     s_1: Tensor | None = None
     fired: Tensor | None = None
     l0_hist: Tensor | None = field(default=None)
@@ -60,6 +78,8 @@ class ReconstructionStats:
         self.s_hat2 += float(y_hat.pow(2).sum())
         cos = (y * y_hat).sum(-1) / (y.norm(dim=-1) * y_hat.norm(dim=-1)).clamp_min(1e-30)
         self.s_cos += float(cos.sum())
+        self.s_norm += float(y.norm(dim=-1).sum())
+        self.s_norm_hat += float(y_hat.norm(dim=-1).sum())
         s1 = y.sum(0)
         self.s_1 = s1 if self.s_1 is None else self.s_1 + s1
         if code is not None:
@@ -67,6 +87,7 @@ class ReconstructionStats:
             self.n_latents = n
             l0 = code.l0()
             self.s_l0 += float(l0.sum())
+            self.s_l0sq += float(l0.double().pow(2).sum())
             hist = torch.bincount(l0.cpu(), minlength=n + 1)[: n + 1]
             self.l0_hist = hist if self.l0_hist is None else self.l0_hist + hist
             active = code.active().cpu()
@@ -74,7 +95,18 @@ class ReconstructionStats:
 
     def merge(self, other: ReconstructionStats) -> ReconstructionStats:
         out = ReconstructionStats(self.n_latents or other.n_latents, self.dense_threshold)
-        for name in ("tokens", "s_res", "s_2", "s_cross", "s_hat2", "s_cos", "s_l0"):
+        for name in (
+            "tokens",
+            "s_res",
+            "s_2",
+            "s_cross",
+            "s_hat2",
+            "s_cos",
+            "s_l0",
+            "s_l0sq",
+            "s_norm",
+            "s_norm_hat",
+        ):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("s_1", "fired", "l0_hist"):
             a, b = getattr(self, name), getattr(other, name)
@@ -130,6 +162,43 @@ class ReconstructionStats:
             return float("nan")
         return float((self.firing_frequency > self.dense_threshold).double().mean())
 
+    @property
+    def l2_ratio(self) -> float:
+        return self.s_norm_hat / self.s_norm if self.s_norm else float("nan")
+
+    @property
+    def l0_std(self) -> float:
+        if self.tokens == 0:
+            return float("nan")
+        return max(0.0, self.s_l0sq / self.tokens - self.l0**2) ** 0.5
+
+    def l0_quantiles(self, qs: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9, 0.99)) -> dict[str, int]:
+        """Per-token L0 quantiles from the exact histogram: the smallest L0 with ``cum count ≥ q·T``."""
+        if self.l0_hist is None:
+            return {}
+        cum = self.l0_hist.double().cumsum(0)
+        total = float(cum[-1])
+        out = {}
+        for q in qs:
+            idx = int(torch.searchsorted(cum, torch.tensor(max(q * total, 1e-9), dtype=cum.dtype)))
+            out[f"p{round(q * 100):02d}"] = min(idx, cum.numel() - 1)
+        out["max"] = int(self.l0_hist.nonzero().max()) if bool(self.l0_hist.any()) else 0
+        return out
+
+    def firing_histogram(self, decades: int = 8) -> dict[str, list[float] | int]:
+        """Latent counts per ``log10(freq)`` bin, ``edges = [-decades, ..., 0]``; dead latents apart."""
+        if self.fired is None:
+            return {}
+        freq = self.firing_frequency
+        alive = freq[freq > 0]
+        edges = torch.arange(-decades, 1, dtype=torch.float64)
+        logf = alive.log10().clamp(-decades, 0.0)
+        counts = (
+            torch.histc(logf, bins=decades, min=-decades, max=0.0) if alive.numel() else torch.zeros(decades)
+        )
+        return {"log10_edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
+                "dead": int((freq == 0).sum())}  # fmt: skip
+
     def summary(self) -> dict[str, float]:
         out = {
             "tokens": self.tokens,
@@ -139,14 +208,121 @@ class ReconstructionStats:
             "sse_per_token": self.sse_per_token,
             "cosine": self.cosine,
             "shrinkage": self.shrinkage,
+            "l2_ratio": self.l2_ratio,
         }
         if self.fired is not None:
             out.update(l0=self.l0, dead_fraction=self.dead_fraction, dense_fraction=self.dense_fraction)
+            out.update(l0_std=self.l0_std, n_latents=self.n_latents)
+        return out
+
+    def distributions(self) -> dict[str, dict]:
+        """The L0 quantiles and the firing-frequency histogram (for reports and plots)."""
+        return {"l0_quantiles": self.l0_quantiles(), "firing_histogram": self.firing_histogram()}
+
+
+def token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy ``−log softmax(logits)[target]`` per row: ``logits [N, V]``, ``targets [N]`` -> ``[N]`` fp32."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def token_kl(logp_clean: Tensor, logp_other: Tensor) -> Tensor:
+    """``KL(clean‖other) = Σ_v p_clean (log p_clean − log p_other)`` per row of log-probs ``[N, V]`` -> ``[N]``."""
+    return (logp_clean.exp() * (logp_clean - logp_other)).sum(-1)
+
+
+@dataclass
+class SpliceStats:
+    """Streaming sums of per-token CE and KL over kept positions, for one spliced dictionary.
+
+    ``update`` takes per-token tensors ``[N]`` for the same N positions (already masked); ``ce_mean``
+    and ``kl_mean`` (mean-ablation) are optional. All sums in fp64; merges across batches and ranks.
+    """
+
+    tokens: int = 0
+    ce_clean: float = 0.0
+    ce_spliced: float = 0.0
+    ce_zero: float = 0.0
+    ce_mean: float = 0.0
+    kl_spliced: float = 0.0
+    kl_zero: float = 0.0
+    kl_mean: float = 0.0
+    has_mean: bool = False
+
+    def update(self, ce_clean: Tensor, ce_spliced: Tensor, ce_zero: Tensor, kl_spliced: Tensor, kl_zero: Tensor,
+               ce_mean: Tensor | None = None, kl_mean: Tensor | None = None) -> None:  # fmt: skip
+        self.tokens += int(ce_clean.numel())
+        self.ce_clean += float(ce_clean.double().sum())
+        self.ce_spliced += float(ce_spliced.double().sum())
+        self.ce_zero += float(ce_zero.double().sum())
+        self.kl_spliced += float(kl_spliced.double().sum())
+        self.kl_zero += float(kl_zero.double().sum())
+        if ce_mean is not None and kl_mean is not None:
+            self.has_mean = True
+            self.ce_mean += float(ce_mean.double().sum())
+            self.kl_mean += float(kl_mean.double().sum())
+
+    def merge(self, other: SpliceStats) -> SpliceStats:
+        out = SpliceStats(has_mean=self.has_mean or other.has_mean)
+        for name in (
+            "tokens",
+            "ce_clean",
+            "ce_spliced",
+            "ce_zero",
+            "ce_mean",
+            "kl_spliced",
+            "kl_zero",
+            "kl_mean",
+        ):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def _mean(self, total: float) -> float:
+        return total / self.tokens if self.tokens else float("nan")
+
+    @property
+    def ce_recovered(self) -> float:
+        """``(CE_zero − CE_spliced) / (CE_zero − CE_clean)``."""
+        gap = self.ce_zero - self.ce_clean
+        return (self.ce_zero - self.ce_spliced) / gap if gap else float("nan")
+
+    @property
+    def ce_recovered_mean_ablation(self) -> float:
+        """``(CE_mean − CE_spliced) / (CE_mean − CE_clean)`` (mean-ablation baseline)."""
+        gap = self.ce_mean - self.ce_clean
+        return (self.ce_mean - self.ce_spliced) / gap if self.has_mean and gap else float("nan")
+
+    @property
+    def delta_lm_loss(self) -> float:
+        """``CE_spliced − CE_clean`` (nats per token)."""
+        return self._mean(self.ce_spliced - self.ce_clean)
+
+    @property
+    def kl_div_score(self) -> float:
+        """``(KL_zero − KL_spliced) / KL_zero``."""
+        return (self.kl_zero - self.kl_spliced) / self.kl_zero if self.kl_zero else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "splice_tokens": self.tokens,
+            "ce_clean": self._mean(self.ce_clean),
+            "ce_spliced": self._mean(self.ce_spliced),
+            "ce_zero_ablation": self._mean(self.ce_zero),
+            "ce_recovered": self.ce_recovered,
+            "delta_lm_loss": self.delta_lm_loss,
+            "kl": self._mean(self.kl_spliced),
+            "kl_zero_ablation": self._mean(self.kl_zero),
+            "kl_div_score": self.kl_div_score,
+        }
+        if self.has_mean:
+            out.update(ce_mean_ablation=self._mean(self.ce_mean), kl_mean_ablation=self._mean(self.kl_mean),
+                       ce_recovered_mean_ablation=self.ce_recovered_mean_ablation)  # fmt: skip
         return out
 
 
 @torch.no_grad()
-def reconstruction_stats(model, batches, max_rows: int | None = None, device: str | torch.device = "cpu") -> ReconstructionStats:
+def reconstruction_stats(
+    model, batches, max_rows: int | None = None, device: str | torch.device = "cpu"
+) -> ReconstructionStats:
     """Accumulate :class:`ReconstructionStats` of ``model`` over an iterable of ``(x, y)`` batches.
 
     ``y`` None means the target is ``x`` (an SAE). Stops after ``max_rows`` rows when given.
@@ -160,9 +336,24 @@ def reconstruction_stats(model, batches, max_rows: int | None = None, device: st
         if max_rows is not None and stats.tokens + x.shape[0] > max_rows:
             keep = max_rows - stats.tokens
             x, y = x[:keep], y[:keep]
-        code = model.encode(x)
-        stats.update(y, model.decode(code, x), code)
+        y_hat, code = reconstruct(model, x, y)
+        stats.update(y, y_hat, code)
         if max_rows is not None and stats.tokens >= max_rows:
             break
     model.train(was_training)
     return stats
+
+
+@torch.no_grad()
+def reconstruct(model, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, SparseCode]:
+    """``(ŷ [B, d_out], code)`` of ``model`` on raw activations ``x [B, d_in]``, through ``forward``.
+
+    An in-memory dictionary with ``input_scale`` c ≠ 1 (trained on ``c·x``) is fed ``c·x`` and its
+    output divided by c, so metrics always compare ``y`` and ``ŷ`` at the activations' own scale.
+    """
+    c = float(model.input_scale) if hasattr(model, "input_scale") else 1.0
+    dtype = next(model.parameters()).dtype
+    xs = x.to(dtype) * c
+    ys = None if y is None else y.to(dtype) * c
+    out = model(xs, ys)
+    return out.x_hat.float() / c, out.code
