@@ -321,6 +321,12 @@ class Dictionary(nn.Module):
 
         return from_pretrained(path, **kwargs)
 
+    def hook(self, model, mode: str = "splice", exclude_first: int = 0):
+        """Context manager attaching this dictionary to ``model``: mode 'splice', 'codes' or 'both'."""
+        from sparsedict.attach import attach
+
+        return attach(self, model, mode, exclude_first)
+
 
 def mse_loss(x_hat: Tensor, y: Tensor) -> Tensor:
     """Per-token squared error summed over dimensions, averaged over tokens (fp32)."""

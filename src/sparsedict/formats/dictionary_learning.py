@@ -9,7 +9,7 @@ into our layout:
 - ``AutoEncoderNew``: ``decoder.bias [d]``, no pre-bias -> relu without b_dec subtraction.
 - ``AutoEncoderTopK``: per-token TopK of ``ReLU(encoder(x − b_dec))`` -> topk.
 - ``BatchTopKSAE`` / ``MatryoshkaBatchTopKSAE``: at inference ``f = a·1[a > θ]`` with one scalar θ
-  (``a = ReLU((x − b_dec) W_enc + b_enc)``) -> jumprelu with θ for every latent and b_dec subtracted.
+  (``a = ReLU((x − b_dec) W_enc + b_enc)``) -> batchtopk (eval mode uses θ) / matryoshka with its group sizes.
 - ``JumpReluAutoEncoder``: no b_dec subtraction; codes are multiplied by ‖W_dec[i]‖ after the jump and divided
   again before decoding, so the norms are folded in (``W_enc[:, i]``, ``b_enc[i]``, ``θ_i`` times ‖W_dec[i]‖,
   ``W_dec[i]`` divided), which reproduces both its codes and its reconstruction.
@@ -59,6 +59,20 @@ def _guess_class(t: dict[str, Tensor]) -> str:
     if set(_KEYS["AutoEncoderTopK"]) <= set(t):
         return "AutoEncoderTopK"
     raise FormatError(f"cannot tell the dictionary_learning class from the tensors {sorted(t)}")
+
+
+def _batchtopk_arch(cls: str, t: dict[str, Tensor]) -> str:
+    """Our architecture for a BatchTopK-family checkpoint: matryoshka when registered and it has groups."""
+    from sparsedict.dictionaries import available
+
+    if cls == "MatryoshkaBatchTopKSAE" and "matryoshka" in available():
+        from dataclasses import fields
+
+        from sparsedict.dictionaries import lookup
+
+        if "group_sizes" in {f.name for f in fields(lookup("matryoshka")[1])}:
+            return "matryoshka"
+    return "batchtopk"
 
 
 def hookpoint_name(trainer: dict[str, Any]) -> str:
@@ -145,8 +159,10 @@ def load_dictionary_learning(path: str | Path):
                 f"{where}: threshold is unset ({float(theta)}): the inference threshold was never estimated "
                 "(training stopped before threshold_start_step), so this checkpoint has no per-token encoder"
             )
-        arch, b_dec = "jumprelu", t["b_dec"]
-        fields["apply_b_dec_to_input"] = True
+        arch, b_dec = _batchtopk_arch(cls, t), t["b_dec"]
+        fields.update(apply_b_dec_to_input=True, k=int(t["k"]))
+        if arch == "matryoshka":
+            fields["group_sizes"] = [int(g) for g in t["group_sizes"].tolist()]
     elif cls == "JumpReluAutoEncoder":
         arch, b_dec = "jumprelu", t["b_dec"]
         fields["apply_b_dec_to_input"] = False
