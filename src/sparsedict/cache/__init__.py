@@ -1,0 +1,30 @@
+"""Activation cache: text -> contexts -> model hooks -> crash-safe shards -> shuffled batches.
+
+    from sparsedict.cache import CacheConfig, cache_activations, ActivationStore
+    path = cache_activations(CacheConfig(hookpoints=["resid_post.6"], max_tokens=50_000, out_dir="runs/c"))
+    store = ActivationStore(path, "resid_post.6", batch_size=4096)
+    for x, _ in store: ...          # x [B, 576] float32
+
+``LiveSource`` (no disk) offers the same iterator straight from the model; ``hooks`` resolves
+hookpoint names and records or replaces activations in a forward pass.
+"""
+
+from sparsedict.cache import hooks
+from sparsedict.cache.config import CacheConfig
+from sparsedict.cache.manifest import CacheError, read_manifest
+from sparsedict.cache.runner import cache_activations
+from sparsedict.cache.store import ActivationStore
+from sparsedict.cache.writer import CacheWriteError
+
+__all__ = [
+    "ActivationStore", "CacheConfig", "CacheError", "CacheWriteError", "LiveSource", "cache_activations", "hooks",
+    "read_manifest",
+]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name == "LiveSource":
+        from sparsedict.cache.live import LiveSource
+
+        return LiveSource
+    raise AttributeError(f"module 'sparsedict.cache' has no attribute {name!r}")

@@ -1,0 +1,240 @@
+"""Hookpoints: named places in a HF causal LM whose activations we read or replace.
+
+A hookpoint is a module path plus a side: ``model.layers.6`` (output of block 6, the residual stream),
+``model.layers.6.mlp:in`` (first input of the MLP). Friendly aliases resolve per model family:
+
+=============  =================================  ========================  ==========================
+alias          Llama / SmolLM / Qwen2 / Gemma      GPT-2 (``transformer.h``)  GPT-NeoX / Pythia
+=============  =================================  ========================  ==========================
+resid_pre.L    layers.L:in                        h.L:in                    layers.L:in
+resid_post.L   layers.L                           h.L                       layers.L
+attn_out.L     layers.L.self_attn (*)             h.L.attn                  layers.L.attention
+attn_z.L       layers.L.self_attn.o_proj:in       h.L.attn.c_proj:in        layers.L.attention.dense:in
+mlp_in.L       layers.L.mlp:in                    h.L.mlp:in (= ln_2 out)   layers.L.mlp:in
+mlp_hidden.L   layers.L.mlp.down_proj:in          h.L.mlp.c_proj:in         layers.L.mlp.dense_4h_to_h:in
+mlp_out.L      layers.L.mlp (*)                   h.L.mlp                   layers.L.mlp
+=============  =================================  ========================  ==========================
+
+(*) Gemma 2/3 normalise the sublayer outputs before adding them to the residual; there ``attn_out`` is
+``post_attention_layernorm`` and ``mlp_out`` is ``post_feedforward_layernorm`` (the residual
+contributions). ``mlp_hidden`` of gated MLPs is act(gate)·up, the input of ``down_proj``, not
+``act_fn``'s output. Tuple outputs are handled (element 0 is the activation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_LAYER_LISTS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers")
+ALIASES = ("resid_pre", "resid_post", "attn_out", "attn_z", "mlp_in", "mlp_hidden", "mlp_out")
+
+
+class HookpointError(KeyError):
+    """Unknown or unusable hookpoint name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Hookpoint:
+    """A resolved hookpoint: ``name`` as given, the module path, the side and the block index."""
+
+    name: str
+    """Name as given by the user (alias or raw path)."""
+    module_path: str
+    """Dotted path of the module in ``model.named_modules()``."""
+    side: str
+    """"out" (module output, element 0 of a tuple) or "in" (first input of the module)."""
+    layer: int | None
+    """Block index when the module sits in a block, else None."""
+
+    @property
+    def path(self) -> str:
+        """Canonical raw name: ``module_path`` plus ``:in`` for inputs."""
+        return self.module_path + (":in" if self.side == "in" else "")
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    modules = dict(model.named_modules())
+    for prefix in _LAYER_LISTS:
+        if isinstance(modules.get(prefix), nn.ModuleList):
+            return prefix
+    raise HookpointError(
+        f"cannot find the list of transformer blocks in {type(model).__name__} (looked for "
+        f"{', '.join(_LAYER_LISTS)}); use raw module paths such as 'model.layers.6' or 'x.y:in'"
+    )
+
+
+def _alias_path(model: nn.Module, kind: str, layer: int) -> str:
+    """Raw path (``module[:in]``) of alias ``kind.layer`` for ``model``'s family."""
+    prefix = _layers_prefix(model)
+    block = f"{prefix}.{layer}"
+    modules = dict(model.named_modules())
+    if block not in modules:
+        n = len(modules[prefix])
+        raise HookpointError(
+            f"layer {layer} out of range: {type(model).__name__} has {n} blocks (0..{n - 1})"
+        )
+    if prefix == "transformer.h":  # GPT-2
+        table = {"attn_out": "attn", "attn_z": "attn.c_proj:in", "mlp_in": "mlp:in",
+                 "mlp_hidden": "mlp.c_proj:in", "mlp_out": "mlp"}  # fmt: skip
+    elif prefix == "gpt_neox.layers":
+        table = {"attn_out": "attention", "attn_z": "attention.dense:in", "mlp_in": "mlp:in",
+                 "mlp_hidden": "mlp.dense_4h_to_h:in", "mlp_out": "mlp"}  # fmt: skip
+    else:  # Llama, SmolLM, Mistral, Qwen2, Gemma
+        sandwich = f"{block}.pre_feedforward_layernorm" in modules  # Gemma 2/3 norm sublayer outputs
+        table = {
+            "attn_out": "post_attention_layernorm" if sandwich else "self_attn",
+            "attn_z": "self_attn.o_proj:in",
+            "mlp_in": "mlp:in",
+            "mlp_hidden": "mlp.down_proj:in",
+            "mlp_out": "post_feedforward_layernorm" if sandwich else "mlp",
+        }
+    table.update(resid_pre=":in", resid_post="")
+    sub = table[kind]
+    return block + sub if sub.startswith(":") or not sub else f"{block}.{sub}"
+
+
+def available(model: nn.Module) -> list[str]:
+    """Valid hookpoint names: every alias for every block, then every raw module path (``:in`` too)."""
+    names: list[str] = []
+    with contextlib.suppress(HookpointError):
+        n = len(dict(model.named_modules())[_layers_prefix(model)])
+        names += [f"{kind}.{i}" for kind in ALIASES for i in range(n)]
+    for path, _ in model.named_modules():
+        if path:
+            names += [path, f"{path}:in"]
+    return names
+
+
+def resolve(model: nn.Module, name: str) -> Hookpoint:
+    """Resolve an alias (``resid_post.6``) or raw path (``model.layers.6.mlp:in``) to a :class:`Hookpoint`."""
+    raw = name
+    match = re.fullmatch(r"([a-z_]+)\.(\d+)", name)
+    if match and match.group(1) in ALIASES:
+        raw = _alias_path(model, match.group(1), int(match.group(2)))
+    path, _, side = raw.partition(":")
+    side = side or "out"
+    modules = dict(model.named_modules())
+    if side not in ("in", "out") or path not in modules or not path:
+        valid = available(model)
+        near = difflib.get_close_matches(name, valid, n=3)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        aliases = ", ".join(f"{a}.L" for a in ALIASES)
+        raise HookpointError(
+            f"unknown hookpoint {name!r} for {type(model).__name__}.{hint} Use an alias ({aliases}) or a raw "
+            f"module path with optional ':in'/':out'. Valid names include: {', '.join(valid[:40])} ... "
+            f"(all {len(valid)} from sparsedict.cache.hooks.available(model))"
+        )
+    layer = None
+    for prefix in _LAYER_LISTS:
+        m = re.match(re.escape(prefix) + r"\.(\d+)(\.|$)", path)
+        if m:
+            layer = int(m.group(1))
+    return Hookpoint(name=name, module_path=path, side=side, layer=layer)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value
+    raise HookpointError("the hooked module received no tensor input")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested activation is captured, to skip the rest of the model."""
+
+
+def _attach(model: nn.Module, hp: Hookpoint, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Register a hook calling ``fn(act)``; a tensor returned by ``fn`` replaces the activation."""
+    module = model.get_submodule(hp.module_path)
+    if hp.side == "in":
+
+        def pre_hook(_mod, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            new = fn(x)
+            if new is None:
+                return None
+            if args and args[0] is x:
+                return (new, *args[1:]), kwargs
+            key = next(k for k, v in kwargs.items() if v is x)
+            return args, {**kwargs, key: new}
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_mod, _args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        new = fn(x)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return module.register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record(
+    model: nn.Module,
+    hookpoints: list[str | Hookpoint],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    stop_after: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``input_ids [B, T]`` and return ``{name: activation [B, T, d]}``.
+
+    With ``stop_after`` the forward is cut (by an exception raised from the hook) as soon as every
+    hookpoint has fired, so blocks after the deepest one and the LM head never run.
+    """
+    hps = [h if isinstance(h, Hookpoint) else resolve(model, h) for h in hookpoints]
+    acts: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable[[torch.Tensor], None]:
+        def fn(x: torch.Tensor) -> None:
+            acts[name] = x.detach()
+            if stop_after and len(acts) == len(hps):
+                raise _StopForward
+
+        return fn
+
+    handles = [_attach(model, hp, capture(hp.name)) for hp in hps]
+    with _hooks(handles), torch.inference_mode(), contextlib.suppress(_StopForward):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    missing = [hp.name for hp in hps if hp.name not in acts]
+    if missing:
+        raise HookpointError(f"hookpoints {missing} never fired during the forward; is the module used?")
+    return acts
+
+
+@contextlib.contextmanager
+def replace(model: nn.Module, hookpoint: str | Hookpoint, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Within the block, the activation ``act [B, T, d]`` at ``hookpoint`` becomes ``fn(act)`` (same shape)."""
+    hp = hookpoint if isinstance(hookpoint, Hookpoint) else resolve(model, hookpoint)
+
+    def swap(x: torch.Tensor) -> torch.Tensor:
+        new = fn(x)
+        if new.shape != x.shape:
+            raise ValueError(
+                f"replace({hp.name!r}): fn returned shape {tuple(new.shape)}, expected {tuple(x.shape)}"
+            )
+        return new.to(x.dtype)
+
+    with _hooks([_attach(model, hp, swap)]):
+        yield hp
