@@ -58,7 +58,9 @@ def resolve_backend(backend: str | None, t: Tensor, op: str) -> str:
         return "triton" if use_triton(t) else "ref"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install 'sparsedict[kernels]')")
+            raise RuntimeError(
+                f"{op}: backend='triton' needs the triton package (pip install 'sparsedict[kernels]')"
+            )
         if not t.is_cuda and not interpreting():
             raise RuntimeError(
                 f"{op}: backend='triton' got a {t.device.type} tensor; Triton kernels need CUDA tensors, "
@@ -102,4 +104,6 @@ def tl_float(dtype: torch.dtype) -> bool:
 
 def check_float(name: str, op: str, t: Tensor) -> None:
     if not tl_float(t.dtype):
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; the Triton kernels take float32, bfloat16 or float16")
+        raise TypeError(
+            f"{op}: {name} has dtype {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
+        )

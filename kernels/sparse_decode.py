@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from sparsedict.kernels._common import LazyJit, check_float, next_pow2
+from torch import Tensor
 
 try:
     import triton.language as tl
@@ -111,13 +110,14 @@ def _segment_sum_kernel(
         e = tl.load(Order + es, mask=em, other=0)
         c = tl.load(Coef + e, mask=em, other=0.0).to(tl.float32)
         rows = e // K
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=em[:, None] & dmask[None, :], other=0.0)
+        x = tl.load(
+            X + rows[:, None] * stride_x + cols[None, :], mask=em[:, None] & dmask[None, :], other=0.0
+        )
         acc += tl.sum(c[:, None] * x.to(tl.float32), 0)
         csum += c
     tl.store(Out + i * stride_o + cols, acc.to(Out.dtype.element_ty), mask=dmask)
-    if HAS_SUM:
-        if pd == 0:
-            tl.store(Sum + i, tl.sum(csum, 0))
+    if HAS_SUM and pd == 0:
+        tl.store(Sum + i, tl.sum(csum, 0))
 
 
 _embedding_bag = LazyJit(_embedding_bag_kernel)
@@ -160,7 +160,16 @@ def sddmm(indices: Tensor, g: Tensor, table: Tensor) -> Tensor:
     BLOCK_K = min(next_pow2(K), 32)
     BLOCK_D = min(next_pow2(D), 128)
     _sddmm[(B, triton_cdiv(K, BLOCK_K))](
-        indices.contiguous(), g, table, out, D, K, table.stride(0), g.stride(0), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D
+        indices.contiguous(),
+        g,
+        table,
+        out,
+        D,
+        K,
+        table.stride(0),
+        g.stride(0),
+        BLOCK_K=BLOCK_K,
+        BLOCK_D=BLOCK_D,
     )
     return out
 
@@ -178,7 +187,7 @@ def segment_sum(
     indices: Tensor, coef: Tensor, x: Tensor, n: int, grouping=None, with_sum: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """``out [n, d]`` fp32 with ``out[i] = Σ_{(b,j): idx=i} coef[b, j] · x_b`` (and ``Σ coef`` per latent)."""
-    B, K = indices.shape
+    _B, K = indices.shape
     D = x.shape[1]
     order, offsets = grouping if grouping is not None else group_by_latent(indices, n)
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -225,11 +234,15 @@ class SparseDecodeFn(torch.autograd.Function):
         return None, g_val, g_W, g_b
 
 
-def sparse_decode_triton(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+def sparse_decode_triton(
+    indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None
+) -> Tensor:
     """Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``); same contract as :func:`sparse_decode_ref`."""
     check_decode_args(indices, values, W_dec, b_dec)
     for name, t in (("values", values), ("W_dec", W_dec)):
         check_float(name, "sparse_decode", t)
     if W_dec.stride(1) != 1:
-        raise ValueError("sparse_decode: the Triton path needs W_dec with contiguous rows (W_dec.stride(1) == 1)")
+        raise ValueError(
+            "sparse_decode: the Triton path needs W_dec with contiguous rows (W_dec.stride(1) == 1)"
+        )
     return SparseDecodeFn.apply(indices, values, W_dec, b_dec)

@@ -24,10 +24,9 @@ through the k selected entries: with ``gp = g_values · [values > 0]``,
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
-from sparsedict.kernels._common import LazyJit, check_float, next_pow2, num_sms
+from sparsedict.kernels._common import LazyJit, check_float, interpreting, next_pow2, num_sms
 from sparsedict.kernels.sparse_decode import embedding_bag_fwd, group_by_latent, segment_sum, triton_cdiv
+from torch import Tensor
 
 try:
     import triton.language as tl
@@ -40,7 +39,9 @@ MAX_K = 128
 
 def check_encode_args(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> None:
     if x.ndim != 2 or W_enc.ndim != 2 or x.shape[1] != W_enc.shape[0]:
-        raise ValueError(f"topk_encode: x {list(x.shape)} and W_enc {list(W_enc.shape)} do not match ([B, d] @ [d, n])")
+        raise ValueError(
+            f"topk_encode: x {list(x.shape)} and W_enc {list(W_enc.shape)} do not match ([B, d] @ [d, n])"
+        )
     if b_enc.shape != (W_enc.shape[1],):
         raise ValueError(f"topk_encode: b_enc {list(b_enc.shape)} must be [n={W_enc.shape[1]}]")
     if not 0 < k <= W_enc.shape[1]:
@@ -71,7 +72,9 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals, idx.gather(1, o)
 
 
-def sparse_encoder_backward_ref(x: Tensor, W_enc: Tensor, gp: Tensor, indices: Tensor, needs: tuple[bool, ...]):
+def sparse_encoder_backward_ref(
+    x: Tensor, W_enc: Tensor, gp: Tensor, indices: Tensor, needs: tuple[bool, ...]
+):
     """Reference sparse encoder backward (torch ops, at most ``[B, d]`` temporaries). ``gp [B, k]`` fp32."""
     n = W_enc.shape[1]
     gx = gW = gb = None
@@ -79,7 +82,9 @@ def sparse_encoder_backward_ref(x: Tensor, W_enc: Tensor, gp: Tensor, indices: T
         gx = torch.nn.functional.embedding_bag(indices, W_enc.T.float(), per_sample_weights=gp, mode="sum")
         gx = gx.to(x.dtype)
     if needs[1] or needs[2]:
-        gb = torch.zeros(n, dtype=torch.float32, device=gp.device).index_add_(0, indices.reshape(-1), gp.reshape(-1))
+        gb = torch.zeros(n, dtype=torch.float32, device=gp.device).index_add_(
+            0, indices.reshape(-1), gp.reshape(-1)
+        )
         gb = gb.to(W_enc.dtype)
     if needs[1]:
         gWt = torch.zeros(n, x.shape[1], dtype=torch.float32, device=gp.device)
@@ -124,7 +129,7 @@ def _topk_encode_fwd_kernel(
     X, W, Bias, Keys, B, D, N, n_per_split,
     stride_xb, stride_xd, stride_wd, stride_wn, stride_kb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Per (row tile, split): the top-``K_PAD`` packed keys of ``x W + b`` over the split's latents.
 
@@ -157,6 +162,8 @@ def _topk_encode_fwd_kernel(
                 W + ks[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wn,
                 mask=kmask[:, None] & cmask[None, :], other=0.0,
             )  # fmt: skip
+            if UPCAST:  # Triton's CPU interpreter gets bf16 dots wrong; bf16 products are exact in fp32
+                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         acc += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc = acc + 0.0  # -0.0 -> +0.0 so equal values get equal keys
@@ -244,7 +251,8 @@ def topk_encode_fwd(
     _fwd[(tiles_m, splits)](
         x, W_enc, b_enc, keys, B, D, N, n_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, K_PAD=K_PAD, PRECISION="tf32" if tf32 else "ieee", **launch,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, K_PAD=K_PAD, PRECISION="tf32" if tf32 else "ieee",
+        UPCAST=interpreting(), **launch,
     )  # fmt: skip
     SK = splits * K_PAD
     MB = max(1, min(16, 4096 // SK))
