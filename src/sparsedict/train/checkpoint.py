@@ -100,3 +100,74 @@ def load_state(path: str | os.PathLike) -> dict[str, Any] | None:
             f"training checkpoint in {path} is unreadable ({err}); delete {path} to restart from scratch"
         ) from err
     return unflatten(skeleton, tensors)
+
+
+# -- multi-rank checkpoints ------------------------------------------------------------------------
+# Layout of ``root`` (``out_dir/checkpoint``):
+#   latest.json                     {"step": S, "world_size": R, "dir": "step_0000000S"}, written last
+#   step_0000000S/rank_<r>/         one save_state directory per rank
+# Every rank writes its own directory (its RNG state and data-source positions; the dictionaries and
+# optimiser states too when they are not replicated, i.e. rank 0 in data parallel, every rank when
+# latents are sharded), all ranks meet at a barrier, then rank 0 atomically replaces latest.json and
+# removes older step directories. A crash at any point leaves latest.json naming a complete checkpoint.
+LATEST = "latest.json"
+
+
+def _step_dir(step: int) -> str:
+    return f"step_{step:010d}"
+
+
+def save_checkpoint(root: str | os.PathLike, state: dict[str, Any], step: int) -> Path:
+    """Collective: every rank saves ``state`` (its own part), then rank 0 commits step ``step``."""
+    from sparsedict.train import distributed as dist
+
+    root = Path(root)
+    step_dir = root / _step_dir(step)
+    save_state(step_dir / f"rank_{dist.rank()}", state)
+    dist.barrier()
+    if dist.is_main():
+        tmp = root / (LATEST + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "world_size": dist.world_size(), "dir": step_dir.name}))
+        _fsync_replace(tmp, root / LATEST)
+        for old in root.glob("step_*"):
+            if old.name != step_dir.name:
+                _rmtree(old)
+    dist.barrier()
+    return step_dir
+
+
+def load_checkpoint(root: str | os.PathLike) -> dict[str, Any] | None:
+    """This rank's state of the latest committed checkpoint (None when there is none).
+
+    A rank whose own directory holds no ``members`` (data-parallel replicas) takes the dictionaries and
+    optimiser states from rank 0's directory. A checkpoint written by the single-file
+    :func:`save_state` layout (no ``latest.json``) is read as rank 0's state.
+    """
+    from sparsedict.train import distributed as dist
+
+    root = Path(root)
+    if not (root / LATEST).exists():
+        return load_state(root) if dist.world_size() == 1 else None
+    latest = json.loads((root / LATEST).read_text())
+    if int(latest["world_size"]) != dist.world_size():
+        raise RuntimeError(
+            f"checkpoint {root} was written by {latest['world_size']} ranks but this job has "
+            f"{dist.world_size()}: relaunch with --nproc-per-node {latest['world_size']}, or delete {root} "
+            f"to start over"
+        )
+    step_dir = root / latest["dir"]
+    state = load_state(step_dir / f"rank_{dist.rank()}")
+    if state is None:
+        raise RuntimeError(f"checkpoint {step_dir} has no state for rank {dist.rank()}; delete {root} to restart")
+    if "members" not in state:
+        main = load_state(step_dir / "rank_0")
+        if main is None or "members" not in main:
+            raise RuntimeError(f"checkpoint {step_dir}/rank_0 holds no dictionaries; delete {root} to restart")
+        state["members"] = main["members"]
+    return state
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

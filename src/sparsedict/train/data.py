@@ -13,8 +13,11 @@ class TensorSource:
 
     Same interface as :class:`sparsedict.cache.ActivationStore`: iterate for ``(x, y)`` batches
     (``y`` is None for an SAE), ``d_in``/``d_out``/``n_rows``, ``sample``, ``state_dict`` for exact
-    resume. Each epoch is a fresh permutation drawn from ``seed + epoch``; rank ``r`` of ``world_size``
-    takes every ``world_size``-th row of it, so ranks never share a row within an epoch.
+    resume. Each epoch is a fresh permutation drawn from ``seed + epoch`` (the same on every rank).
+    ``batch_size`` is the per-rank batch ``b``; one step consumes the global batch of ``b · world_size``
+    consecutive rows of the permutation and rank ``r`` takes rows ``[r·b, (r+1)·b)`` of it, so the union
+    of the ranks' batches at every step is exactly the batch one process with ``batch_size = b · world``
+    would read (data-parallel training is then equivalent to single-process training).
     """
 
     def __init__(self, x: Tensor, y: Tensor | None = None, batch_size: int = 4096, seed: int = 0,
@@ -40,14 +43,16 @@ class TensorSource:
 
     def _order(self) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n_rows, generator=g)[self.rank :: self.world_size]
+        return torch.randperm(self.n_rows, generator=g)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        step = self.batch_size * self.world_size
         while True:
             order = self._order()
-            while self.position + self.batch_size <= order.numel():
-                idx = order[self.position : self.position + self.batch_size]
-                self.position += self.batch_size
+            while self.position + step <= order.numel():
+                start = self.position + self.rank * self.batch_size
+                idx = order[start : start + self.batch_size]
+                self.position += step
                 yield self.x[idx], (self.y[idx] if self.y is not None else None)
             self.epoch, self.position = self.epoch + 1, 0
 

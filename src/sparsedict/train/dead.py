@@ -15,16 +15,18 @@ class DeadLatentTracker:
     the whole run (for firing-frequency histograms).
     """
 
-    def __init__(self, n_latents: int, window: int, device: torch.device | str = "cpu"):
+    def __init__(self, n_latents: int, window: int, device: torch.device | str = "cpu", sync: bool = True):
         self.window = window
+        self.sync = sync  # False when every rank already sees the global code (latent-sharded dictionaries)
         self.since = torch.zeros(n_latents, dtype=torch.long, device=device)
         self.fired_total = torch.zeros(n_latents, dtype=torch.long, device=device)
         self.tokens = 0
 
     def update(self, code: SparseCode, n_tokens: int) -> None:
         counts = code.active()
-        counts = _all_reduce_sum(counts)
-        n_tokens = int(_all_reduce_sum(torch.tensor(n_tokens, device=counts.device)))
+        if self.sync:
+            counts = _all_reduce_sum(counts)
+            n_tokens = int(_all_reduce_sum(torch.tensor(n_tokens, device=counts.device)))
         fired = counts > 0
         self.since.add_(n_tokens).masked_fill_(fired, 0)
         self.fired_total.add_(counts)

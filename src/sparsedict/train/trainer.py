@@ -24,6 +24,7 @@ from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary
 from sparsedict.train import checkpoint as ckpt
+from sparsedict.train import distributed
 from sparsedict.train.config import TrainConfig
 from sparsedict.train.dead import DeadLatentTracker
 from sparsedict.train.logging import RunLogger
@@ -61,10 +62,15 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.world_size
         rows = min(s.n_rows for s in sources.values())
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * rows / cfg.batch_size))
+        if cfg.shard_latents:
+            from sparsedict.train.sharded import shard_dictionaries
+
+            dictionaries = shard_dictionaries(dictionaries, cfg)
         self.members = [
             Member(name, model.to(self.device), source_key(model),
                    DictionaryOptimizer(model, cfg, self.total_steps) if model.trains_by_gradient else None,
-                   DeadLatentTracker(model.n_latents, cfg.dead_tokens, self.device))
+                   DeadLatentTracker(model.n_latents, cfg.dead_tokens, self.device,
+                                     sync=not getattr(model, "latent_sharded", False)))
             for name, model in dictionaries.items()
         ]
         self.step = 0
@@ -83,6 +89,7 @@ class Trainer:
             m.model.input_scale.fill_(input_scale(x, self.cfg.normalise_inputs))
             c = float(m.model.input_scale)
             m.model.init_from_data(x * c, y * c)
+            distributed.broadcast_model(m.model)  # replicas start identical (rank 0's values)
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, batches: dict[SourceKey, tuple[Tensor, Tensor | None]]) -> dict[str, float]:
@@ -140,7 +147,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> dict[str, float]:
         out_dir = Path(self.cfg.out_dir)
-        state = ckpt.load_state(out_dir / "checkpoint") if resume else None
+        state = ckpt.load_checkpoint(out_dir / "checkpoint") if resume else None
         if state is not None:
             self.load_state_dict(state)
         else:
@@ -151,12 +158,16 @@ class Trainer:
         t0, tok0 = time.perf_counter(), self.tokens
         try:
             with self.logger.progress(self.total_steps, self.step) as bar:
-                while self.step < self.total_steps and not self._stop:
+                while self.step < self.total_steps:
+                    if distributed.any_rank(self._stop, self.device):  # all ranks stop at the same step
+                        self._stop = True
+                        break
                     batches = {key: _next_batch(iters, key, self.sources[key]) for key in iters}
                     last = self.train_step(batches)
                     tps = (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0)
                     bar.update(1, tps, last)
                     if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                        last = distributed.mean_metrics(last, self.device)
                         self.logger.log(self.step, self.tokens, {**last, "tokens_per_s": tps})
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                         self.save_checkpoint()
@@ -205,13 +216,11 @@ class Trainer:
             m.dead.load_state_dict(ms["dead"])
 
     def save_checkpoint(self) -> None:
-        from sparsedict.train.distributed import barrier, is_main
-
+        """Collective: each rank writes its RNG + data positions; dictionaries from rank 0 (or every shard)."""
         state = self.state_dict()
-        barrier()
-        if is_main():
-            ckpt.save_state(Path(self.cfg.out_dir) / "checkpoint", state)
-        barrier()
+        if not (distributed.is_main() or self.cfg.shard_latents):
+            del state["members"]  # data-parallel replicas equal rank 0's
+        ckpt.save_checkpoint(Path(self.cfg.out_dir) / "checkpoint", state, self.step)
 
     def save(self, meta: dict[str, Any] | None = None) -> dict[str, Path]:
         """Save every dictionary with ``save_pretrained`` under ``out_dir/<name>``."""
@@ -220,12 +229,13 @@ class Trainer:
         paths = {}
         for m in self.members:
             path = Path(self.cfg.out_dir) / m.name
+            model = m.model.unshard() if getattr(m.model, "latent_sharded", False) else m.model  # collective
             if is_main():
                 info = dict(getattr(self.sources[m.key], "meta", {}) or {})
                 info.update(meta or {})
                 info.update(training_tokens=self.tokens, training_steps=self.step,
                             normalisation=self.cfg.normalise_inputs)
-                m.model.save_pretrained(path, info)
+                model.save_pretrained(path, info)
             paths[m.name] = path
         return paths
 

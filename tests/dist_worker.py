@@ -1,0 +1,88 @@
+"""A tiny training job for the distributed / resume / failure tests (run as a script, alone or under torchrun).
+
+``python tests/dist_worker.py '<json options>'`` trains a TopK dictionary on a planted-dictionary
+TensorSource with the real :class:`Trainer`, then saves it under ``out_dir/topk``. Under
+``torchrun --nproc-per-node R`` it trains data-parallel (each rank reads its slice of every global
+batch) or, with ``shard_latents``, latent-parallel. Options (JSON keys): ``out_dir``, ``steps``,
+``batch`` (global), ``n``, ``k``, ``lr``, ``checkpoint_every``, ``shard_latents``, ``timeout_min``,
+``step_sleep`` (seconds slept per step, to make kill timing easy), ``kill_rank``/``kill_step`` (that rank
+SIGKILLs itself before reading that step's batch), ``hang_rank``/``hang_step`` (that rank stops
+forever: only a collective timeout can end the job), ``dead_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+
+def planted(n_rows: int = 4096, d: int = 16, seed: int = 0) -> torch.Tensor:
+    """Rows that are sparse combinations of 48 unit atoms plus noise and an offset: ``[n_rows, d]``."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(48, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    idx = torch.stack([torch.randperm(48, generator=g)[:3] for _ in range(n_rows)])
+    vals = torch.rand(n_rows, 3, generator=g) * 2 + 0.5
+    x = (vals[:, :, None] * atoms[idx]).sum(1)
+    return x + 0.01 * torch.randn(n_rows, d, generator=g) + 0.3
+
+
+def main(opts: dict) -> None:
+    from sparsedict.dictionaries import build
+    from sparsedict.dictionaries.topk import TopKConfig
+    from sparsedict.train import TensorSource, TrainConfig, Trainer, distributed
+    from sparsedict.train.data import TensorSource as _TS
+
+    torch.set_num_threads(1)
+    rank, world, device = distributed.init("cpu", opts.get("timeout_min", 1.0))
+    shard = bool(opts.get("shard_latents", False))
+    dp = 1 if shard else world
+    batch = opts.get("batch", 128)
+
+    class Source(_TS):
+        """TensorSource with fault/slowness injection before each batch."""
+
+        def __iter__(self):
+            for b in super().__iter__():
+                step = self.state_step - 1  # the inner iterator has already advanced past this batch
+                if opts.get("kill_rank") == rank and step == opts.get("kill_step"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if opts.get("hang_rank") == rank and step == opts.get("hang_step"):
+                    while True:
+                        time.sleep(1)
+                time.sleep(opts.get("step_sleep", 0.0))
+                yield b
+
+        @property
+        def state_step(self) -> int:
+            per_epoch = self.n_rows // (self.batch_size * self.world_size)
+            return self.epoch * per_epoch + self.position // (self.batch_size * self.world_size)
+
+    assert issubclass(Source, TensorSource)
+    x = planted()
+    src = Source(x, batch_size=batch // dp, seed=1, rank=rank if dp > 1 else 0, world_size=dp)
+    torch.manual_seed(0)
+    cfg = TopKConfig(d_in=16, n_latents=opts.get("n", 64), k=opts.get("k", 4), b_dec_init="mean")
+    model = build(cfg.resolved(16))
+    tc = TrainConfig(
+        batch_size=batch, max_steps=opts.get("steps", 40), lr=opts.get("lr", 3e-3), warmup_steps=5,
+        decay_fraction=0.2, out_dir=opts["out_dir"], log_every=1, init_rows=1024,
+        checkpoint_every=opts.get("checkpoint_every", 0), shard_latents=shard,
+        dead_tokens=opts.get("dead_tokens", 10_000_000), dist_timeout_min=opts.get("timeout_min", 1.0),
+    )
+    trainer = Trainer({"topk": model}, {("", ""): src}, tc)
+    last = trainer.fit(resume=True)
+    trainer.save()
+    if distributed.is_main():
+        with open(os.path.join(opts["out_dir"], "done.json"), "w") as f:
+            json.dump({"world": world, "last": last}, f)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
