@@ -80,7 +80,7 @@ def test_our_format_errors(tmp_path):
     save_file({**sd, "W_dec": sd["W_dec"][:-1].contiguous()}, str(path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"W_dec has shape \[63, 16\] but config.json implies \[64, 16\]"):
         from_pretrained(path)
-    with pytest.raises(ValueError, match="revision.*applies to hub repos"):
+    with pytest.raises(ValueError, match=r"revision.*applies to hub repos"):
         from_pretrained(path, revision="main")
 
 
