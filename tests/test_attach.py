@@ -166,9 +166,12 @@ def test_bad_attachments_are_clear_errors(lm):
     model, ids, _, _ = lm
     small = random_topk(64, f"resid_post.{LAYER}")
     small.meta = {"model": "EleutherAI/pythia-70m"}
-    with pytest.raises(ValueError, match=r"expects inputs of width 64 .* produces width 576 .*pythia-70m"):
-        with torch.no_grad(), small.hook(model):
-            model(input_ids=ids, use_cache=False)
+    with (
+        pytest.raises(ValueError, match=r"expects inputs of width 64 .* produces width 576 .*pythia-70m"),
+        torch.no_grad(),
+        small.hook(model),
+    ):
+        model(input_ids=ids, use_cache=False)
     # the hook is removed after the failure: the model runs normally again
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
