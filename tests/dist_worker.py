@@ -39,7 +39,7 @@ def main(opts: dict) -> None:
     from sparsedict.train.data import TensorSource as _TS
 
     torch.set_num_threads(1)
-    rank, world, device = distributed.init("cpu", opts.get("timeout_min", 1.0))
+    rank, world, _ = distributed.init("cpu", opts.get("timeout_min", 1.0))
     shard = bool(opts.get("shard_latents", False))
     dp = 1 if shard else world
     batch = opts.get("batch", 128)
@@ -70,10 +70,18 @@ def main(opts: dict) -> None:
     cfg = TopKConfig(d_in=16, n_latents=opts.get("n", 64), k=opts.get("k", 4), b_dec_init="mean")
     model = build(cfg.resolved(16))
     tc = TrainConfig(
-        batch_size=batch, max_steps=opts.get("steps", 40), lr=opts.get("lr", 3e-3), warmup_steps=5,
-        decay_fraction=0.2, out_dir=opts["out_dir"], log_every=1, init_rows=1024,
-        checkpoint_every=opts.get("checkpoint_every", 0), shard_latents=shard,
-        dead_tokens=opts.get("dead_tokens", 10_000_000), dist_timeout_min=opts.get("timeout_min", 1.0),
+        batch_size=batch,
+        max_steps=opts.get("steps", 40),
+        lr=opts.get("lr", 3e-3),
+        warmup_steps=5,
+        decay_fraction=0.2,
+        out_dir=opts["out_dir"],
+        log_every=1,
+        init_rows=1024,
+        checkpoint_every=opts.get("checkpoint_every", 0),
+        shard_latents=shard,
+        dead_tokens=opts.get("dead_tokens", 10_000_000),
+        dist_timeout_min=opts.get("timeout_min", 1.0),
     )
     trainer = Trainer({"topk": model}, {("", ""): src}, tc)
     last = trainer.fit(resume=True)
@@ -82,6 +90,53 @@ def main(opts: dict) -> None:
         with open(os.path.join(opts["out_dir"], "done.json"), "w") as f:
             json.dump({"world": world, "last": last}, f)
     distributed.destroy()
+
+
+# -- helpers for the tests that launch this script ----------------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def command(opts: dict, nproc: int = 1) -> list[str]:
+    """The command line that runs this worker in one process or under torchrun with ``nproc`` ranks."""
+    script = [os.path.join(HERE, "dist_worker.py"), json.dumps(opts)]
+    if nproc == 1:
+        return [sys.executable, *script]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *script,
+    ]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def run(opts: dict, nproc: int = 1, timeout: float = 120):
+    """Run to completion; raise with the output when it fails."""
+    import subprocess
+
+    p = subprocess.run(command(opts, nproc), env=env(), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def params(out_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out_dir, "topk", "model.safetensors"))
+
+
+def log(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 if __name__ == "__main__":

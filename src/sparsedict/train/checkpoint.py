@@ -28,9 +28,15 @@ def flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[prefix] = obj.detach().cpu().contiguous()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
-        return {"__keys__": [_key(k) for k in obj], "__values__": [flatten(v, f"{prefix}/{k}", tensors) for k, v in obj.items()]}
+        return {
+            "__keys__": [_key(k) for k in obj],
+            "__values__": [flatten(v, f"{prefix}/{k}", tensors) for k, v in obj.items()],
+        }
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)], "__tuple__": isinstance(obj, tuple)}
+        return {
+            "__list__": [flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)],
+            "__tuple__": isinstance(obj, tuple),
+        }
     if isinstance(obj, np.ndarray):
         return flatten(torch.from_numpy(obj.copy()), prefix, tensors)
     return obj
@@ -54,7 +60,11 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -158,11 +168,15 @@ def load_checkpoint(root: str | os.PathLike) -> dict[str, Any] | None:
     step_dir = root / latest["dir"]
     state = load_state(step_dir / f"rank_{dist.rank()}")
     if state is None:
-        raise RuntimeError(f"checkpoint {step_dir} has no state for rank {dist.rank()}; delete {root} to restart")
+        raise RuntimeError(
+            f"checkpoint {step_dir} has no state for rank {dist.rank()}; delete {root} to restart"
+        )
     if "members" not in state:
         main = load_state(step_dir / "rank_0")
         if main is None or "members" not in main:
-            raise RuntimeError(f"checkpoint {step_dir}/rank_0 holds no dictionaries; delete {root} to restart")
+            raise RuntimeError(
+                f"checkpoint {step_dir}/rank_0 holds no dictionaries; delete {root} to restart"
+            )
         state["members"] = main["members"]
     return state
 

@@ -83,7 +83,9 @@ class ShardedTopK(TopK):
         self.cfg = full.cfg
         n, k = full.n_latents, full.cfg.k
         if n % world:
-            raise ValueError(f"n_latents={n} is not divisible by {world} ranks: pick a width that is (shard_latents)")
+            raise ValueError(
+                f"n_latents={n} is not divisible by {world} ranks: pick a width that is (shard_latents)"
+            )
         if n // world < k:
             raise ValueError(f"each of {world} ranks would own {n // world} latents < k={k}: use fewer ranks")
         if full.W_skip is not None:
@@ -173,7 +175,9 @@ def shard_dictionaries(dictionaries: dict[str, Dictionary], cfg: TrainConfig) ->
     data and broadcast from rank 0 in ``Trainer.initialise``.
     """
     if cfg.grad_clip > 0:
-        raise ValueError("grad_clip with shard_latents would clip each shard by its own norm; set grad_clip: 0")
+        raise ValueError(
+            "grad_clip with shard_latents would clip each shard by its own norm; set grad_clip: 0"
+        )
     rank, world = dist.rank(), dist.world_size()
     out = {}
     for name, model in dictionaries.items():
