@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_helpers import encode_inputs, err_ratio
-
 from sparsedict.kernels import normalised_adam_step, sparse_decode, topk_encode
 from sparsedict.kernels.topk_encode import select_topk
 
@@ -66,7 +65,9 @@ def test_normalised_adam_ref_equals_torch_adam_sequence():
     for _ in range(4):
         G = torch.randn(30, 17, generator=g)
         W1.grad = G.clone()
-        normalised_adam_step(W1, state, lr=3e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.01, backend="ref")
+        normalised_adam_step(
+            W1, state, lr=3e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.01, backend="ref"
+        )
         W2.grad = G.clone()
         with torch.no_grad():
             w = W2 / (W2.norm(dim=1, keepdim=True) + 1e-8)
