@@ -113,10 +113,6 @@ class ActivationStore:
             shuffle_buffer_rows = max(batch_size, int(max_ram_bytes // per_row) - batch_size)
         self.shuffle_buffer_rows = int(shuffle_buffer_rows)
         self.rows_per_rank = self.n_rows // world_size
-        if self.rows_per_rank < (batch_size if drop_last else 1):
-            raise ValueError(
-                f"{self.n_rows} rows over {world_size} rank(s) cannot fill a batch of {batch_size}"
-            )
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch, self._batch = 0, 0
@@ -182,6 +178,11 @@ class ActivationStore:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{self.n_rows} rows over {self.world_size} rank(s) cannot fill one batch of {self.batch_size}; "
+                "cache more tokens or use a smaller batch_size"
+            )
         while True:
             yield from self._epoch_batches()
             if not self.loop:

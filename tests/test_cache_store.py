@@ -1,0 +1,153 @@
+"""ActivationStore on a real SmolLM2 cache of the shipped corpus sample: values, sharding, shuffling, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.lm import load_model
+
+N_TOKENS = 1500
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    cfg = CacheConfig(dataset="embedded-sample", hookpoints=["resid_post.5", "mlp_hidden.2"], max_tokens=N_TOKENS,
+                      shard_rows=400, batch_size=8, out_dir=str(tmp_path_factory.mktemp("c")), progress=False)  # fmt: skip
+    return cache_activations(cfg)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()[0]
+
+
+def _row_ids(store: ActivationStore) -> dict[bytes, int]:
+    x = store.rows()
+    ids = {x[i].numpy().tobytes(): i for i in range(len(x))}
+    assert len(ids) == len(x), "rows are not unique; cannot identify them"
+    return ids
+
+
+def test_manifest_records_everything(cache):
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["n_rows"] == N_TOKENS
+    assert sum(s["rows"] for s in m["shards"]) == N_TOKENS and m["n_shards"] == len(m["shards"]) >= 3
+    hp = m["hookpoints"]["mlp_hidden.2"]
+    assert hp["path"] == "model.layers.2.mlp.down_proj:in" and hp["d"] == 1536 and hp["dtype"] == "float32"
+    dropped = m["exclusions"]["dropped"]
+    # one BOS and one position-1 row per context; pads only in each document's last context
+    assert dropped["bos"] == dropped["first_n"] == m["n_contexts"]
+    assert m["n_tokens_seen"] == N_TOKENS + dropped["bos"] + dropped["first_n"] + dropped["special"]
+    for s in m["shards"]:
+        assert len(s["files"]["tokens"]["sha256"]) == 64 and s["status"] == "complete"
+
+
+def test_values_equal_direct_forward(cache, model):
+    """Rows read back == hidden_states of a plain HF forward (and a raw hook) on the stored contexts."""
+    store = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", loop=False)
+    tok = store.tokens()
+    ids, attn, keep = tok["token_ids"].long(), tok["attention_mask"], tok["keep"]
+    assert ids[:, 0].eq(1).all(), "contexts start with BOS (id 1)"
+    assert not keep[:, :2].any() and keep.sum() == store.n_rows
+    captured = []
+    handle = model.model.layers[2].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attn.long(), output_hidden_states=True)
+    handle.remove()
+    x, y = store.rows()
+    torch.testing.assert_close(x, out.hidden_states[6][keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, captured[0][keep], rtol=1e-4, atol=1e-4)
+    # row_context / row_position index the same positions
+    torch.testing.assert_close(ids[tok["row_context"], tok["row_position"].long()], ids[keep])
+
+
+def test_exactly_once_across_two_ranks(cache):
+    stores = [ActivationStore(cache, "resid_post.5", batch_size=64, rank=r, world_size=2, shuffle_buffer_rows=300,
+                              block_rows=50, drop_last=False, loop=False, seed=3) for r in range(2)]  # fmt: skip
+    ids = _row_ids(stores[0])
+    seen = [[ids[row.numpy().tobytes()] for x, _ in s for row in x] for s in stores]
+    assert len(seen[0]) == len(seen[1]) == N_TOKENS // 2
+    union = seen[0] + seen[1]
+    assert len(set(union)) == len(union) == N_TOKENS, "a row was served twice or skipped"
+    # a second epoch is reshuffled but again exactly once
+    seen2 = [[ids[row.numpy().tobytes()] for x, _ in s for row in x] for s in stores]
+    assert sorted(seen2[0] + seen2[1]) == list(range(N_TOKENS)) and seen2[0] != seen[0]
+
+
+def test_shuffle_deterministic_and_mixed(cache):
+    def batches(seed):
+        s = ActivationStore(
+            cache, "resid_post.5", batch_size=100, seed=seed, shuffle_buffer_rows=600, loop=False
+        )
+        return [x for x, _ in s]
+
+    a, b, c = batches(0), batches(0), batches(1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    ids = _row_ids(ActivationStore(cache, "resid_post.5"))
+    first = sorted(ids[r.numpy().tobytes()] for r in a[0])
+    assert first != list(range(first[0], first[0] + 100)), "batch is a contiguous run of rows"
+    assert np.ptp(first) > 600, "a batch should mix rows from far apart in the cache"
+
+
+def test_resume_exact(cache):
+    kw = dict(batch_size=96, seed=7, shuffle_buffer_rows=500, block_rows=64)
+    full = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", **kw)
+    it = iter(full)
+    ref = [next(it) for _ in range(30)]  # crosses windows and an epoch boundary (15 batches / epoch)
+    part = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", **kw)
+    it = iter(part)
+    for _ in range(11):
+        next(it)
+    state = json.loads(json.dumps(part.state_dict()))
+    resumed = ActivationStore(cache, "model.layers.5", target="model.layers.2.mlp.down_proj:in", **kw)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    for x_ref, y_ref in ref[11:]:
+        x, y = next(it)
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert resumed.epoch == 1 and full.batches_per_epoch == N_TOKENS // 96
+
+
+def test_ram_bound_sets_window(cache, monkeypatch):
+    store = ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=2_000_000, loop=False)
+    bound = 2_000_000 // (3 * 4 * 576)
+    assert store.shuffle_buffer_rows <= bound
+    sizes = []
+    orig = ActivationStore._window
+
+    def spy(self, plan, epoch, k):
+        out = orig(self, plan, epoch, k)
+        sizes.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(ActivationStore, "_window", spy)
+    n = sum(len(x) for x, _ in store)
+    assert n == (N_TOKENS // 32) * 32 and max(sizes) <= bound and len(sizes) > 3
+
+
+def test_norm_stats_and_normalise(cache):
+    store = ActivationStore(cache, "resid_post.5")
+    x = store.rows().double()
+    stats = store.norm_stats()
+    torch.testing.assert_close(stats["mean"].double(), x.mean(0), rtol=1e-5, atol=1e-5)
+    assert stats["mean_sq_norm"] == pytest.approx(float((x * x).sum(1).mean()), rel=1e-9)
+    assert "resid_post.5" in json.loads((cache / "manifest.json").read_text())["stats"]
+    norm = ActivationStore(cache, "resid_post.5", normalise=True, drop_last=False, loop=False, batch_size=500)
+    xn = torch.cat([b for b, _ in norm]).double()
+    assert float((xn * xn).sum(1).mean()) == pytest.approx(576, rel=1e-4)
+
+
+def test_sample_rows_come_from_cache(cache):
+    store = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2")
+    x, y = store.sample(200, seed=1)
+    xs, ys = store.rows()
+    ids = _row_ids(ActivationStore(cache, "resid_post.5"))
+    idx = [ids[r.numpy().tobytes()] for r in x]
+    assert len(set(idx)) == 200 and torch.equal(ys[idx], y)
+    assert torch.equal(store.sample(200, seed=1)[0], x)
