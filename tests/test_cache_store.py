@@ -146,7 +146,7 @@ def test_norm_stats_and_normalise(cache):
 def test_sample_rows_come_from_cache(cache):
     store = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2")
     x, y = store.sample(200, seed=1)
-    xs, ys = store.rows()
+    _, ys = store.rows()
     ids = _row_ids(ActivationStore(cache, "resid_post.5"))
     idx = [ids[r.numpy().tobytes()] for r in x]
     assert len(set(idx)) == 200 and torch.equal(ys[idx], y)

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CacheError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"sparsedict cache: {err}", file=sys.stderr)
         return 1
-    from sparsedict.cache.manifest import read_manifest
-
     import torch.distributed as dist
+
+    from sparsedict.cache.manifest import read_manifest
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
