@@ -98,6 +98,22 @@ def test_splice_substitutes_the_reconstruction(lm):
     assert (partial[:, 1:] - logits[:, 1:]).abs().max() > 1.0
 
 
+def test_unfolded_input_scale_matches_folded_checkpoint(lm, tmp_path):
+    """An in-memory dictionary trained on c·x (input_scale c) splices like its saved, folded checkpoint."""
+    model, ids, _, _ = lm
+    sae = random_topk(576, f"resid_post.{LAYER}", seed=4)
+    sae.input_scale.fill_(0.25)
+    sae.save_pretrained(tmp_path / "ckpt")
+    folded = from_pretrained(tmp_path / "ckpt")
+    assert float(folded.input_scale) == 1.0
+    with torch.no_grad(), sae.hook(model, mode="both") as a:
+        la = model(input_ids=ids, use_cache=False).logits
+    with torch.no_grad(), folded.hook(model, mode="both") as b:
+        lb = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.last.to_dense(), b.last.to_dense(), atol=1e-4, rtol=1e-4)
+
+
 def test_codes_mode_exposes_codes_and_keeps_the_model(lm):
     model, ids, logits, hidden = lm
     sae = random_topk(576, f"resid_post.{LAYER}", seed=1)

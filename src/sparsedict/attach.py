@@ -11,7 +11,8 @@ open, runs the dictionary on every forward pass at its hookpoint through
 An SAE reads and writes its ``hookpoint``. A transcoder reads ``hookpoint`` (captured by an identity replace) and
 writes ``target``: its output substitutes the target activation of the same forward pass. Activations
 ``[B, T, d]`` are flattened to ``[B·T, d]`` for the dictionary, cast to its dtype/device, and the result is cast
-back. A width that does not match the dictionary (a checkpoint for another model or hookpoint) raises a clear
+back; the dictionary computation is the evaluator's (:func:`sparsedict.eval.metrics.reconstruct`, which
+honours an unfolded input scale). A width that does not match the dictionary (a checkpoint for another model or hookpoint) raises a clear
 error from inside the forward pass.
 """
 
@@ -41,14 +42,19 @@ def resolve_hookpoint(model: nn.Module, name: str) -> hooks.Hookpoint:
         raise
 
 
-def reconstruct(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, SparseCode]:
-    """Run ``dictionary`` on activations ``x [..., d_in]``: returns ``(x̂ [..., d_out], code over [N, n])``.
+def reconstruct(dictionary: Dictionary, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, SparseCode]:
+    """Run ``dictionary`` on activations ``x [..., d_in]`` (target ``y [..., d_out]`` for a transcoder).
 
-    ``x`` is cast to the dictionary's dtype and device; ``x̂`` comes back in ``x``'s dtype and device.
+    Returns ``(ŷ [..., d_out] in x's dtype and device, code over the N = prod(...) rows)``. The computation is
+    the evaluator's (:func:`sparsedict.eval.metrics.reconstruct`): a dictionary still holding an input scale
+    c ≠ 1 is fed ``c·x`` and its output divided by c.
     """
-    flat = x.reshape(-1, x.shape[-1]).to(device=dictionary.W_dec.device, dtype=dictionary.W_dec.dtype)
-    code = dictionary.encode(flat)
-    out = dictionary.decode(code, flat)
+    from sparsedict.eval.metrics import reconstruct as eval_reconstruct
+
+    dev = dictionary.W_dec.device
+    flat = x.reshape(-1, x.shape[-1]).to(dev)
+    flat_y = None if y is None else y.reshape(-1, y.shape[-1]).to(dev)
+    out, code = eval_reconstruct(dictionary, flat, flat_y)
     return out.reshape(*x.shape[:-1], out.shape[-1]).to(device=x.device, dtype=x.dtype), code
 
 
@@ -114,7 +120,7 @@ class Attachment:
 
     def _run(self, x: Tensor, target: Tensor) -> Tensor:
         self._check(target, self.dictionary.d_out, "outputs", self.output_point)
-        x_hat, code = reconstruct(self.dictionary, x)
+        x_hat, code = reconstruct(self.dictionary, x, target if self.transcoder else None)
         if self.mode != "splice":
             self.codes.append(SparseCode(code.values.detach(), _detach(code.indices), code.n_latents))
             self.shapes.append(tuple(x.shape[:-1]))
