@@ -1,0 +1,228 @@
+"""Splicing dictionaries into a language model's forward pass: CE recovered, ΔLM loss, KL (METHODS.md §3).
+
+A dictionary trained at hookpoint ``h`` (an SAE) replaces the activation at ``h`` by its reconstruction
+ŷ; a transcoder reads its input at ``h`` and replaces the activation at its ``target``. Only kept
+positions (``keep [B, T]``: the cache's exclusion rules, BOS / first-n / special tokens / padding) are
+replaced; excluded positions keep their original activations and are dropped from the CE/KL means.
+The zero- and mean-ablation baselines replace the same positions of the same hookpoint by 0 or by the
+mean activation. Replacements are cast to the model dtype (splicing happens in the model dtype).
+
+CE and KL are taken at position ``t`` (the distribution over token ``t + 1``) for every kept ``t`` whose
+next token is real (not padding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsedict.cache import hooks
+from sparsedict.dictionaries.base import Dictionary, SparseCode
+from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, reconstruct, token_ce, token_kl
+
+OnOutput = Callable[[Tensor, Tensor, SparseCode], None]
+
+
+@dataclass
+class Contexts:
+    """Token contexts to evaluate on, with the exclusion mask of the cache the dictionary was trained on."""
+
+    token_ids: Tensor
+    """``[N, T]`` token ids."""
+    attention_mask: Tensor
+    """``[N, T]`` bool, False on padding."""
+    keep: Tensor
+    """``[N, T]`` bool, True where a position is evaluated (and spliced)."""
+
+    def __post_init__(self) -> None:
+        self.token_ids = self.token_ids.long()
+        self.attention_mask = self.attention_mask.bool()
+        self.keep = self.keep.bool() & self.attention_mask
+        if (
+            not (self.token_ids.shape == self.attention_mask.shape == self.keep.shape)
+            or self.token_ids.ndim != 2
+        ):
+            raise ValueError(
+                f"token_ids {list(self.token_ids.shape)}, attention_mask {list(self.attention_mask.shape)} and "
+                f"keep {list(self.keep.shape)} must all be [n_contexts, context_length]"
+            )
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for a in range(0, len(self), batch_size):
+            yield (
+                self.token_ids[a : a + batch_size],
+                self.attention_mask[a : a + batch_size],
+                self.keep[a : a + batch_size],
+            )
+
+    def head(self, max_tokens: int | None) -> Contexts:
+        """The first contexts holding at least ``max_tokens`` kept positions (all when None)."""
+        if max_tokens is None:
+            return self
+        n = int(torch.searchsorted(self.keep.sum(1).cumsum(0), torch.tensor(max_tokens))) + 1
+        return Contexts(self.token_ids[:n], self.attention_mask[:n], self.keep[:n])
+
+
+def replaced_hookpoint(dictionary: Dictionary) -> str:
+    """The hookpoint whose activation the dictionary's output replaces (its target for transcoders)."""
+    cfg = dictionary.cfg
+    if not cfg.hookpoint:
+        raise ValueError(f"{type(dictionary).__name__} has no hookpoint in its config: cannot splice it")
+    return cfg.target if cfg.is_transcoder else cfg.hookpoint
+
+
+def _scatter(act: Tensor, keep: Tensor | None, new_rows: Tensor) -> Tensor:
+    """``act [B, T, d]`` with the kept positions replaced by ``new_rows [M, d]``."""
+    if keep is None:
+        return new_rows.reshape(act.shape).to(act.dtype)
+    out = act.clone()
+    out[keep] = new_rows.to(act.dtype)
+    return out
+
+
+@contextlib.contextmanager
+def splice(
+    model: torch.nn.Module,
+    dictionary: Dictionary,
+    keep: Tensor | None = None,
+    error_term: bool = False,
+    on_output: OnOutput | None = None,
+) -> Iterator[None]:
+    """Within the block, ``model``'s activation at the dictionary's (target) hookpoint becomes ŷ.
+
+    ``keep [B, T]`` selects the replaced positions of the next forward (None: all). ``error_term``
+    splices ``ŷ + (y − ŷ)`` instead (SAELens ``use_error_term``: must reproduce the clean model).
+    ``on_output(y [M, d], ŷ [M, d], code)`` sees every reconstruction (for reconstruction metrics).
+    """
+    cfg = dictionary.cfg
+    captured: dict[str, Tensor] = {}
+
+    def rows(act: Tensor) -> Tensor:
+        return act[keep] if keep is not None else act.reshape(-1, act.shape[-1])
+
+    def capture(act: Tensor) -> Tensor:
+        captured["x"] = act
+        return act
+
+    def swap(act: Tensor) -> Tensor:
+        y = rows(act).float()
+        if cfg.is_transcoder:
+            if "x" not in captured:
+                raise RuntimeError(
+                    f"transcoder input {cfg.hookpoint!r} did not fire before its target {cfg.target!r}; "
+                    "the input hookpoint must come earlier in the forward pass than the target"
+                )
+            x = rows(captured.pop("x")).float()
+            y_hat, code = reconstruct(dictionary, x, y)
+        else:
+            y_hat, code = reconstruct(dictionary, y)
+        if on_output is not None:
+            on_output(y, y_hat, code)
+        if error_term:
+            y_hat = y_hat + (y - y_hat)
+        return _scatter(act, keep, y_hat)
+
+    with contextlib.ExitStack() as stack:
+        if cfg.is_transcoder:
+            stack.enter_context(hooks.replace(model, cfg.hookpoint, capture))
+        stack.enter_context(hooks.replace(model, replaced_hookpoint(dictionary), swap))
+        yield
+
+
+@contextlib.contextmanager
+def ablate(
+    model: torch.nn.Module, hookpoint: str, keep: Tensor | None, value: Tensor | None = None
+) -> Iterator[None]:
+    """Replace the activation at ``hookpoint`` (kept positions) by ``value [d]`` (None: zeros)."""
+
+    def swap(act: Tensor) -> Tensor:
+        n = int(keep.sum()) if keep is not None else act.shape[0] * act.shape[1]
+        fill = act.new_zeros(n, act.shape[-1]) if value is None else value.to(act).expand(n, -1)
+        return _scatter(act, keep, fill)
+
+    with hooks.replace(model, hookpoint, swap):
+        yield
+
+
+def _next_token_logp(model, ids: Tensor, attn: Tensor, pos: Tensor) -> Tensor:
+    """Log-probabilities ``[M, V]`` (fp32) at the positions ``pos [B, T-1]`` of one forward."""
+    logits = model(input_ids=ids, attention_mask=attn.long(), use_cache=False).logits
+    return torch.log_softmax(logits[:, :-1][pos].float(), dim=-1)
+
+
+@torch.no_grad()
+def activation_means(model, hookpoints: list[str], contexts: Contexts, batch_size: int = 8,
+                     device: str | torch.device = "cpu") -> dict[str, Tensor]:  # fmt: skip
+    """Mean activation ``[d]`` at each hookpoint over the kept positions of ``contexts`` (for mean-ablation)."""
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for ids, attn, keep in contexts.batches(batch_size):
+        acts = hooks.record(model, hookpoints, ids.to(device), attention_mask=attn.long().to(device))
+        for name, act in acts.items():
+            s = act[keep.to(device)].double().sum(0).cpu()
+            sums[name] = sums[name] + s if name in sums else s
+        count += int(keep.sum())
+    return {name: (s / max(1, count)).float() for name, s in sums.items()}
+
+
+@torch.no_grad()
+def evaluate_splicing(
+    model: torch.nn.Module,
+    dictionaries: dict[str, Dictionary],
+    contexts: Contexts,
+    batch_size: int = 4,
+    means: dict[str, Tensor] | None = None,
+    mean_ablation: bool = True,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, SpliceStats], dict[str, ReconstructionStats]]:
+    """CE/KL splice statistics and reconstruction statistics of every dictionary on ``contexts``.
+
+    Per batch: one clean forward, one zero-ablation (and one mean-ablation) forward per replaced
+    hookpoint, one spliced forward per dictionary. ``means`` maps a replaced hookpoint to its mean
+    activation ``[d]``; missing ones are computed from ``contexts`` when ``mean_ablation``.
+    Reconstruction statistics cover the kept positions, from activations seen in the spliced forward.
+    """
+    targets = sorted({replaced_hookpoint(d) for d in dictionaries.values()})
+    means = dict(means or {})
+    if mean_ablation:
+        missing = [t for t in targets if t not in means]
+        if missing:
+            means.update(activation_means(model, missing, contexts, batch_size * 2, device))
+    splice_stats = {name: SpliceStats() for name in dictionaries}
+    recon = {name: ReconstructionStats(d.n_latents) for name, d in dictionaries.items()}
+    for d in dictionaries.values():
+        d.eval()
+    for ids, attn, keep in contexts.batches(batch_size):
+        ids, attn, keep = ids.to(device), attn.to(device), keep.to(device)
+        pos = keep[:, :-1] & attn[:, 1:]
+        labels = ids[:, 1:][pos]
+        logp_clean = _next_token_logp(model, ids, attn, pos)
+        ce_clean = token_ce(logp_clean, labels)
+        base: dict[str, dict[str, Tensor]] = {}
+        for target in targets:
+            with ablate(model, target, keep):
+                lp = _next_token_logp(model, ids, attn, pos)
+            base[target] = {"ce_zero": token_ce(lp, labels), "kl_zero": token_kl(logp_clean, lp)}
+            if mean_ablation:
+                with ablate(model, target, keep, means[target]):
+                    lp = _next_token_logp(model, ids, attn, pos)
+                base[target].update(ce_mean=token_ce(lp, labels), kl_mean=token_kl(logp_clean, lp))
+            del lp
+        for name, d in dictionaries.items():
+
+            def seen(y: Tensor, y_hat: Tensor, code: SparseCode, name: str = name) -> None:
+                recon[name].update(y, y_hat, code)
+
+            with splice(model, d, keep, on_output=seen):
+                lp = _next_token_logp(model, ids, attn, pos)
+            splice_stats[name].update(ce_clean=ce_clean, ce_spliced=token_ce(lp, labels),
+                                      kl_spliced=token_kl(logp_clean, lp), **base[replaced_hookpoint(d)])  # fmt: skip
+            del lp
+    return splice_stats, recon
