@@ -85,10 +85,6 @@ def check_shard(
     fix = "delete it and run the same `sparsedict cache` command again to recompute this shard"
     header, offset = read_header(path)
     size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise CacheError(
-            f"shard {path} is {size} bytes but the manifest records {entry['bytes']} (truncated?); {fix}"
-        )
     for name, (dtype, shape) in expect.items():
         info = header.get(name)
         if info is None:
@@ -101,6 +97,10 @@ def check_shard(
         end = info["data_offsets"][1]
         if offset + end > size:
             raise CacheError(f"shard {path} is truncated (tensor {name!r} ends past the file end); {fix}")
+    if size != entry["bytes"]:
+        raise CacheError(
+            f"shard {path} is {size} bytes but the manifest records {entry['bytes']} (truncated?); {fix}"
+        )
     if checksum:
         digest = hashlib.sha256()
         with path.open("rb") as f:
