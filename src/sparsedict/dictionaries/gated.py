@@ -1,0 +1,90 @@
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014).
+
+``π = (x − b_dec) W_enc`` (W_enc is the paper's W_gate), gate ``1[π + b_gate > 0]``, magnitude
+``ReLU(exp(r_mag) ⊙ π + b_mag)`` (W_mag = W_gate with a per-latent scale), ``f = gate · magnitude``,
+``x̂ = f W_dec + b_dec``. Loss (paper version, unit-norm decoder):
+
+``‖y − x̂‖² + λ ‖ReLU(π + b_gate)‖₁ + ‖y − (ReLU(π + b_gate) W_dec* + b_dec*)‖²``
+
+where ``*`` marks a stop-gradient copy: the auxiliary reconstruction trains the gate path only. The
+state dict has ``b_gate, b_mag, r_mag [n]`` and **no** ``b_enc`` (SAELens naming). For a skip
+transcoder the auxiliary reconstruction includes the (also frozen) skip term. The default λ assumes
+inputs scaled to ``E‖x‖ = √d`` (``TrainConfig.normalise_inputs = "sqrt_d"``). All extra parameters are
+in latent units, which the export fold (``fold_scaling``) leaves unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
+from sparsedict.dictionaries.relu import warmup_factor
+
+
+@dataclass
+class GatedConfig(DictionaryConfig):
+    architecture: str = "gated"
+    """Registered architecture name."""
+    l1_coefficient: float = 1.0
+    """λ of the L1 penalty on the gate pre-activations ReLU(π + b_gate) (for normalise_inputs='sqrt_d')."""
+    l1_warmup_steps: int = -1
+    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup."""
+
+
+@register("gated", GatedConfig)
+class Gated(Dictionary):
+    cfg: GatedConfig
+
+    def __init__(self, cfg: GatedConfig):
+        super().__init__(cfg)
+        dtype = getattr(torch, cfg.dtype)
+        del self.b_enc  # gated SAEs have b_gate/b_mag instead; keep checkpoints free of an unused tensor
+        self.b_enc = None
+        n = cfg.n_latents
+        self.b_gate = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self.b_mag = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self.r_mag = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self.l1_current = cfg.l1_coefficient
+
+    def pi(self, x: Tensor) -> Tensor:
+        """``π = (x − b_dec) W_enc`` ``[B, n]`` (no bias)."""
+        if self.subtracts_b_dec:
+            x = x - self.b_dec
+        return x @ self.W_enc
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Gate pre-activations ``π + b_gate`` ``[B, n]``."""
+        return self.pi(x) + self.b_gate
+
+    def _code(self, pi: Tensor) -> Tensor:
+        gate = (pi + self.b_gate) > 0
+        mag = (self.r_mag.exp() * pi + self.b_mag).relu()
+        return gate * mag
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """Dense code ``values [B, n] = 1[π + b_gate > 0] · ReLU(exp(r_mag) π + b_mag)``."""
+        return SparseCode(self._code(self.pi(x)), None, self.n_latents)
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.l1_current = self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_steps)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        self.check_input(x)
+        y = x if target is None else target
+        pi = self.pi(x)
+        code = SparseCode(self._code(pi), None, self.n_latents)
+        x_hat = self.decode(code, x)
+        gate_act = (pi + self.b_gate).relu()
+        # Auxiliary reconstruction through a frozen copy of the decoder (and skip), training the gate path.
+        x_aux = gate_act @ self.W_dec.detach() + self.b_dec.detach()
+        if self.W_skip is not None:
+            x_aux = x_aux + x @ self.W_skip.detach().T
+        losses = {
+            "mse": mse_loss(x_hat, y),
+            "l1": self.l1_current * gate_act.float().sum(-1).mean(),
+            "aux": mse_loss(x_aux, y),
+        }
+        return Output(x_hat, code, losses)

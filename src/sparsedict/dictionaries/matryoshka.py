@@ -1,0 +1,131 @@
+"""Matryoshka SAE (Bussmann, Nabeshima, Karvonen, Nanda 2025) on a TopK or BatchTopK encoder.
+
+One dictionary whose latents are split into nested prefixes ``m_1 < … < m_G = n``; every prefix must
+reconstruct the target on its own:
+
+``L = Σ_g w_g ‖y − (f[:, :m_g] W_dec[:m_g] + b_dec)‖² + α L_aux``
+
+so early latents learn general features. The code comes from one encoder, ``selection = "topk"``
+(per-token top-k) or ``"batchtopk"`` (batch top-k in training, the EMA threshold θ in eval, as in
+:mod:`~sparsedict.dictionaries.batchtopk`; θ is tracked for both so either exports as a JumpReLU).
+
+The G partial reconstructions cost one decode, not G: for a k-sparse code the per-latent contributions
+``v_j W_dec[i_j]`` are sorted by latent index and prefix-summed ``[B, k, d]``, and prefix g is read at
+the number of the token's latents below ``m_g``; for a dense (batch top-k) code the G disjoint group
+blocks are decoded and cumulatively summed. Group weights default to ``1/G`` each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsedict.dictionaries.base import Output, SparseCode, register
+from sparsedict.dictionaries.batchtopk import BatchTopK, BatchTopKConfig
+from sparsedict.dictionaries.topk import auxk_loss
+from sparsedict.kernels import topk_encode
+
+
+@dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    architecture: str = "matryoshka"
+    """Registered architecture name."""
+    selection: str = "batchtopk"
+    """Encoder selection: 'topk' (per token) or 'batchtopk' (per batch; threshold θ at inference)."""
+    group_sizes: tuple[int, ...] = ()
+    """Sizes of the consecutive latent groups (sum = n_latents); empty: use group_fractions."""
+    group_fractions: tuple[float, ...] = (1 / 32, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+    """Group sizes as fractions of n_latents (sum 1; rounded, the last group takes the remainder)."""
+    group_weights: tuple[float, ...] = ()
+    """Weight w_g of each prefix loss; empty means 1/G each."""
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("topk", "batchtopk"):
+            raise ValueError(f"selection must be 'topk' or 'batchtopk', not {self.selection!r}")
+        self.group_sizes = tuple(int(s) for s in self.group_sizes)
+        self.group_fractions = tuple(float(f) for f in self.group_fractions)
+        self.group_weights = tuple(float(w) for w in self.group_weights)
+
+
+def resolve_groups(cfg: MatryoshkaConfig) -> list[int]:
+    """Prefix ends ``[m_1, …, m_G]`` (strictly increasing, last = n) from the config."""
+    n = cfg.n_latents
+    if cfg.group_sizes:
+        sizes = list(cfg.group_sizes)
+        if sum(sizes) != n or min(sizes) <= 0:
+            raise ValueError(
+                f"group_sizes {sizes} must be positive and sum to n_latents={n} (sum {sum(sizes)})"
+            )
+    else:
+        fr = cfg.group_fractions
+        if not fr or abs(sum(fr) - 1) > 1e-6 or min(fr) <= 0:
+            raise ValueError(f"group_fractions {list(fr)} must be positive and sum to 1")
+        sizes = [max(1, round(f * n)) for f in fr[:-1]]
+        sizes.append(n - sum(sizes))
+        if sizes[-1] <= 0:
+            raise ValueError(f"group_fractions {list(fr)} leave no latents for the last group at n={n}")
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return [int(e) for e in ends]
+
+
+def prefix_reconstructions_sparse(code: SparseCode, W_dec: Tensor, ends: list[int]) -> Tensor:
+    """``[B, G, d]``: row b, group g = ``Σ_{j: i_bj < m_g} v_bj W_dec[i_bj]`` (no bias), via a prefix sum."""
+    idx, order = code.indices.sort(dim=1)
+    vals = code.values.gather(1, order)
+    contrib = vals.unsqueeze(-1).to(W_dec.dtype) * W_dec[idx]  # [B, k, d]
+    csum = torch.cat([contrib.new_zeros(contrib.shape[0], 1, contrib.shape[2]), contrib.cumsum(1)], dim=1)
+    bounds = torch.tensor(ends, device=idx.device)
+    counts = (idx.unsqueeze(1) < bounds[None, :, None]).sum(-1)  # [B, G] latents of the row below m_g
+    return csum.gather(1, counts.unsqueeze(-1).expand(-1, -1, csum.shape[2]))
+
+
+def prefix_reconstructions_dense(f: Tensor, W_dec: Tensor, ends: list[int]) -> Tensor:
+    """``[B, G, d]`` from a dense code ``f [B, n]``: decode each group block once, then cumulative sum."""
+    starts = [0, *ends[:-1]]
+    blocks = torch.stack([f[:, s:e] @ W_dec[s:e] for s, e in zip(starts, ends, strict=True)], dim=1)
+    return blocks.cumsum(1)
+
+
+@register("matryoshka", MatryoshkaConfig)
+class Matryoshka(BatchTopK):
+    cfg: MatryoshkaConfig
+
+    def __init__(self, cfg: MatryoshkaConfig):
+        super().__init__(cfg)
+        self.ends = resolve_groups(cfg)
+        G = len(self.ends)
+        w = cfg.group_weights or tuple(1.0 / G for _ in range(G))
+        if len(w) != G:
+            raise ValueError(f"group_weights has {len(w)} entries but there are {G} groups")
+        self.weights = [float(v) for v in w]
+
+    def encode(self, x: Tensor) -> SparseCode:
+        if self.cfg.selection == "topk":
+            values, indices = topk_encode(self._x_in(x), self.W_enc, self.b_enc, self.cfg.k)
+            return SparseCode(values, indices, self.n_latents)
+        return super().encode(x)
+
+    def prefix_reconstructions(self, code: SparseCode) -> Tensor:
+        """``[B, G, d_out]`` prefix reconstructions without b_dec (and without the skip term)."""
+        if code.indices is not None:
+            return prefix_reconstructions_sparse(code, self.W_dec, self.ends)
+        return prefix_reconstructions_dense(code.values, self.W_dec, self.ends)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        self.check_input(x)
+        y = x if target is None else target
+        code = self.encode(x)
+        x_hat = self.decode(code, x)
+        losses: dict[str, Tensor] = {}
+        if len(self.ends) > 1:
+            offset = self.b_dec if self.W_skip is None else self.b_dec + x @ self.W_skip.T
+            inner = self.prefix_reconstructions(code)[:, :-1] + offset.unsqueeze(-2)  # [B, G-1, d]
+            sse = (inner.float() - y.float().unsqueeze(1)).pow(2).sum(-1).mean(0)  # [G-1]
+            losses["prefix"] = sum(w * s for w, s in zip(self.weights[:-1], sse, strict=True))
+        losses["mse"] = self.weights[-1] * (x_hat.float() - y.float()).pow(2).sum(-1).mean()
+        losses.update(
+            auxk_loss(self, self._x_in(x), y - x_hat, self.cfg.aux_k or self.d_in // 2, self.cfg.aux_alpha)
+        )
+        return Output(x_hat, code, losses)

@@ -1,0 +1,76 @@
+"""ReLU SAE with a decoder-norm-weighted L1 penalty (Anthropic "Circuits Updates – April 2024").
+
+``f = ReLU((x − b_dec) W_enc + b_enc)`` (the b_dec subtraction is the ``apply_b_dec_to_input`` flag;
+Anthropic's spec has none, SAELens subtracts by default), ``x̂ = f W_dec + b_dec``.
+Loss: ``‖y − x̂‖² + λ Σ_i f_i ‖W_dec[i]‖₂`` (per-token sum, mean over the batch). The decoder is *not*
+norm-constrained; the norm weighting makes the penalty invariant to rescaling ``f_i ↔ W_dec[i]``.
+λ is warmed up linearly from 0 (``l1_warmup_steps``). Init: decoder rows random directions of norm 0.1,
+``W_enc = W_dec^T``, biases 0. The defaults (λ = 5, lr ≈ 5e-5) assume inputs scaled so ``E‖x‖ = √d``
+(``TrainConfig.normalise_inputs = "sqrt_d"``); λ does not transfer across normalisations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, SparseCode, register
+
+
+@dataclass
+class ReLUConfig(DictionaryConfig):
+    architecture: str = "relu"
+    """Registered architecture name."""
+    l1_coefficient: float = 5.0
+    """λ of the decoder-norm-weighted L1 penalty (tuned for normalise_inputs='sqrt_d')."""
+    l1_warmup_steps: int = -1
+    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup."""
+    decoder_init_norm: float = 0.1
+    """Norm of the randomly oriented decoder rows at initialisation."""
+
+
+def warmup_factor(step: int, total_steps: int, warmup_steps: int, default_fraction: float = 0.05) -> float:
+    """Linear 0→1 coefficient warmup; ``warmup_steps=-1`` means ``default_fraction`` of ``total_steps``."""
+    steps = int(default_fraction * total_steps) if warmup_steps < 0 else warmup_steps
+    if steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / steps)
+
+
+@register("relu", ReLUConfig)
+class ReLU(Dictionary):
+    cfg: ReLUConfig
+    unit_norm_decoder = False
+
+    def __init__(self, cfg: ReLUConfig):
+        super().__init__(cfg)
+        with torch.no_grad():
+            self.W_dec.mul_(cfg.decoder_init_norm)
+            if self.d_out == self.d_in:
+                self.W_enc.copy_(self.W_dec.T)
+        # The coefficient in force for the current step (set by on_step; full λ outside training).
+        self.l1_current = cfg.l1_coefficient
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """``f = ReLU(pre_acts(x))`` as a dense code ``values [B, n]``."""
+        return SparseCode(self.pre_acts(x).relu(), None, self.n_latents)
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.l1_current = self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_steps)
+
+    def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
+        """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32)."""
+        norms = self.W_dec.float().norm(dim=1)
+        l1 = (code.values.float() @ norms).mean()
+        return {"l1": self.l1_current * l1}
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Rescale so every decoder row has unit norm without changing ``x̂``: ``W_dec[i] /= s_i``,
+        ``W_enc[:, i] *= s_i``, ``b_enc[i] *= s_i`` (latent i's activation scales by ``s_i``)."""
+        s = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(s[:, None])
+        self.W_enc.mul_(s)
+        self.b_enc.mul_(s)
