@@ -138,12 +138,14 @@ def _topk_encode_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    SENTINEL: tl.constexpr = -9200000000000000000  # below every real key (min real ≈ -9.19e18)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     kcol = tl.arange(0, K_PAD)
-    run = tl.full([BLOCK_M, K_PAD], SENTINEL, tl.int64) + kcol[None, :].to(tl.int64)  # distinct sentinels
+    # sentinel -9.2e18 lies below every real key (the smallest, for -inf, is about -9.19e18)
+    run = tl.full([BLOCK_M, K_PAD], -9200000000000000000, tl.int64) + kcol[None, :].to(
+        tl.int64
+    )  # distinct sentinels
     thr = tl.min(run, 1)
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
@@ -170,7 +172,7 @@ def _topk_encode_fwd_kernel(
         bits = acc.to(tl.int32, bitcast=True)
         ordv = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed int32
         key = (ordv.to(tl.int64) << 32) | (2147483647 - cols).to(tl.int64)[None, :]
-        cand = tl.where(cmask[None, :] & (key > thr[:, None]), key, SENTINEL - 1)
+        cand = tl.where(cmask[None, :] & (key > thr[:, None]), key, -9200000000000000001)
         best = tl.max(cand, 1)
         # Insert the best remaining candidate of every row in place of that row's current minimum until no
         # candidate beats it (keys are unique, so ``run == thr`` marks exactly one slot).
@@ -178,7 +180,7 @@ def _topk_encode_fwd_kernel(
             ins = best > thr
             run = tl.where(ins[:, None] & (run == thr[:, None]), best[:, None], run)
             thr = tl.min(run, 1)
-            cand = tl.where((cand != best[:, None]) & (cand > thr[:, None]), cand, SENTINEL - 1)
+            cand = tl.where((cand != best[:, None]) & (cand > thr[:, None]), cand, -9200000000000000001)
             best = tl.max(cand, 1)
     out = Keys + rows64[:, None] * stride_kb + pid_s * K_PAD + kcol[None, :]
     tl.store(out, run, mask=rmask[:, None])
@@ -246,12 +248,12 @@ def topk_encode_fwd(
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
     if B == 0:
         return values, indices
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]} if x.is_cuda else {}
     _fwd[(tiles_m, splits)](
         x, W_enc, b_enc, keys, B, D, N, n_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, K_PAD=K_PAD, PRECISION="tf32" if tf32 else "ieee",
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, K_PAD=K_PAD, PRECISION="ieee" if ieee else "tf32",
         UPCAST=interpreting(), **launch,
     )  # fmt: skip
     SK = splits * K_PAD
