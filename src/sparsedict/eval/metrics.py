@@ -352,8 +352,8 @@ def reconstruct(model, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Spar
     output divided by c, so metrics always compare ``y`` and ``ŷ`` at the activations' own scale.
     """
     c = float(model.input_scale) if hasattr(model, "input_scale") else 1.0
-    dtype = next(model.parameters()).dtype
-    xs = x.to(dtype) * c
-    ys = None if y is None else y.to(dtype) * c
+    p = next(model.parameters())
+    xs = x.to(p.device, p.dtype) * c
+    ys = None if y is None else y.to(p.device, p.dtype) * c
     out = model(xs, ys)
     return out.x_hat.float() / c, out.code

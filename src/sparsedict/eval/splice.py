@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsedict.attach import resolve_hookpoint
 from sparsedict.cache import hooks
 from sparsedict.dictionaries.base import Dictionary, SparseCode
 from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, reconstruct, token_ce, token_kl
@@ -81,9 +82,9 @@ def replaced_hookpoint(dictionary: Dictionary) -> str:
 def _scatter(act: Tensor, keep: Tensor | None, new_rows: Tensor) -> Tensor:
     """``act [B, T, d]`` with the kept positions replaced by ``new_rows [M, d]``."""
     if keep is None:
-        return new_rows.reshape(act.shape).to(act.dtype)
+        return new_rows.reshape(act.shape).to(act)
     out = act.clone()
-    out[keep] = new_rows.to(act.dtype)
+    out[keep] = new_rows.to(act)
     return out
 
 
@@ -131,8 +132,10 @@ def splice(
 
     with contextlib.ExitStack() as stack:
         if cfg.is_transcoder:
-            stack.enter_context(hooks.replace(model, cfg.hookpoint, capture))
-        stack.enter_context(hooks.replace(model, replaced_hookpoint(dictionary), swap))
+            stack.enter_context(hooks.replace(model, resolve_hookpoint(model, cfg.hookpoint), capture))
+        stack.enter_context(
+            hooks.replace(model, resolve_hookpoint(model, replaced_hookpoint(dictionary)), swap)
+        )
         yield
 
 
@@ -147,7 +150,7 @@ def ablate(
         fill = act.new_zeros(n, act.shape[-1]) if value is None else value.to(act).expand(n, -1)
         return _scatter(act, keep, fill)
 
-    with hooks.replace(model, hookpoint, swap):
+    with hooks.replace(model, resolve_hookpoint(model, hookpoint), swap):
         yield
 
 
@@ -164,9 +167,10 @@ def activation_means(model, hookpoints: list[str], contexts: Contexts, batch_siz
     sums: dict[str, Tensor] = {}
     count = 0
     for ids, attn, keep in contexts.batches(batch_size):
-        acts = hooks.record(model, hookpoints, ids.to(device), attention_mask=attn.long().to(device))
-        for name, act in acts.items():
-            s = act[keep.to(device)].double().sum(0).cpu()
+        hps = [resolve_hookpoint(model, h) for h in hookpoints]
+        acts = hooks.record(model, hps, ids.to(device), attention_mask=attn.long().to(device))
+        for name, hp in zip(hookpoints, hps):
+            s = acts[hp.name][keep.to(device)].double().sum(0).cpu()
             sums[name] = sums[name] + s if name in sums else s
         count += int(keep.sum())
     return {name: (s / max(1, count)).float() for name, s in sums.items()}
