@@ -110,7 +110,7 @@ def rst_prose(source: str) -> str:
         if _UNDERLINE.match(stripped) or _TABLE.match(line) or stripped.startswith((">>>", "...", "|")):
             flush()
             continue
-        if stripped.startswith(".. "):
+        if stripped.startswith(".. ") or stripped == "..":
             flush()
             match = re.match(r"\.\. ([\w:-]+)::", stripped)
             name = match.group(1).split(":")[-1] if match else None
