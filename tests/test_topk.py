@@ -99,5 +99,5 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "c" / "model.safetensors").unlink()
     with pytest.raises((FileNotFoundError, ValueError), match="model.safetensors"):
         from_pretrained(tmp_path / "c")
-    with pytest.raises(KeyError, match="did you mean 'topk'"):
+    with pytest.raises(KeyError, match="Did you mean 'topk'"):
         build(TopKConfig(architecture="topkk", d_in=4, n_latents=8))
