@@ -22,7 +22,7 @@ echo "== GPU kernel tests"
 timeout 120 $PY -m pytest tests/test_kernels_gpu.py -m gpu -q -p no:cacheprovider -rA 2>&1 | tail -40 | tee "$OUT/pytest_gpu.txt"
 
 echo "== benchmark: quick (d=768, n=32768, k=32, B=4096)"
-timeout 75 $PY benchmarks/kernels.py --quick --json "$OUT/bench_quick.jsonl" 2>&1 | tee "$OUT/bench_quick.txt"
+timeout 110 $PY benchmarks/kernels.py --quick --tune --json "$OUT/bench_quick.jsonl" 2>&1 | tee "$OUT/bench_quick.txt"
 
 echo "== benchmark: issue shape set"
 timeout $(( ${FULL_MAX:-100} + 60 )) $PY benchmarks/kernels.py --max-seconds "${FULL_MAX:-100}" \

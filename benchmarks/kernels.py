@@ -189,6 +189,32 @@ def gemm_ms(B, d, n, dtype, device, cuda, reps) -> float:
     return timer(lambda: torch.matmul(x, W), cuda, reps)[1]
 
 
+TUNE_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+]
+
+
+def tune_encode(B, d, n, k, dtype, device) -> None:
+    """Time the fused encode forward under a few tile configs and split counts (information for tuning)."""
+    from sparsedict.kernels.topk_encode import topk_encode_fwd
+
+    x, W_enc, b_enc, _ = _params(B, d, n, dtype, device, grad=False)
+    for cfg in TUNE_CONFIGS:
+        for splits in (None, 1, 4, 16):
+            try:
+                t = timer(
+                    lambda c=cfg, s=splits: topk_encode_fwd(x, W_enc, b_enc, k, splits=s, config=c), True, 1
+                )[1]
+                print(f"# tune {B},{d},{n},{k} splits={splits} {cfg}: {t:.3f} ms", flush=True)
+            except Exception as e:
+                print(f"# tune {cfg} splits={splits}: {type(e).__name__}: {str(e)[:120]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only d=768, n=32768, k=32, B=4096 (smaller on CPU)")
@@ -202,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="append one JSON row per measurement to this file")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
     ap.add_argument("--max-seconds", type=float, default=0, help="stop starting new shapes after this long")
+    ap.add_argument("--tune", action="store_true", help="also time a few fused-encode tile configs")
     ap.add_argument("--shape", action="append", default=[], help="B,d,n,k (repeatable) instead of the set")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -237,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     fns = OPS[op](B, d, n, k, dtype, device, p)
                     results[p] = {m: (timer(fn, cuda, args.reps), peak_mb(fn, cuda)) for m, fn in fns.items()}
-                except torch.OutOfMemoryError:
+                except Exception as e:  # one failing provider must not end the run
                     results[p] = {}
-                    print(f"# {op} {shape} {p}: out of memory")
+                    print(f"# {op} {shape} {p}: {type(e).__name__}: {str(e)[:200]}")
                 finally:
                     if cuda:
                         torch.cuda.empty_cache()
@@ -260,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 if len(providers) > 1:
                     line += f"   {row['ref'][0][1] / row['triton'][0][1]:7.2f}x"
                 print(line, flush=True)
+        if args.tune and cuda:
+            tune_encode(B, d, n, k, dtype, device)
         roof = f"# GEMM x@W_enc {shape} {args.dtype}: {t_gemm:.3f} ms = {tflops:.1f} TFLOP/s"
         if enc_ms is not None:
             roof += f"; fused encode fwd {enc_ms:.3f} ms = {t_gemm / enc_ms:.0%} of that GEMM"

@@ -29,7 +29,11 @@ except ImportError:  # the reference path needs no Triton
 def sparse_decode_ref(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """Plain-torch reference. ``indices, values [B, k]``, ``W_dec [n, d]``, ``b_dec [d]`` -> ``[B, d]``."""
     check_decode_args(indices, values, W_dec, b_dec)
-    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    if W_dec.is_cuda and W_dec.dtype != torch.float32:
+        # torch's CUDA embedding_bag has no bf16/fp16 backward for per_sample_weights: gather + weighted sum
+        out = torch.einsum("bk,bkd->bd", values.to(W_dec.dtype), W_dec[indices])
+    else:
+        out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
     return out if b_dec is None else out + b_dec
 
 
