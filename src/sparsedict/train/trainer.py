@@ -65,6 +65,10 @@ class Trainer:
         if cfg.shard_latents:
             from sparsedict.train.sharded import shard_dictionaries
 
+            if self.world_size > 1:
+                raise ValueError("shard_latents: every rank must read the same rows; open the sources with "
+                                 "rank=0, world_size=1 and the global batch_size")
+
             dictionaries = shard_dictionaries(dictionaries, cfg)
         self.members = [
             Member(name, model.to(self.device), source_key(model),
