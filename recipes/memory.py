@@ -1,0 +1,162 @@
+"""Expected memory per GPU (and host RAM per rank) of the multi-GPU recipes; optionally measured.
+
+    python recipes/memory.py                  # the table in recipes/README.md (arithmetic only)
+    python recipes/memory.py --measure        # + one training step of each recipe's largest dictionary
+                                              #   on this GPU (fused kernels, bf16 autocast), peak bytes
+
+Per dictionary with input dim d, output dim d_out, n latents, k active, on G GPUs (s = 1/G when latents
+are sharded, else 1) and per-GPU batch b (B/G in data parallel, the whole B when sharded):
+  state      = 16 · (n·(d + d_out + 1))·s + 16·d_out   fp32 params + grads + Adam m and v
+  transient  = 4·n·d·s + 4·b·n·s + 16·b·(d + d_out)  one fp32 [n, d] gradient temporary (backward),
+               dense fp32 pre-activations [b, n] (AuxK over the dead latents, worst case all dead),
+               inputs/targets/reconstruction in fp32 and bf16
+The trainer steps dictionaries one after another, so a GPU needs Σ state + max transient.
+Host RAM per rank for the ActivationStore: 12 · d · shuffle_buffer_rows per hookpoint read (window in
+storage dtype + fp32 copy + permuted copy; the store's own bound), 262,144 rows by default.
+Model dimensions are the published configs of each model (no download needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+GPUS = 8
+SHUFFLE_ROWS = 262_144
+RECIPES = ("gpt2/resid-topk.yaml", "pythia-410m/resid-and-transcoder.yaml", "gemma-2-2b/resid-topk.yaml",
+           "llama-3.1-8b/resid-topk.yaml", "llama-3.1-8b/resid-131k-sharded.yaml")  # fmt: skip
+# (d_model, d_mlp) from each model's config.json
+DIMS = {
+    "openai-community/gpt2": (768, 3072),
+    "EleutherAI/pythia-410m": (1024, 4096),
+    "google/gemma-2-2b": (2304, 9216),
+    "meta-llama/Llama-3.1-8B": (4096, 14336),
+}
+
+
+@dataclass
+class Row:
+    recipe: str
+    dictionaries: int
+    state_gib: float
+    transient_gib: float
+    total_gib: float
+    host_gib: float
+    largest: tuple[int, int, int, int, int]  # (d, d_out, n per GPU, k, b per GPU)
+
+
+def hook_dim(model: str, hookpoint: str) -> int:
+    d_model, d_mlp = DIMS[model]
+    return d_mlp if hookpoint.startswith("mlp_hidden") else d_model
+
+
+def estimate(path: Path, gpus: int = GPUS) -> Row:
+    from sparsedict.train.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    model, tc = recipe.cache.model, recipe.train
+    s = 1 / gpus if tc.shard_latents else 1
+    b = tc.batch_size if tc.shard_latents else tc.batch_size // gpus
+    state, transients, largest = 0.0, [], None
+    for cfg in recipe.dictionaries:
+        d = hook_dim(model, cfg.hookpoint)
+        d_out = hook_dim(model, cfg.target) if cfg.is_transcoder else d
+        n = cfg.n_latents or cfg.expansion * d
+        state += 16 * n * (d + d_out + 1) * s + 16 * d_out
+        t = 4 * n * d * s + 4 * b * n * s + 16 * b * (d + d_out)
+        transients.append(t)
+        if largest is None or n > largest[2] / s:
+            largest = (d, d_out, int(n * s), cfg.k, b)
+    hooks = {
+        h
+        for c in recipe.dictionaries
+        for h in filter(None, (c.hookpoint, c.target if c.is_transcoder else ""))
+    }
+    host = sum(12 * hook_dim(model, h) * SHUFFLE_ROWS for h in hooks)
+    name = str(path.relative_to(path.parents[1]))
+    total = state + max(transients)
+    return Row(
+        name, len(recipe.dictionaries), state / GIB, max(transients) / GIB, total / GIB, host / GIB, largest
+    )
+
+
+def measure(
+    d: int, d_out: int, n: int, k: int, b: int, steps: int = 3, device: str = "cuda"
+) -> tuple[float, float]:
+    """Peak GPU bytes of ``steps`` training steps of one TopK (AuxK active: every latent starts dead).
+
+    Returns ``(state_gib, peak_gib)`` where state is 16·params (measured after the first step).
+    """
+    import tempfile
+
+    import torch
+
+    from sparsedict.dictionaries import build
+    from sparsedict.dictionaries.topk import TopKConfig
+    from sparsedict.train import TensorSource, TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(b * steps, d)
+    y = torch.randn(b * steps, d_out) if d_out != d else None
+    target = "t" if y is not None else ""
+    model = build(
+        TopKConfig(hookpoint="h", target=target, d_in=d, d_out=d_out, n_latents=n, k=k).resolved(d, d_out)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tc = TrainConfig(batch_size=b, max_steps=steps, device=device, autocast="bf16", dead_tokens=1,
+                         out_dir=tmp, init_rows=min(4096, b * steps), log_every=10**9, lr=1e-4)  # fmt: skip
+        src = TensorSource(x, y, batch_size=b)
+        trainer = Trainer({"m": model}, {("h", target): src}, tc)
+        trainer.initialise()
+        it = iter(src)
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            trainer.train_step({("h", target): next(it)})
+        peak = torch.cuda.max_memory_allocated() if cuda else 0
+        params = sum(p.numel() for p in model.parameters())
+        trainer.logger.close()
+    return 16 * params / GIB, peak / GIB
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--measure", action="store_true", help="measure the largest dictionary of each recipe")
+    args = ap.parse_args(argv)
+    root = Path(__file__).parent
+    print(
+        f"| recipe ({GPUS} GPUs) | dicts | Σ state GiB | max transient GiB | per GPU GiB | host RAM/rank GiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    rows = [estimate(root / r) for r in RECIPES]
+    for r in rows:
+        print(f"| {r.recipe} | {r.dictionaries} | {r.state_gib:.1f} | {r.transient_gib:.1f} | "
+              f"{r.total_gib:.1f} | {r.host_gib:.1f} |")  # fmt: skip
+    if args.measure:
+        import torch
+
+        print(
+            f"\nmeasured on {torch.cuda.get_device_name()} (torch {torch.__version__}): one dictionary, 3 steps"
+        )
+        print(
+            "| recipe | d, d_out, n/GPU, k, b/GPU | state GiB | estimate GiB (state+transient) | peak GiB |"
+        )
+        print("|---|---|---|---|---|")
+        for r in rows:
+            d, d_out, n, k, b = r.largest
+            est = (16 * n * (d + d_out + 1) + 16 * d_out + 4 * n * d + 4 * b * n + 16 * b * (d + d_out)) / GIB
+            state, peak = measure(d, d_out, n, k, b)
+            print(
+                f"| {r.recipe} | {d}, {d_out}, {n}, {k}, {b} | {state:.2f} | {est:.2f} | {peak:.2f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
