@@ -82,6 +82,7 @@ def main(opts: dict) -> None:
         shard_latents=shard,
         dead_tokens=opts.get("dead_tokens", 10_000_000),
         dist_timeout_min=opts.get("timeout_min", 1.0),
+        wandb_project=opts.get("wandb_project", ""),
     )
     trainer = Trainer({"topk": model}, {("", ""): src}, tc)
     last = trainer.fit(resume=True)

@@ -58,13 +58,16 @@ class DictionaryOptimizer:
         return lr
 
     def step(self) -> float:
-        """Project, clip, step, renormalise. Returns the gradient norm before clipping (0 when not computed)."""
+        """Project, clip, step, renormalise. Returns the global gradient norm (before clipping)."""
         unit = getattr(self.model, "unit_norm_decoder", False)
         if unit:
             self.model.remove_parallel_grad()
-        grad_norm = 0.0
         if self.cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        else:  # logged every step (wandb/JSONL); norm only, gradients untouched
+            grad_norm = float(
+                torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            )
         self.opt.step()
         if unit:
             self.model.normalise_decoder()
