@@ -1,0 +1,114 @@
+"""`sparsedict eval` on real held-out caches of SmolLM2: JSON/table output, exclusion checks, transcoders,
+and every registered architecture through the Dictionary interface."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.dictionaries import available, build, lookup
+from sparsedict.dictionaries.topk import TopKConfig
+from sparsedict.eval.cli import main
+from sparsedict.eval.evaluate import EvalConfig, evaluate
+
+HP, MLP_IN, MLP_OUT = "resid_post.2", "mlp_in.2", "mlp_out.2"
+
+
+def _cache(root, split: str, tokens: int, **kw):
+    cfg = CacheConfig(dataset="embedded-sample", split=split, hookpoints=[HP, MLP_IN, MLP_OUT], max_tokens=tokens,
+                      context_length=48, out_dir=str(root), num_threads=1, progress=False, **kw)  # fmt: skip
+    return cache_activations(cfg)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    torch.set_num_threads(1)  # shared 2-core machine: one thread is much faster under contention
+    root = tmp_path_factory.mktemp("caches")
+    return {
+        "train": _cache(root / "train", "train", 400),
+        "test": _cache(root / "test", "test", 900),
+        "other": _cache(root / "other", "test", 300, exclude_first_n=0, exclude_bos=False),
+    }
+
+
+def _identity(d: int):
+    model = build(TopKConfig(hookpoint=HP, d_in=d, n_latents=2 * d, k=2 * d, b_dec_init="zero").resolved(d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        model.W_enc.copy_(torch.cat([eye, -eye], 1))
+        model.W_dec.copy_(torch.cat([eye, -eye], 0))
+        model.b_enc.zero_()
+    return model
+
+
+def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
+    torch.manual_seed(0)
+    ident = _identity(576)
+    ident.save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
+    tc = build(
+        TopKConfig(hookpoint=MLP_IN, target=MLP_OUT, d_in=576, d_out=576, n_latents=256, k=16).resolved(576)
+    )
+    store = ActivationStore(caches["test"], MLP_IN, target=MLP_OUT, batch_size=64)
+    with torch.no_grad():
+        tc.b_dec.copy_(store.rows()[1].mean(0))
+    tc.save_pretrained(tmp_path / "tc", {"cache": str(caches["train"])})
+    out = tmp_path / "eval.json"
+    rc = main([str(tmp_path / "ident"), str(tmp_path / "tc"), "--cache", str(caches["test"]), "--max_tokens", "5000",
+               "--splice_tokens", "150", "--threads", "1", "--json_out", str(out)])  # fmt: skip
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "CE rec" in table and "ident" in table and "tc" in table
+    records = {r["checkpoint"].rsplit("/", 1)[-1]: r for r in json.loads(out.read_text())}
+    m = records["ident"]["metrics"]
+    assert m["fvu"] == pytest.approx(0.0, abs=1e-10) and m["cosine"] == pytest.approx(1.0)
+    assert m["ce_recovered"] == pytest.approx(1.0, abs=1e-5) and m["kl"] == pytest.approx(0.0, abs=1e-6)
+    # Identity code = [relu(x), relu(-x)]: L0 = nonzero entries; a latent is dead when its sign never occurs.
+    xr = ActivationStore(caches["test"], HP, batch_size=64).rows()
+    assert m["l0"] == pytest.approx(float((xr != 0).sum(1).double().mean()))
+    dead = int((~(xr > 0).any(0)).sum() + (~(xr < 0).any(0)).sum())
+    assert m["dead_fraction"] == pytest.approx(dead / 1152)
+    assert records["ident"]["distributions"]["firing_histogram"]["dead"] == dead
+    data = records["ident"]["data"]
+    assert data["cache"] == str(caches["test"]) and data["exclusions"]["exclude_first_n"] == 2
+    assert data["recon_tokens"] == 900 and data["splice_contexts"] >= 1 and m["splice_tokens"] > 0
+    # The transcoder: held-out FVU of mlp_out from mlp_in, recomputed independently in numpy.
+    x, y = store.rows()
+    with torch.no_grad():
+        y_hat = tc.decode(tc.encode(x)).double().numpy()
+    yn = y.double().numpy()
+    want = ((yn - y_hat) ** 2).sum() / ((yn - yn.mean(0)) ** 2).sum()
+    t = records["tc"]["metrics"]
+    assert t["fvu"] == pytest.approx(want, rel=1e-5)
+    assert math.isfinite(t["ce_recovered"]) and t["ce_zero_ablation"] > t["ce_clean"]
+    assert t["ce_clean"] == pytest.approx(m["ce_clean"], rel=1e-9)
+
+
+def test_eval_refuses_other_exclusion_rules(caches, tmp_path, capsys):
+    _identity(576).save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
+    rc = main([str(tmp_path / "ident"), "--cache", str(caches["other"]), "--splice_tokens", "0"])
+    assert rc == 2
+    assert "exclusion rules" in capsys.readouterr().err
+
+
+def test_every_registered_architecture(caches):
+    """Each architecture, at default settings and a small width, evaluates to finite metrics."""
+    x = ActivationStore(caches["train"], HP, batch_size=64).rows()
+    dicts = {}
+    for arch in available():
+        _, cfg_cls = lookup(arch)
+        torch.manual_seed(0)
+        d = build(cfg_cls(architecture=arch, hookpoint=HP, n_latents=128).resolved(576))
+        d.init_from_data(x)
+        dicts[arch] = d
+    records = evaluate(
+        EvalConfig(cache=str(caches["test"]), max_tokens=500, splice_tokens=60, threads=1), dicts
+    )
+    assert [r["architecture"] for r in records] == list(dicts)
+    for r in records:
+        for key in ("fvu", "l0", "dead_fraction", "ce_spliced", "ce_recovered", "kl"):
+            assert math.isfinite(r["metrics"][key]), (r["architecture"], key)
+        assert r["metrics"]["tokens"] == 500
