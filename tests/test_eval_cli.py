@@ -104,9 +104,10 @@ def test_every_registered_architecture(caches):
         d = build(cfg_cls(architecture=arch, hookpoint=HP, n_latents=128).resolved(576))
         d.init_from_data(x)
         dicts[arch] = d
-    records = evaluate(
-        EvalConfig(cache=str(caches["test"]), max_tokens=500, splice_tokens=60, threads=1), dicts
+    cfg = EvalConfig(
+        cache=str(caches["test"]), max_tokens=500, splice_tokens=60, threads=1, mean_ablation=False
     )
+    records = evaluate(cfg, dicts)
     assert [r["architecture"] for r in records] == list(dicts)
     for r in records:
         for key in ("fvu", "l0", "dead_fraction", "ce_spliced", "ce_recovered", "kl"):
