@@ -58,3 +58,39 @@ def mean_max_cosine(learned: Tensor, true: Tensor, absolute: bool = True) -> flo
     if absolute:
         cos = cos.abs()
     return cos.max(dim=0).values.mean().item()
+
+
+def train_dictionary(
+    model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    batch_size: int = 256,
+    epochs: float = 4,
+    lr: float = 2e-3,
+    normalise_inputs: str = "none",
+    warmup_steps: int = 50,
+    seed: int = 0,
+    out_dir: str = "/tmp/sparsedict-test-train",
+    **train_kw,
+) -> dict[str, float]:
+    """Train ``model`` on in-memory rows with the real :class:`~sparsedict.train.Trainer`; returns last metrics."""
+    from sparsedict.train import TensorSource, TrainConfig, Trainer
+    from sparsedict.train.trainer import source_key
+
+    kw = dict(
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        normalise_inputs=normalise_inputs,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        out_dir=out_dir,
+        log_every=10**9,
+        init_rows=min(8192, x.shape[0]),
+    )
+    kw.update(train_kw)
+    cfg = TrainConfig(**kw)
+    source = TensorSource(x, y, batch_size=batch_size, seed=seed)
+    trainer = Trainer({"m": model}, {source_key(model): source}, cfg)
+    return trainer.fit(resume=False)

@@ -131,4 +131,4 @@ class JumpReLU(Dictionary):
             sparsity = (l0 / self.cfg.l0_target - 1).pow(2)
         else:
             sparsity = l0
-        return Output(x_hat, code, {"mse": mse_loss(x_hat, y), "l0": self.l0_current * sparsity})
+        return Output(x_hat, code, {"mse": mse_loss(x_hat, y), "sparsity": self.l0_current * sparsity})
