@@ -6,6 +6,7 @@ plus one import line below.
 
 from sparsedict.dictionaries import topk  # noqa: F401  (registers)
 from sparsedict.dictionaries import mp  # noqa: F401  (registers)
+from sparsedict.dictionaries import snmf  # noqa: F401  (registers)
 from sparsedict.dictionaries import relu  # noqa: F401  (registers)
 from sparsedict.dictionaries import batchtopk  # noqa: F401  (registers)
 from sparsedict.dictionaries import jumprelu  # noqa: F401  (registers)
