@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -71,7 +72,7 @@ def test_full_batch_semi_nmf_loss_is_monotone_and_wta_keeps_ceil_s_d():
     plain = snmf_full_batch(X, 12, sparsity=None, iters=60, seed=0)
     L = plain.losses
     # Ding–Li–Jordan: the F step is exact and the multiplicative G step never increases the loss.
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(L, L[1:])), L
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(L)), L
     assert L[-1] < 0.5 * L[0]
     wta = snmf_full_batch(X, 12, sparsity=0.1, iters=60, seed=0)
     nnz = (wta.F != 0).sum(0)
