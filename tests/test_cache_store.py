@@ -116,7 +116,7 @@ def test_resume_exact(cache):
 
 def test_ram_bound_sets_window(cache, monkeypatch):
     store = ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=2_000_000, loop=False)
-    bound = 2_000_000 // (3 * 4 * 576)
+    bound = 2_000_000 // (5 * 4 * 576)
     assert store.shuffle_buffer_rows <= bound
     sizes = []
     orig = ActivationStore._window

@@ -108,8 +108,8 @@ class ActivationStore:
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.block_rows, self.drop_last, self.loop = block_rows, drop_last, loop
         self.dtype, self.device = dtype, torch.device(device)
-        if max_ram_bytes is not None:  # window in storage dtype + float32 copy + permuted copy
-            per_row = 3 * 4 * (self.d_in + (self.d_out or 0))
+        if max_ram_bytes is not None:  # pieces, concatenation, permuted copy, allocator slack
+            per_row = 5 * 4 * (self.d_in + (self.d_out or 0))  # measured: ~5 window copies at peak RSS
             shuffle_buffer_rows = max(batch_size, int(max_ram_bytes // per_row) - batch_size)
         self.shuffle_buffer_rows = int(shuffle_buffer_rows)
         self.rows_per_rank = self.n_rows // world_size
@@ -152,26 +152,36 @@ class ActivationStore:
         lo = self.rank * self.rows_per_rank + k * self.shuffle_buffer_rows
         hi = min(lo + self.shuffle_buffer_rows, (self.rank + 1) * self.rows_per_rank)
         first, last = np.searchsorted(cum, lo, "right") - 1, np.searchsorted(cum, hi, "left")
-        xs, ys = [], []
+        xs, ys, pieces = [], [], []
         for j in range(first, last):
-            a = start[j] + max(0, lo - cum[j])
-            b = stop[j] - max(0, cum[j + 1] - hi)
-            xs.append(self._checked(self._x, int(shard[j]), int(a), int(b)))
+            a = int(start[j] + max(0, lo - cum[j]))
+            b = int(stop[j] - max(0, cum[j + 1] - hi))
+            pieces.append((int(shard[j]), a, b))
+            xs.append(self._x.read(int(shard[j]), a, b))
             if self._y is not None:
-                ys.append(self._checked(self._y, int(shard[j]), int(a), int(b)))
+                ys.append(self._y.read(int(shard[j]), a, b))
         perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(hi - lo))
-        x = torch.cat(xs).to(self.dtype)[perm]
-        y = torch.cat(ys).to(self.dtype)[perm] if ys else None
+        x = self._finite(self._x, torch.cat(xs), pieces)
+        y = self._finite(self._y, torch.cat(ys), pieces) if ys else None
+        del xs, ys
+        x = x.to(self.dtype)[perm]
+        y = y.to(self.dtype)[perm] if y is not None else None
         return x, y
 
-    def _checked(self, col: _Column, shard: int, a: int, b: int) -> torch.Tensor:
-        out = col.read(shard, a, b)
-        if not torch.isfinite(out).all():
-            raise CacheError(
-                f"shard {col.files[shard]} holds NaN/inf activations (rows {a}..{b}); delete it and re-run the "
-                "`sparsedict cache` command (with dtype bfloat16/float32 if it was float16)"
-            )
-        return out
+    def _finite(self, col: _Column, x: torch.Tensor, pieces: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Check ``x`` (the concatenated ``pieces``) for NaN/inf: one cheap sum, then locate the shard."""
+        if torch.isfinite(x.float().sum()):
+            return x
+        at = 0
+        for shard, a, b in pieces:
+            part = x[at : at + b - a]
+            at += b - a
+            if not torch.isfinite(part).all():
+                raise CacheError(
+                    f"shard {col.files[shard]} holds NaN/inf activations (rows {a}..{b}); delete it and re-run "
+                    "the `sparsedict cache` command (with dtype bfloat16/float32 if it was float16)"
+                )
+        return x
 
     # ----------------------------------------------------------------- iteration
     def __len__(self) -> int:
@@ -195,28 +205,39 @@ class ActivationStore:
         off = self._batch * B
         k = off // self.shuffle_buffer_rows
         skip = off - k * self.shuffle_buffer_rows
-        carry_x: list[torch.Tensor] = []
-        carry_y: list[torch.Tensor] = []
-        have = 0
+        tail_x = tail_y = None  # rows of the previous window that did not fill a batch (< B, a copy)
         while self._batch < self.batches_per_epoch and k < n_windows:
             x, y = self._window(plan, epoch, k)
             x, y = x[skip:], (y[skip:] if y is not None else None)
             skip, k = 0, k + 1
-            carry_x.append(x)
-            if y is not None:
-                carry_y.append(y)
-            have += len(x)
-            last = k == n_windows
-            while self._batch < self.batches_per_epoch and (have >= B or (last and have > 0)):
-                cx, cy = torch.cat(carry_x), (torch.cat(carry_y) if carry_y else None)
-                bx, by = cx[:B], (cy[:B] if cy is not None else None)
-                carry_x, carry_y = [cx[B:]], ([cy[B:]] if cy is not None else [])
-                have = len(carry_x[0])
+            pos, last = 0, k == n_windows
+            if tail_x is not None and len(tail_x):
+                pos = min(B - len(tail_x), len(x))
+                tail_x = torch.cat([tail_x, x[:pos]])
+                tail_y = torch.cat([tail_y, y[:pos]]) if y is not None else None
+                if len(tail_x) == B or last:
+                    self._batch += 1
+                    yield (
+                        self._out(tail_x, self.scale_in),
+                        (self._out(tail_y, self.scale_out) if y is not None else None),
+                    )
+                    tail_x = tail_y = None
+            while self._batch < self.batches_per_epoch and (len(x) - pos >= B or (last and pos < len(x))):
+                bx, by = x[pos : pos + B], (y[pos : pos + B] if y is not None else None)
+                pos += len(bx)
                 self._batch += 1
                 yield (
                     self._out(bx, self.scale_in),
                     (self._out(by, self.scale_out) if by is not None else None),
                 )
+            if pos < len(x):
+                tail_x = torch.cat([tail_x, x[pos:]]) if tail_x is not None else x[pos:].clone()
+                tail_y = (
+                    (torch.cat([tail_y, y[pos:]]) if tail_y is not None else y[pos:].clone())
+                    if y is not None
+                    else None
+                )
+            x = y = bx = by = None  # free this window before reading the next
         self.epoch, self._batch = epoch + 1, 0
 
     def _out(self, t: torch.Tensor, scale: float) -> torch.Tensor:
