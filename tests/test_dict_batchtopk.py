@@ -1,0 +1,121 @@
+"""BatchTopK: batch-level selection (mean L0 = k in training), inference threshold θ (EMA, saved in the
+checkpoint, used in eval), AuxK, planted recovery and round trip."""
+
+from __future__ import annotations
+
+import torch
+from helpers import mean_max_cosine, planted_data, train_dictionary
+
+from sparsedict.dictionaries import build
+from sparsedict.dictionaries.base import Output
+from sparsedict.dictionaries.batchtopk import BatchTopKConfig, batch_topk
+from sparsedict.hub import from_pretrained
+
+torch.set_num_threads(1)
+
+
+def make(d=16, n=48, k=3, **kw):
+    torch.manual_seed(0)
+    return build(BatchTopKConfig(d_in=d, n_latents=n, k=k, **kw).resolved(d))
+
+
+def test_batch_topk_keeps_k_times_b_largest_entries():
+    acts = torch.rand(10, 30)
+    out = batch_topk(acts, 4)
+    kth = acts.flatten().sort(descending=True).values[39]
+    ref = acts * (acts >= kth)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert int((out != 0).sum()) == 40
+    per_token = (out != 0).sum(1)
+    assert per_token.float().mean() == 4 and per_token.max() > per_token.min()  # L0 varies per token
+
+
+def test_training_l0_is_k_and_eval_uses_threshold():
+    m = make(k=3)
+    with torch.no_grad():
+        m.b_enc.fill_(0.5)  # every pre-activation positive, so exactly k·B entries are kept
+    x = torch.randn(64, 16)
+    m.train()
+    out = m(x)
+    assert float(out.code.l0().float().mean()) == 3.0
+    acts = torch.relu((x - m.b_dec) @ m.W_enc + m.b_enc)
+    torch.testing.assert_close(out.code.values, batch_topk(acts, 3))
+    # θ starts unset (-1); after one step it is the smallest kept positive activation.
+    assert float(m.threshold) == -1.0
+    m.on_step(0, 10)
+    m.after_step(out)
+    kept = out.code.values[out.code.values > 0]
+    assert float(m.threshold) == float(kept.min())
+    # the EMA: θ ← (1 − r) θ + r · min
+    out2 = m(x * 2)
+    m.after_step(out2)
+    expect = 0.99 * float(kept.min()) + 0.01 * float(out2.code.values[out2.code.values > 0].min())
+    assert abs(float(m.threshold) - expect) < 1e-6
+    # eval: a per-token threshold, independent of the other tokens in the batch
+    m.eval()
+    theta = float(m.threshold)
+    code = m.encode(x).values
+    torch.testing.assert_close(code, acts * (acts > theta), atol=0, rtol=0)
+    torch.testing.assert_close(m.encode(x[:5]).values, code[:5])
+
+
+def test_unset_threshold_falls_back_to_batch_topk_in_eval():
+    m = make().eval()
+    x = torch.randn(8, 16)
+    acts = torch.relu((x - m.b_dec) @ m.W_enc + m.b_enc)
+    torch.testing.assert_close(m.encode(x).values, batch_topk(acts, 3))
+
+
+def test_auxk_on_dead_latents_decodes_without_bias():
+    m = make(k=2, aux_k=4, aux_alpha=0.5)
+    with torch.no_grad():
+        m.b_dec.normal_()
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True
+    m.set_dead_mask(dead)
+    x = torch.randn(32, 16)
+    m.train()
+    out = m(x)
+    x_in = x - m.b_dec
+    pre = x_in @ m.W_enc + m.b_enc
+    pre_dead = pre.masked_fill(~dead, float("-inf"))
+    vals, idx = pre_dead.topk(4, dim=1)
+    e_hat = torch.zeros(32, 48).scatter(1, idx, vals.relu()) @ m.W_dec
+    e = (x - out.x_hat).detach()
+    ref = 0.5 * (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean()
+    torch.testing.assert_close(out.losses["auxk"], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip_keeps_threshold(tmp_path):
+    m = make()
+    with torch.no_grad():
+        m.b_enc.normal_()
+        m.b_dec.normal_()
+        m.threshold.fill_(0.25)
+        m.input_scale.fill_(2.0)
+    m.eval()
+    x = torch.randn(20, 16)
+    code = m.encode(x * 2.0)
+    ref = m.decode(code) / 2.0
+    m.save_pretrained(tmp_path / "b")
+    m2 = from_pretrained(tmp_path / "b")
+    assert float(m2.threshold) == 0.25
+    code2 = m2.encode(x)
+    torch.testing.assert_close(code2.values, code.values, atol=1e-5, rtol=1e-5)  # latent magnitudes unchanged
+    torch.testing.assert_close(m2.decode(code2), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_planted_recovery(tmp_path):
+    """Threshold 0.95 mean max |cos| over the 256 true atoms (d=64, 6 active, noise 0.01)."""
+    x, atoms = planted_data(d=64, n_atoms=256, k_active=6, n_rows=40_000, seed=0)
+    torch.manual_seed(0)
+    m = build(BatchTopKConfig(d_in=64, n_latents=512, k=6).resolved(64))
+    train_dictionary(m, x, epochs=6, lr=4e-3, out_dir=str(tmp_path), dead_tokens=20_000)
+    score = mean_max_cosine(m.W_dec, atoms)
+    assert score >= 0.95, f"mean max cosine {score:.3f} < 0.95"
+    # the inference threshold (per token, no batch dependence) gives about the trained sparsity
+    m.eval()
+    with torch.no_grad():
+        out = m(x[:4000])
+    assert 4.5 < float(out.code.l0().float().mean()) < 7.5
+    assert isinstance(out, Output)
