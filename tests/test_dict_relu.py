@@ -1,0 +1,131 @@
+"""ReLU + decoder-norm-weighted L1: loss terms, warmup, init, planted recovery, round trip, and the
+multi-dictionary sweep (one Trainer, shared batches == each trained alone)."""
+
+from __future__ import annotations
+
+import torch
+from helpers import mean_max_cosine, planted_data, train_dictionary
+
+from sparsedict.dictionaries import build
+from sparsedict.dictionaries.relu import ReLUConfig
+from sparsedict.dictionaries.topk import TopKConfig
+from sparsedict.hub import from_pretrained
+
+torch.set_num_threads(1)  # tiny ops: threading overhead dominates on a shared 2-core machine
+
+
+def make(d=16, n=40, **kw):
+    torch.manual_seed(0)
+    return build(ReLUConfig(d_in=d, n_latents=n, **kw).resolved(d))
+
+
+def test_init_and_no_unit_norm():
+    m = make()
+    assert m.unit_norm_decoder is False
+    torch.testing.assert_close(m.W_dec.norm(dim=1), torch.full((40,), 0.1))
+    torch.testing.assert_close(m.W_enc, m.W_dec.T)
+    assert float(m.b_enc.abs().sum()) == 0 and float(m.b_dec.abs().sum()) == 0
+
+
+def test_l1_term_equals_hand_computation_and_warmup():
+    m = make(l1_coefficient=3.0, l1_warmup_steps=10)
+    with torch.no_grad():
+        m.W_dec.mul_(torch.linspace(0.5, 3.0, 40)[:, None])  # unequal row norms
+        m.b_dec.normal_()
+        m.b_enc.normal_()
+    x = torch.randn(32, 16)
+    m.on_step(4, 100)  # 5/10 of the way through warmup
+    out = m(x)
+    f = torch.relu((x - m.b_dec) @ m.W_enc + m.b_enc)
+    l1_ref = (
+        3.0 * 0.5 * sum(float(f[b, i]) * float(m.W_dec[i].norm()) for b in range(32) for i in range(40)) / 32
+    )
+    assert abs(float(out.losses["l1"]) - l1_ref) < 1e-4 * l1_ref
+    x_hat = f @ m.W_dec + m.b_dec
+    torch.testing.assert_close(out.x_hat, x_hat)
+    torch.testing.assert_close(out.losses["mse"], (x - x_hat).pow(2).sum(1).mean())
+    m.on_step(0, 100)
+    assert abs(m.l1_current - 0.3) < 1e-9
+    m.on_step(50, 100)
+    assert m.l1_current == 3.0
+    m2 = make(l1_warmup_steps=-1)  # default: 5% of the run
+    m2.on_step(9, 400)
+    assert abs(m2.l1_current - 5.0 * 10 / 20) < 1e-9
+
+
+def test_apply_b_dec_flag():
+    m = make(apply_b_dec_to_input=False)
+    with torch.no_grad():
+        m.b_dec.normal_()
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(m.encode(x).values, torch.relu(x @ m.W_enc + m.b_enc))
+
+
+def test_fold_decoder_norms_keeps_output_and_penalty():
+    m = make()
+    with torch.no_grad():
+        m.W_dec.mul_(torch.rand(40, 1) * 5)
+        m.b_enc.normal_()
+    x = torch.randn(16, 16)
+    before = m(x)
+    m.fold_decoder_norms()
+    after = m(x)
+    torch.testing.assert_close(m.W_dec.norm(dim=1), torch.ones(40))
+    torch.testing.assert_close(after.x_hat, before.x_hat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.losses["l1"], before.losses["l1"], atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip(tmp_path):
+    m = make(d=16, n=40)
+    with torch.no_grad():
+        m.b_enc.normal_()
+        m.b_dec.normal_()
+        m.input_scale.fill_(0.37)  # folded on save
+    x = torch.randn(20, 16)
+    m.eval()
+    ref = m.decode(m.encode(x * 0.37)) / 0.37
+    m.save_pretrained(tmp_path / "relu")
+    m2 = from_pretrained(tmp_path / "relu")
+    assert type(m2) is type(m) and set(m2.state_dict()) == set(m.state_dict())
+    torch.testing.assert_close(m2.decode(m2.encode(x)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_planted_recovery(tmp_path):
+    """Threshold 0.95 mean max |cos| over the 256 true atoms (d=64, 6 active, noise 0.01)."""
+    x, atoms = planted_data(d=64, n_atoms=256, k_active=6, n_rows=40_000, seed=0)
+    torch.manual_seed(0)
+    # λ = 1: the default λ = 5 is for LM widths (d ≈ 500+); at d = 64 it silences every latent
+    m = build(ReLUConfig(d_in=64, n_latents=512, l1_coefficient=1.0).resolved(64))
+    train_dictionary(m, x, epochs=6, lr=1e-3, normalise_inputs="sqrt_d", out_dir=str(tmp_path))
+    score = mean_max_cosine(m.W_dec, atoms)
+    assert score >= 0.95, f"mean max cosine {score:.3f} < 0.95"
+
+
+def test_sweep_in_one_pass_equals_separate_runs(tmp_path):
+    """Three dictionaries sharing one Trainer / one data pass end with the same weights as three
+    runs of one dictionary each (same seed, same batches)."""
+    x, _ = planted_data(d=32, n_atoms=64, k_active=4, n_rows=4096, seed=1)
+    cfgs = {
+        "topk4": TopKConfig(d_in=32, n_latents=96, k=4),
+        "topk8": TopKConfig(d_in=32, n_latents=96, k=8),
+        "relu": ReLUConfig(d_in=32, n_latents=96, l1_coefficient=1.0),
+    }
+
+    def fresh(name):
+        torch.manual_seed(123)
+        return build(cfgs[name].resolved(32))
+
+    kw = dict(batch_size=128, epochs=2, lr=2e-3, normalise_inputs="sqrt_d", warmup_steps=5, dead_tokens=512)
+    together = {name: fresh(name) for name in cfgs}
+    from sparsedict.train import TensorSource, TrainConfig, Trainer
+
+    tc = TrainConfig(out_dir=str(tmp_path / "all"), log_every=10**9, init_rows=2048, **kw)
+    Trainer(together, {("", ""): TensorSource(x, batch_size=128)}, tc).fit(resume=False)
+    for name in cfgs:
+        alone = fresh(name)
+        train_dictionary(alone, x, out_dir=str(tmp_path / name), init_rows=2048, **kw)
+        for key, value in alone.state_dict().items():
+            torch.testing.assert_close(
+                together[name].state_dict()[key], value, atol=0, rtol=0, msg=f"{name}.{key}"
+            )
+        assert not torch.equal(alone.W_dec, fresh(name).W_dec)  # it did train
