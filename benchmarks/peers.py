@@ -11,6 +11,7 @@ Peers train with their own training step and defaults:
 - **eai-sparsify** (``sparsify.SparseCoder``): its trainer's step on cached data — b_dec = mean of the first
   batch, unit-norm decoder before each step, loss = its FVU (auxk_alpha 0, its default), parallel gradient
   removed, sign-SGD under ``ScheduleFreeWrapper`` (momentum 0.95, lr 5e-3/sqrt(n/2^14)), ``.eval()`` at the end.
+  Without CUDA its Triton decoder cannot run, so ``SPARSIFY_DISABLE_TRITON=1`` selects its eager decoder.
 - **sae-lens**, **dictionary-learning**, **overcomplete**: no runner is written here yet; they are reported
   as missing (with the reason) rather than run.
 """
@@ -94,6 +95,8 @@ def train_sparsedict(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_sparsify(job: dict[str, Any]) -> dict[str, Any]:
+    if not torch.cuda.is_available():  # its Triton decoder needs a GPU; use its own eager fallback switch
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
