@@ -82,7 +82,9 @@ class LazyJit:
         mode = interpreting()
         if mode not in self._compiled:
             import triton
+            import triton.language
 
+            self.fn.__globals__["tl"] = triton.language  # the kernel modules leave ``tl`` unbound until now
             self._compiled[mode] = triton.jit(self.fn)
         return self._compiled[mode][grid]
 

@@ -22,10 +22,7 @@ import torch
 from sparsedict.kernels._common import LazyJit, check_float, interpreting, next_pow2, resolve_backend
 from torch import Tensor
 
-try:
-    import triton.language as tl
-except ImportError:  # the reference path needs no Triton
-    tl = None
+tl = None  # triton.language, bound by LazyJit at first launch (importing this module never imports Triton)
 
 NORM_EPS = 1e-8
 """The eps of the row normalisation (same as ``Dictionary.normalise_decoder``)."""

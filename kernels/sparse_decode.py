@@ -20,10 +20,7 @@ import torch.nn.functional as F
 from sparsedict.kernels._common import LazyJit, check_float, next_pow2
 from torch import Tensor
 
-try:
-    import triton.language as tl
-except ImportError:  # the reference path needs no Triton
-    tl = None
+tl = None  # triton.language, bound by LazyJit at first launch (importing this module never imports Triton)
 
 
 def sparse_decode_ref(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:

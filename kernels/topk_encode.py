@@ -28,10 +28,7 @@ from sparsedict.kernels._common import LazyJit, check_float, interpreting, next_
 from sparsedict.kernels.sparse_decode import embedding_bag_fwd, group_by_latent, segment_sum, triton_cdiv
 from torch import Tensor
 
-try:
-    import triton.language as tl
-except ImportError:  # the reference path needs no Triton
-    tl = None
+tl = None  # triton.language, bound by LazyJit at first launch (importing this module never imports Triton)
 
 MAX_K = 128
 """Largest k the fused kernel takes (its running top-k lives in registers)."""
