@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=None, help="recipe to run (default: recipes/smollm2-135m/quickstart.yaml)")
     parser.add_argument("--out", default="runs/quickstart", help="directory for caches, checkpoints and logs")
     parser.add_argument("--tokens", type=int, default=None, help="override the number of training tokens")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="override the number of held-out tokens")
+    parser.add_argument("--epochs", type=float, default=None, help="override the number of epochs")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size (tokens)")
+    parser.add_argument("--dataset", default=None, help="override the dataset (e.g. embedded-sample)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -46,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     data["cache"]["out_dir"] = str(out / "cache-train")
     data["eval_cache"]["out_dir"] = str(out / "cache-test")
     data["train"]["out_dir"] = str(out / "train")
-    if args.tokens:
-        data["cache"]["max_tokens"] = args.tokens
+    overrides = {("cache", "max_tokens"): args.tokens, ("eval_cache", "max_tokens"): args.eval_tokens,
+                 ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
+                 ("cache", "dataset"): args.dataset, ("eval_cache", "dataset"): args.dataset}
+    for (section, key), value in overrides.items():
+        if value is not None:
+            data[section][key] = value
     recipe = parse_recipe(data, source="quickstart")
 
     print(f"[1/5] caching activations of {recipe.cache.model} at {recipe.cache.hookpoints} ...")
@@ -68,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print("[4/5] reloading with from_pretrained and comparing outputs ...")
     for name, model in models.items():
         reloaded = from_pretrained(paths[name])
-        store = ActivationStore(eval_dir, model.cfg.hookpoint, batch_size=2048, shuffle=False)
-        x, _ = next(iter(store.epoch_batches()))
+        store = ActivationStore(eval_dir, model.cfg.hookpoint, batch_size=2048, loop=False, drop_last=False)
+        x, _ = next(iter(store))
         with torch.no_grad():
             model.eval()
             scaled = x * float(model.input_scale)

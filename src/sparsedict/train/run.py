@@ -53,8 +53,8 @@ def evaluate_heldout(paths: dict[str, Path], recipe: Recipe, max_rows: int | Non
     for name, path in paths.items():
         model = from_pretrained(path)
         key = source_key(model)
-        store = ActivationStore(eval_dir, key[0], target=key[1] or None, batch_size=4096, shuffle=False)
-        stats = reconstruction_stats(model, store.epoch_batches(), max_rows=max_rows)
+        store = ActivationStore(eval_dir, key[0], target=key[1] or None, batch_size=4096, loop=False, drop_last=False)
+        stats = reconstruction_stats(model, store, max_rows=max_rows)
         results[name] = stats.summary()
         config = json.loads((path / "config.json").read_text())
         config["meta"]["eval"] = {**results[name], "cache": str(eval_dir)}
@@ -76,7 +76,10 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     cache_dir = cache_activations(recipe.cache)
     if cfg.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} ranks")
-    sources = open_sources(recipe, cache_dir, cfg.batch_size // world, rank, world)
+    if cfg.shard_latents:  # every rank owns a slice of the latents and reads the same (global) batch
+        sources = open_sources(recipe, cache_dir, cfg.batch_size, 0, 1)
+    else:  # data parallel: each rank reads its own part of every global batch
+        sources = open_sources(recipe, cache_dir, cfg.batch_size // world, rank, world)
     models = build_dictionaries(recipe, sources)
     trainer = Trainer(models, sources, cfg)
     trainer.fit(resume=resume)

@@ -87,7 +87,8 @@ class Trainer:
     def initialise(self) -> None:
         """Normalisation constants and b_dec from a data sample (before the first step)."""
         for m in self.members:
-            x, y = self.sources[m.key].sample(self.cfg.init_rows, seed=self.cfg.seed)
+            sample = self.sources[m.key].sample(self.cfg.init_rows, seed=self.cfg.seed)
+            x, y = sample if isinstance(sample, tuple) else (sample, None)
             x = x.to(self.device, torch.float32)
             y = x if y is None else y.to(self.device, torch.float32)
             m.model.input_scale.fill_(input_scale(x, self.cfg.normalise_inputs))
