@@ -36,7 +36,6 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     # the saved dictionary reloads and reproduces its reported held-out FVU on the held-out cache
     model = from_pretrained(ckpt)
     store = ActivationStore(out / "cache-test", "resid_post.6", batch_size=512, loop=False, drop_last=False)
-    res, tot, s1, n = 0.0, 0.0, 0.0, 0
     xs = torch.cat([x for x, _ in store]).double()
     with torch.no_grad():
         x_hat = model.decode(model.encode(xs.float())).double()
