@@ -1,5 +1,27 @@
-"""Evaluation: reconstruction/sparsity metrics (defined once in :mod:`metrics`) and model splicing."""
+"""Evaluation: metrics defined once (:mod:`metrics`), model splicing (:mod:`splice`), the evaluator
+(:mod:`evaluate`, ``sparsedict eval``) and the Pareto benchmark (:mod:`bench`, ``sparsedict bench pareto``)."""
 
-from sparsedict.eval.metrics import ReconstructionStats
+from __future__ import annotations
 
-__all__ = ["ReconstructionStats"]
+import importlib
+from typing import Any
+
+from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, fvu, reconstruct
+
+_LAZY = {
+    "Contexts": "sparsedict.eval.splice",
+    "splice": "sparsedict.eval.splice",
+    "evaluate_splicing": "sparsedict.eval.splice",
+    "EvalConfig": "sparsedict.eval.evaluate",
+    "evaluate": "sparsedict.eval.evaluate",
+    "ParetoConfig": "sparsedict.eval.bench",
+    "run_pareto": "sparsedict.eval.bench",
+}
+
+__all__ = ["ReconstructionStats", "SpliceStats", "fvu", "reconstruct", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparsedict.eval' has no attribute {name!r}")

@@ -197,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(
         ParetoConfig, argv[1:], prog="sparsedict bench pareto", description=__doc__.splitlines()[0]
     )
+    from sparsedict.cache.manifest import CacheError
+
     try:
         result = run_pareto(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, CacheError) as err:
         print(f"sparsedict bench pareto: {err}", file=sys.stderr)
         return 2
     for p in result["points"]:

@@ -21,17 +21,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Evaluate dictionaries on held-out tokens (reconstruction, sparsity, spliced CE/KL).",
         add_config_path_arg=False,
     )
-    parser.add_argument("paths", nargs="+", metavar="checkpoint", help="checkpoint directories")
+    parser.add_argument("paths", nargs="*", metavar="checkpoint", help="checkpoint directories")
     parser.add_argument(
         "--print_json", action="store_true", help="print the JSON records instead of the table"
     )
     parser.add_arguments(EvalConfig, dest="cfg")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg: EvalConfig = args.cfg
-    cfg.checkpoints = list(args.paths)
+    cfg.checkpoints = [*cfg.checkpoints, *args.paths]
+    from sparsedict.cache.manifest import CacheError
+
     try:
         records = evaluate(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, CacheError) as err:
         print(f"sparsedict eval: {err}", file=sys.stderr)
         return 2
     print(json.dumps(records, indent=1, default=str) if args.print_json else format_table(records))

@@ -155,6 +155,10 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
     manifest = read_manifest(root)
     rules = _rules_of_manifest(manifest)
     for name, d in dictionaries.items():
+        trained_on = (getattr(d, "meta", {}) or {}).get("cache")
+        if trained_on and Path(trained_on).resolve() == root.resolve():
+            warnings.warn(f"{name}: evaluating on its own training cache {root}; the metrics are not held out",
+                          stacklevel=2)  # fmt: skip
         trained = training_rules(getattr(d, "meta", {}) or {})
         if trained is None:
             warnings.warn(f"{name}: training exclusion rules unknown; evaluating with the cache's {rules}",
