@@ -10,7 +10,6 @@ from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, fvu, recon
 
 _LAZY = {
     "Contexts": "sparsedict.eval.splice",
-    "splice": "sparsedict.eval.splice",
     "evaluate_splicing": "sparsedict.eval.splice",
     "EvalConfig": "sparsedict.eval.evaluate",
     "evaluate": "sparsedict.eval.evaluate",
