@@ -152,9 +152,10 @@ class MP(Dictionary):
         """Orthogonal MP: greedy selection (no re-picks), least-squares coefficients on the support."""
         B, n = r0.shape[0], self.n_latents
         D = self.W_dec
+        dt = torch.float64 if D.dtype == torch.float64 else torch.float32
         idx = torch.empty(B, 0, dtype=torch.long, device=r0.device)
         with torch.no_grad():
-            Dd, r0d = D.detach().float(), r0.detach().float()
+            Dd, r0d = D.detach().to(dt), r0.detach().to(dt)
             picked = torch.zeros(B, n, dtype=torch.bool, device=r0.device)
             r = r0d
             for _ in range(T):
@@ -165,8 +166,8 @@ class MP(Dictionary):
                 idx = torch.cat([idx, j], 1)
                 z = _least_squares(Dd[idx], r0d)
                 r = r0d - torch.einsum("bt,btd->bd", z, Dd[idx])
-        z = _least_squares(D.float()[idx], r0.float())
-        rT = (r0.float() - torch.einsum("bt,btd->bd", z, D.float()[idx])).detach()
+        z = _least_squares(D.to(dt)[idx], r0.to(dt))
+        rT = (r0.to(dt) - torch.einsum("bt,btd->bd", z, D.to(dt)[idx])).detach()
         return SparseCode(z, idx, n), rT, None
 
     def encode(self, x: Tensor) -> SparseCode:
@@ -227,8 +228,9 @@ class MP(Dictionary):
             self.input_scale.fill_(1.0)
 
 
-def _least_squares(Ds: Tensor, r0: Tensor, ridge: float = 1e-6) -> Tensor:
-    """Batched ``argmin_z ‖r0 − z Ds‖²``: ``Ds [B, t, d]``, ``r0 [B, d]`` -> ``z [B, t]`` (ridge-regularised)."""
+def _least_squares(Ds: Tensor, r0: Tensor) -> Tensor:
+    """Batched ``argmin_z ‖r0 − z Ds‖²``: ``Ds [B, t, d]``, ``r0 [B, d]`` -> ``z [B, t]`` (tiny ridge: 1e-6 fp32, 1e-12 fp64)."""
+    ridge = 1e-12 if Ds.dtype == torch.float64 else 1e-6
     gram = Ds @ Ds.transpose(1, 2)
     gram = gram + ridge * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     rhs = torch.einsum("btd,bd->bt", Ds, r0)
