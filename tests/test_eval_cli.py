@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from sparsedict.eval.cli import main
 from sparsedict.eval.evaluate import EvalConfig, evaluate
 
 HP, MLP_IN, MLP_OUT = "resid_post.2", "mlp_in.2", "mlp_out.2"
+# MP's numba kernels under numba's default OpenMP layer leave spinning threads that make every later torch op
+# in the process ~4x slower on a 2-core machine; the workqueue layer does not (speed only, same results).
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 
 def _cache(root, split: str, tokens: int, **kw):
