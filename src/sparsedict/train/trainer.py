@@ -131,7 +131,7 @@ class Trainer:
                 target = x if y is None else y
                 res = (out.x_hat.float() - target).pow(2).sum()
                 var = (target - target.mean(0)).pow(2).sum()
-            metrics.update({f"{m.name}/{k}": float(v) for k, v in out.losses.items()})
+            metrics.update({f"{m.name}/{k}": float(v.detach()) for k, v in out.losses.items()})
             metrics[f"{m.name}/loss"] = float(loss)
             metrics[f"{m.name}/fvu"] = float(res / var)
             metrics[f"{m.name}/l0"] = float(out.code.l0().float().mean())
