@@ -36,13 +36,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_rows(path: str, hookpoint: str, n: int) -> torch.Tensor:
+def load_rows(path: str, hookpoint: str, n: int, start: int = 0) -> torch.Tensor:
+    """Rows ``[start, start + n)`` of a cache (cache order: whole contexts, so disjoint ranges share none)."""
     from sparsedict.cache import ActivationStore
 
     store = ActivationStore(path, hookpoint)
-    if store.n_rows < n:
-        print(f"note: {path} has {store.n_rows} rows < {n} requested; using all")
-    return store.rows(0, min(n, store.n_rows)).float()
+    if store.n_rows < start + n:
+        print(f"note: {path} has {store.n_rows} rows < {start + n} requested; using what is there")
+    return store.rows(start, min(start + n, store.n_rows)).float()
+
+
+def train_test(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training rows and held-out rows; with one cache for both, held-out rows follow the training rows."""
+    x = load_rows(args.train_cache, args.hookpoint, args.tokens)
+    start = x.shape[0] if args.test_cache == args.train_cache else 0
+    return x, load_rows(args.test_cache, args.hookpoint, args.test_tokens, start)
 
 
 @torch.no_grad()
@@ -60,8 +68,7 @@ def run_mp(args) -> dict:
     from sparsedict.dictionaries.mp import MPConfig
     from sparsedict.train import TensorSource, TrainConfig, Trainer
 
-    x = load_rows(args.train_cache, args.hookpoint, args.tokens)
-    xt = load_rows(args.test_cache, args.hookpoint, args.test_tokens)
+    x, xt = train_test(args)
     cfg = MPConfig(hookpoint=args.hookpoint, n_latents=args.width, steps=args.steps, init_atoms=args.init)
     torch.manual_seed(0)
     model = build(cfg.resolved(x.shape[1]))
@@ -107,8 +114,7 @@ def run_mp(args) -> dict:
 def run_snmf(args) -> list[dict]:
     from sparsedict.dictionaries.snmf import SNMF, SNMFConfig, nnls, snmf_full_batch
 
-    x = load_rows(args.train_cache, args.hookpoint, args.tokens)
-    xt = load_rows(args.test_cache, args.hookpoint, args.test_tokens)
+    x, xt = train_test(args)
     out = []
     for K in args.K:
         cfg = SNMFConfig(
