@@ -89,7 +89,8 @@ def fit_dictionary(job: dict[str, Any]):
     model = build(dcfg.resolved(store.d_in))
     tcfg = TrainConfig(batch_size=job["batch"], epochs=job["epochs"], max_steps=job["steps"],
                        optimizer=job["optimizer"], out_dir=job["out_dir"], log_every=10**9,
-                       init_rows=min(32768, store.n_rows), threads=job["threads"])  # fmt: skip
+                       init_rows=min(32768, store.n_rows), threads=job["threads"],
+                       autocast=job.get("autocast", "none"))  # fmt: skip
     trainer = Trainer({job["arch"]: model}, {(HOOKPOINT, ""): store}, tcfg)
     init = {}
     original = trainer.initialise
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_tokens", type=int, default=50_000)
     p.add_argument("--epochs", default="1,5", help="epochs per run in the workload mode")
     p.add_argument("--optimizer", default="adam")
+    p.add_argument("--autocast", default="none", help="TrainConfig.autocast: 'none' (fp32) or 'bf16'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. 'contended machine')")
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
@@ -199,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(head, indent=1))
     base = {"cache": str(train), "eval_cache": str(held) if held else "", "eval_tokens": args.eval_tokens,
             "width": args.width, "batch": args.batch, "optimizer": args.optimizer, "threads": args.threads,
+            "autocast": args.autocast,
             "out_dir": str(cache_dir() / "bench-runs")}  # fmt: skip
     if args.workload:
         jobs = [{**base, "arch": "topk", "fields": {"k": args.k}, "epochs": float(e), "steps": 0}

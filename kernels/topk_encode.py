@@ -24,6 +24,7 @@ through the k selected entries: with ``gp = g_values · [values > 0]``,
 from __future__ import annotations
 
 import torch
+from sparsedict.kernels import topk_cpu
 from sparsedict.kernels._common import LazyJit, check_float, interpreting, next_pow2, num_sms
 from sparsedict.kernels.sparse_decode import embedding_bag_fwd, group_by_latent, segment_sum, triton_cdiv
 from torch import Tensor
@@ -46,13 +47,21 @@ def check_encode_args(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> None:
 
 
 def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of each row of ``pre [B, n]``, sorted descending, ties -> lower index. Returns (pre values, idx)."""
-    vals, idx = pre.topk(k, dim=-1, sorted=True)
-    kth = vals[:, -1:]
+    """Top-k of each row of ``pre [B, n]``, sorted descending, ties -> lower index. Returns (pre values, idx).
+
+    On CPU with numba installed this is one heap scan per row (:mod:`sparsedict.kernels.topk_cpu`);
+    otherwise ``torch.topk`` with a tie fix-up.
+    """
+    if topk_cpu.supported(pre, k):
+        return topk_cpu.select_topk_cpu(pre, k)
+    kk = min(k + 1, pre.shape[1])
+    vals, idx = pre.topk(kk, dim=-1, sorted=True)
     # torch.topk does not promise which of several equal values it picks; fix the rows where the k-th
-    # value is tied with an unselected entry (rare with real data, common with quantised inputs).
-    n_ge = (pre >= kth).sum(-1)
-    tied = (n_ge > k).nonzero().squeeze(1)
+    # value is tied with an unselected entry (rare with real data, common with quantised inputs). The
+    # (k+1)-th largest equals the k-th exactly in those rows, so no extra pass over [B, n] is needed.
+    tied = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1) if kk > k else idx.new_zeros(0)
+    vals, idx = vals[:, :k], idx[:, :k]
+    kth = vals[:, -1:]
     if tied.numel():
         p, t = pre[tied], kth[tied]
         gt, eq = p > t, p == t
@@ -72,11 +81,17 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def sparse_encoder_backward_ref(
     x: Tensor, W_enc: Tensor, gp: Tensor, indices: Tensor, needs: tuple[bool, ...]
 ):
-    """Reference sparse encoder backward (torch ops, at most ``[B, d]`` temporaries). ``gp [B, k]`` fp32."""
+    """Reference sparse encoder backward (torch ops, at most ``[B, d]`` / ``[n, d]`` temporaries). ``gp [B, k]`` fp32.
+
+    ``gx`` is an embedding bag over the rows of ``W_encᵀ`` (made contiguous once: a strided table makes
+    ``embedding_bag`` many times slower); ``gW_encᵀ`` is an embedding bag over the rows of ``x`` with one bag
+    per latent — the ``(b, j)`` pairs grouped by latent with a stable sort, so the order is deterministic.
+    """
     n = W_enc.shape[1]
     gx = gW = gb = None
     if needs[0]:
-        gx = torch.nn.functional.embedding_bag(indices, W_enc.T.float(), per_sample_weights=gp, mode="sum")
+        table = W_enc.T.float().contiguous()
+        gx = torch.nn.functional.embedding_bag(indices, table, per_sample_weights=gp, mode="sum")
         gx = gx.to(x.dtype)
     if needs[1] or needs[2]:
         gb = torch.zeros(n, dtype=torch.float32, device=gp.device).index_add_(
@@ -84,10 +99,14 @@ def sparse_encoder_backward_ref(
         )
         gb = gb.to(W_enc.dtype)
     if needs[1]:
-        gWt = torch.zeros(n, x.shape[1], dtype=torch.float32, device=gp.device)
-        xf = x.float()
-        for j in range(indices.shape[1]):  # one [B, d] temporary per slot instead of a [B·k, d] one
-            gWt.index_add_(0, indices[:, j], gp[:, j : j + 1] * xf)
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n)
+        offsets = counts.cumsum(0) - counts
+        rows = torch.div(order, indices.shape[1], rounding_mode="floor")
+        gWt = torch.nn.functional.embedding_bag(
+            rows, x.float(), offsets, per_sample_weights=gp.reshape(-1)[order], mode="sum"
+        )
         gW = gWt.T.to(W_enc.dtype)
     return gx, gW, gb
 

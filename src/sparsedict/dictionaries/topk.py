@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, SparseCode, register
@@ -27,7 +28,9 @@ class TopKConfig(DictionaryConfig):
     """Weight of the AuxK loss (0 turns it off)."""
 
 
-def auxk_loss(model: Dictionary, x_in: Tensor, residual: Tensor, k_aux: int, alpha: float) -> dict[str, Tensor]:
+def auxk_loss(
+    model: Dictionary, x_in: Tensor, residual: Tensor, k_aux: int, alpha: float
+) -> dict[str, Tensor]:
     """AuxK term for ``model`` (TopK-like: ``W_enc``, ``b_enc``, ``W_dec``, ``_dead_mask``).
 
     ``x_in`` is the encoder input (b_dec already subtracted where the model does so) and
@@ -55,7 +58,18 @@ class TopK(Dictionary):
         return x - self.b_dec if self.subtracts_b_dec else x
 
     def encode(self, x: Tensor) -> SparseCode:
-        values, indices = topk_encode(self._x_in(x), self.W_enc, self.b_enc, self.cfg.k)
+        b_enc = self.b_enc
+        if self.subtracts_b_dec and self.b_dec.requires_grad and torch.is_grad_enabled():
+            # Same forward values as encoding ``x − b_dec``, cheaper backward: b_dec's encoder gradient
+            # ``−W_enc · g_b_enc`` becomes one GEMV through a bias term whose value is exactly b_enc,
+            # instead of ∂/∂x as an embedding bag over [B, k, d] (x itself needs no gradient).
+            b = self.b_dec.detach()
+            with torch.autocast(x.device.type, enabled=False):
+                b_enc = b_enc + (b - self.b_dec) @ self.W_enc.detach()
+            x = x - b
+        else:
+            x = self._x_in(x)
+        values, indices = topk_encode(x, self.W_enc, b_enc, self.cfg.k)
         return SparseCode(values, indices, self.n_latents)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:

@@ -5,6 +5,18 @@ remove the gradient component parallel to each decoder row (unit-norm architectu
 renormalise the decoder rows. Two optimisers: Adam (bias-corrected), and sign-SGD with momentum under
 the ``schedulefree`` wrapper (sparsify's default), whose evaluation point must be swapped in with
 :meth:`DictionaryOptimizer.eval` before measuring or exporting.
+
+Fused decoder update: with Adam, a unit-norm decoder and Triton usable for ``W_dec`` (CUDA), the
+projection, the bias-corrected Adam step and the row renormalisation of ``W_dec`` run as one pass
+(:func:`sparsedict.kernels.normalised_adam_step`), its state kept in the torch optimiser's
+``state[W_dec]`` with torch's layout, so checkpoints are the same either way. On CPU the unfused
+sequence is used: the reference "fused" function runs the same torch ops and measured no faster
+(benchmarks/RESULTS_training.md).
+
+Schedule-free (``signum_sf``): in train mode the parameters hold the gradient point ``y``; the wrapper
+keeps ``z`` in its state and the evaluation point ``x = (y − (1−β) z)/β`` is swapped in by :meth:`eval`
+(:meth:`set_step` swaps back before the next forward). The decoder rows are renormalised at ``y`` after each
+step (as sparsify does), so ``x``'s rows are near, not exactly, unit norm.
 """
 
 from __future__ import annotations
@@ -31,9 +43,13 @@ class SignSGD(torch.optim.Optimizer):
 
 
 class DictionaryOptimizer:
-    """Optimiser + schedule + decoder normalisation for one dictionary."""
+    """Optimiser + schedule + decoder normalisation for one dictionary.
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int):
+    ``fused``: None picks the one-pass decoder update where it is faster (Adam, unit-norm decoder, Triton
+    usable for W_dec); True/False force it on/off (on CPU, True runs the torch reference of the fused step).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, fused: bool | None = None):
         self.model = model
         self.cfg = cfg
         self.total_steps = total_steps
@@ -44,23 +60,62 @@ class DictionaryOptimizer:
         else:
             import schedulefree
 
-            self.opt = schedulefree.ScheduleFreeWrapper(SignSGD(params, lr=self.base_lr), momentum=cfg.momentum)
+            self.opt = schedulefree.ScheduleFreeWrapper(
+                SignSGD(params, lr=self.base_lr), momentum=cfg.momentum
+            )
             self.opt.train()
         self.schedule_free = cfg.optimizer != "adam"
+        self.fused_param = self._fused_decoder(fused)
+
+    def _fused_decoder(self, fused: bool | None) -> nn.Parameter | None:
+        """W_dec when its update runs through ``normalised_adam_step``; None for the unfused sequence."""
+        from sparsedict.dictionaries.base import Dictionary
+        from sparsedict.kernels import use_triton
+
+        m = self.model
+        w = getattr(m, "W_dec", None)
+        eligible = (
+            not self.schedule_free
+            and getattr(m, "unit_norm_decoder", False)
+            and isinstance(w, nn.Parameter)
+            and w.requires_grad
+            and w.ndim == 2
+            # the fused step reproduces the base class's projection/renormalisation, not overrides of them
+            and type(m).remove_parallel_grad is Dictionary.remove_parallel_grad
+            and type(m).normalise_decoder is Dictionary.normalise_decoder
+        )
+        if not eligible:
+            if fused:
+                raise ValueError(
+                    "fused decoder update needs Adam and a Dictionary with a unit-norm W_dec [n, d]"
+                )
+            return None
+        if fused is None:
+            fused = use_triton(w)
+        return w if fused else None
 
     def set_step(self, step: int) -> float:
+        """Set the LR for ``step`` (call before the forward); puts a schedule-free optimiser in train mode."""
         if self.schedule_free:
+            self.opt.train()  # no-op unless eval() swapped the evaluation point in
             lr = self.base_lr
         else:
-            lr = self.base_lr * lr_factor(step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_fraction)
+            lr = self.base_lr * lr_factor(
+                step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_fraction
+            )
         for group in self.opt.param_groups:
             group["lr"] = lr
         return lr
 
     def step(self) -> float:
-        """Project, clip, step, renormalise. Returns the global gradient norm (before clipping)."""
+        """Project, clip, step, renormalise. Returns the global gradient norm (before clipping).
+
+        With the fused decoder update and no clipping, the returned norm is taken before W_dec's gradient
+        is projected (the projection happens inside the fused step).
+        """
         unit = getattr(self.model, "unit_norm_decoder", False)
-        if unit:
+        fused = self.fused_param
+        if unit and (fused is None or self.cfg.grad_clip > 0):
             self.model.remove_parallel_grad()
         if self.cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
@@ -68,9 +123,19 @@ class DictionaryOptimizer:
             grad_norm = float(
                 torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
             )
-        self.opt.step()
-        if unit:
-            self.model.normalise_decoder()
+        if fused is not None and fused.grad is not None:
+            from sparsedict.kernels import normalised_adam_step
+
+            g, fused.grad = fused.grad, None  # torch's Adam skips parameters without a gradient
+            self.opt.step()
+            fused.grad = g
+            group = next(gr for gr in self.opt.param_groups if any(p is fused for p in gr["params"]))
+            normalised_adam_step(fused, self.opt.state[fused], lr=group["lr"], betas=group["betas"],
+                                 eps=group["eps"], weight_decay=group["weight_decay"])  # fmt: skip
+        else:
+            self.opt.step()
+            if unit:
+                self.model.normalise_decoder()
         self.opt.zero_grad(set_to_none=True)
         return grad_norm
 

@@ -1,0 +1,161 @@
+"""Optimisers of the trainer: fused vs unfused decoder-normalised Adam, Adam's bias correction, the
+schedule-free sign-SGD against a hand-written recurrence, eval()/train() swaps, width-rule LR, schedules."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from kernel_helpers import err_ratio
+from torch import nn
+
+from sparsedict.dictionaries import build
+from sparsedict.dictionaries.topk import TopKConfig
+from sparsedict.train import TrainConfig
+from sparsedict.train.optim import DictionaryOptimizer
+from sparsedict.train.schedule import lr_factor, width_lr
+
+
+def _topk(seed: int = 0, d: int = 24, n: int = 96):
+    torch.manual_seed(seed)
+    model = build(TopKConfig(d_in=d, n_latents=n, k=4, aux_alpha=0).resolved(d))
+    with torch.no_grad():
+        model.b_dec.normal_()
+    return model
+
+
+def _grads(model, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    sum(out.losses.values()).backward()
+
+
+def _run(fused: bool, steps: int = 6, **cfg) -> tuple[nn.Module, DictionaryOptimizer]:
+    model = _topk()
+    opt = DictionaryOptimizer(
+        model, TrainConfig(lr=1e-2, warmup_steps=2, **cfg), total_steps=steps, fused=fused
+    )
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        opt.set_step(step)
+        _grads(model, torch.randn(64, 24, generator=gen) + 1.0)
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_fused_decoder_adam_equals_unfused_sequence(clip):
+    """normalised_adam_step for W_dec == project -> torch Adam -> renormalise, over several steps."""
+    fused_model, fused_opt = _run(True, grad_clip=clip)
+    plain_model, plain_opt = _run(False, grad_clip=clip)
+    assert fused_opt.fused_param is fused_model.W_dec and plain_opt.fused_param is None
+    for name, p in plain_model.named_parameters():
+        assert err_ratio(dict(fused_model.named_parameters())[name].detach(), p.detach()) < 1e-5, name
+    fs, ps = fused_opt.opt.state[fused_model.W_dec], plain_opt.opt.state[plain_model.W_dec]
+    assert float(fs["step"]) == float(ps["step"]) == 6.0
+    assert err_ratio(fs["exp_avg_sq"], ps["exp_avg_sq"]) < 1e-5
+    assert torch.allclose(fused_model.W_dec.norm(dim=1), torch.ones(96), atol=1e-6)
+    # the fused state lives in torch's optimiser state, so it is checkpointed like the unfused one
+    assert len(fused_opt.state_dict()["state"]) == len(plain_opt.state_dict()["state"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_first_adam_step_is_bias_corrected(fused):
+    """With bias correction the first Adam step moves every coordinate by lr·sign(g) (|m̂/√v̂| = 1)."""
+    model = _topk()
+    opt = DictionaryOptimizer(model, TrainConfig(lr=1e-3, warmup_steps=0), total_steps=10, fused=fused)
+    opt.set_step(0)
+    _grads(model, torch.randn(64, 24) + 1.0)
+    W0 = model.W_dec.detach().clone()
+    g = model.W_dec.grad.clone()
+    w_hat = W0 / (W0.norm(dim=1, keepdim=True) + 1e-8)
+    g -= (g * w_hat).sum(1, keepdim=True) * w_hat
+    enc0, genc = model.W_enc.detach().clone(), model.W_enc.grad.clone()
+    opt.step()
+    expect = W0 - 1e-3 * g / (g.abs() + 6.25e-10)
+    expect /= expect.norm(dim=1, keepdim=True) + 1e-8
+    assert err_ratio(model.W_dec.detach(), expect) < 1e-6
+    moved = (model.W_enc.detach() - enc0)[genc != 0]
+    assert torch.allclose(moved.abs(), torch.full_like(moved, 1e-3), rtol=1e-3)
+
+
+class _Quadratic(nn.Module):
+    """A parameter vector with loss ½‖w − target‖² (no decoder: checks the optimiser alone)."""
+
+    n_latents = 2**14
+    unit_norm_decoder = False
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1, 1, 10))
+
+
+def test_signum_schedule_free_matches_recurrence_and_swaps():
+    """sign-SGD under ScheduleFreeWrapper == the schedule-free recurrence written out; eval()/train() swap x/y."""
+    model, target, beta, lr = _Quadratic(), torch.linspace(0.3, -0.7, 10), 0.9, 0.05
+    opt = DictionaryOptimizer(model, TrainConfig(optimizer="signum_sf", lr=lr, momentum=beta), total_steps=20)
+    z = x = model.w.detach().clone()
+    for step in range(7):
+        opt.set_step(step)
+        y = (1 - beta) * z + beta * x
+        assert torch.allclose(model.w.detach(), y, atol=1e-6)  # gradient point
+        model.w.grad = model.w.detach() - target
+        opt.step()
+        z = z - lr * torch.sign(y - target)
+        x = x + (z - x) / (step + 1)  # constant lr: uniform weights c_t = 1/(t+1)
+    y = (1 - beta) * z + beta * x
+    assert torch.allclose(model.w.detach(), y, atol=1e-6)
+    opt.eval()
+    assert torch.allclose(model.w.detach(), x, atol=1e-6)  # evaluation point
+    opt.eval()  # idempotent
+    assert torch.allclose(model.w.detach(), x, atol=1e-6)
+    opt.set_step(7)  # the next step swaps y back in before the forward
+    assert torch.allclose(model.w.detach(), y, atol=1e-6)
+    opt.eval()
+    opt.train()
+    assert torch.allclose(model.w.detach(), y, atol=1e-6)
+
+
+def test_signum_sf_trains_topk_and_eval_point_is_near_unit_norm():
+    model, opt = _run(False, steps=8, optimizer="signum_sf")
+    y = model.W_dec.detach().clone()
+    assert torch.allclose(y.norm(dim=1), torch.ones(96), atol=1e-6)  # renormalised at y every step
+    opt.eval()
+    x = model.W_dec.detach()
+    assert not torch.equal(x, y)
+    assert (x.norm(dim=1) - 1).abs().max() < 0.2
+    opt.train()
+    assert err_ratio(model.W_dec.detach(), y) < 1e-6
+
+
+@pytest.mark.parametrize("optimizer,base", [("adam", 2e-4), ("signum_sf", 5e-3)])
+def test_width_rule_lr(optimizer, base):
+    for n in (4608, 2**14, 131072):
+        assert width_lr(n, optimizer) == pytest.approx(base / math.sqrt(n / 2**14), rel=1e-12)
+    model = _topk(n=4608)
+    assert DictionaryOptimizer(model, TrainConfig(optimizer=optimizer), 10).base_lr == pytest.approx(
+        base * math.sqrt(2**14 / 4608)
+    )
+    assert DictionaryOptimizer(model, TrainConfig(optimizer=optimizer, lr=0.123), 10).base_lr == 0.123
+
+
+def test_warmup_and_decay_schedule():
+    f = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
+    assert f[80] == 1.0 and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
+    assert all(a <= b for a, b in itertools.pairwise(f[:11])) and all(
+        a >= b for a, b in itertools.pairwise(f[80:])
+    )
+    model = _topk()
+    opt = DictionaryOptimizer(model, TrainConfig(lr=1e-3, warmup_steps=10, decay_fraction=0.2), 100)
+    assert opt.set_step(4) == pytest.approx(5e-4)
+    assert opt.opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+    sf = DictionaryOptimizer(_topk(), TrainConfig(optimizer="signum_sf", lr=1e-3, warmup_steps=10), 100)
+    assert sf.set_step(0) == 1e-3 and sf.set_step(99) == 1e-3  # schedule-free: constant LR
+
+
+def test_fused_refused_where_not_equivalent():
+    with pytest.raises(ValueError, match="fused decoder update needs Adam"):
+        DictionaryOptimizer(_topk(), TrainConfig(optimizer="signum_sf"), 10, fused=True)
