@@ -1,11 +1,13 @@
 """JumpReLU: straight-through estimators against hand-derived references and finite differences of the
-kernel-smoothed functions, L0 / target-L0 loss values, planted recovery and round trip."""
+kernel-smoothed functions, L0 / target-L0 loss values, θ kept ≥ 0, planted recovery and round trip."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from helpers import mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.jumprelu import JumpReLUConfig, JumpReLUFn, StepFn
@@ -56,24 +58,49 @@ def test_theta_gradient_equals_finite_difference_of_kernel_smoothed_expectation(
     assert abs(float(theta.grad) - fd_step) < 2e-3 * abs(fd_step)
 
 
-def test_log_threshold_chain_rule_and_l0_loss():
+def test_threshold_gradient_and_l0_loss():
+    """θ is the parameter itself: its gradient is the STE of METHODS §1.4 with no chain factor."""
     m = make(l0_coefficient=0.3, l0_warmup_steps=0, bandwidth=0.5, threshold_init=0.2)
     with torch.no_grad():
-        m.log_threshold.add_(torch.randn(40) * 0.3)
+        m.threshold.add_(torch.rand(40) * 0.3)
     x = torch.randn(64, 16)
     m.on_step(0, 10)
     out = m(x)
     z = x @ m.W_enc + m.b_enc  # no b_dec subtraction by default (Gemma Scope)
-    theta = m.log_threshold.exp().detach()
+    theta = m.threshold.detach().clone()
     H = (z > theta).float()
     torch.testing.assert_close(out.code.values, z * H)
     torch.testing.assert_close(out.losses["sparsity"], 0.3 * H.sum(1).mean())
     m.zero_grad()
     out.losses["sparsity"].backward()
     K = ((z - theta).abs() / 0.5 < 0.5).float()
-    ref = 0.3 * (-1 / 0.5) * K.mean(0) * theta  # ∂/∂t = ∂/∂θ · θ
-    torch.testing.assert_close(m.log_threshold.grad, ref.detach(), atol=1e-6, rtol=1e-5)
+    ref = 0.3 * (-1 / 0.5) * K.mean(0)  # ∂(λ·mean_b Σ_i H)/∂θ_i
+    assert float(K.sum()) > 50
+    torch.testing.assert_close(m.threshold.grad, ref.detach(), atol=1e-6, rtol=1e-5)
     assert m.W_enc.grad is None or float(m.W_enc.grad.abs().sum()) == 0  # L0 gives z no gradient
+
+    m.zero_grad()
+    g = torch.randn(64, 16)
+    (m(x).x_hat * g).sum().backward()
+    gf = (g @ m.W_dec.T).detach()  # ∂L/∂f
+    torch.testing.assert_close(
+        m.threshold.grad, (gf * (-theta / 0.5) * K).sum(0).detach(), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_threshold_kept_non_negative_and_negative_acts_as_zero():
+    """After a step θ is clamped at 0; a loaded θ < 0 behaves as θ = 0 (SAELens: ReLU(z)·1[z > θ])."""
+    m = make(threshold_init=0.05)
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        m.threshold[:10] = -0.3
+    f = m.encode(x).values
+    z = x @ m.W_enc + m.b_enc
+    ref = torch.relu(z) * (z > m.threshold.detach())  # SAELens JumpReLU forward
+    torch.testing.assert_close(f, ref)
+    assert float((f < 0).sum()) == 0
+    m.after_step(None)
+    assert float(m.threshold.min()) == 0.0 and float(m.threshold[10:].min()) == pytest.approx(0.05)
 
 
 def test_target_l0_loss_and_warmup():
@@ -90,7 +117,7 @@ def test_round_trip(tmp_path):
     with torch.no_grad():
         m.b_enc.normal_(0, 0.1)
         m.b_dec.normal_()
-        m.log_threshold.copy_(torch.rand(40).log() - 1)
+        m.threshold.copy_(torch.rand(40) * 0.3)
         m.input_scale.fill_(3.0)
     m.eval()
     x = torch.randn(20, 16)
@@ -98,7 +125,7 @@ def test_round_trip(tmp_path):
     ref = m.decode(code) / 3.0
     m.save_pretrained(tmp_path / "j")
     m2 = from_pretrained(tmp_path / "j")
-    torch.testing.assert_close(m2.log_threshold, m.log_threshold)  # θ is in latent units: no fold
+    torch.testing.assert_close(m2.threshold, m.threshold)  # θ is in latent units: no fold
     code2 = m2.encode(x)
     torch.testing.assert_close(code2.values, code.values, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m2.decode(code2), ref, atol=1e-5, rtol=1e-5)
@@ -108,5 +135,46 @@ def test_defaults_follow_methods():
     cfg = JumpReLUConfig()
     assert cfg.bandwidth == 0.001 and cfg.threshold_init == 0.001 and cfg.apply_b_dec_to_input is False
     m = make()
-    torch.testing.assert_close(m.threshold, torch.full((40,), 0.001))
-    assert math.isclose(float(m.log_threshold[0]), math.log(0.001), rel_tol=1e-6)
+    torch.testing.assert_close(m.threshold.detach(), torch.full((40,), 0.001))
+    assert [n for n, _ in m.named_parameters()].count("threshold") == 1  # θ itself is the parameter
+
+
+def test_threshold_init_from_data_quantiles():
+    """With l0_target set, init_from_data puts θ_i at the quantile that makes latent i fire on l0/n of the
+    sample (checked against a sort of each latent's pre-activations)."""
+    m = make(d=16, n=40, l0_target=4.0)
+    x = torch.randn(1000, 16) + 0.3
+    m.init_from_data(x)
+    z = (x @ m.W_enc + m.b_enc).detach()
+    k = math.ceil((1 - 4 / 40) * 1000)
+    ref = z.sort(dim=0).values[k - 1].clamp_min(0)
+    torch.testing.assert_close(m.threshold.detach(), ref)
+    fires = (z > m.threshold.detach()).float().mean(0)
+    assert float((fires - 0.1).abs().max()) <= 1e-3  # every latent starts firing on 10 % of the sample
+    off = make(d=16, n=40, l0_target=4.0, threshold_init_l0=0)
+    off.init_from_data(x)
+    torch.testing.assert_close(off.threshold.detach(), torch.full((40,), 0.001))
+
+
+def test_planted_recovery(tmp_path):
+    """Threshold 0.95 mean max |cos| over the 256 true atoms (d=64, 6 active, noise 0.01), trained by the
+    real Trainer on unit-mean-squared-norm inputs with the target-L0 loss (target = the planted 6, as the
+    TopK/BatchTopK tests use k = 6), θ initialised from the data, ε = 0.1, b_dec subtracted (measured:
+    0.977 / 0.976 / 0.972 on data seeds 1 / 2 / 3). The model seed differs from the data seed: with equal
+    seeds the model's random W_dec would start as the planted atoms (the same RNG stream)."""
+    x, atoms = planted_data(d=64, n_atoms=256, k_active=6, n_rows=40_000, seed=1)
+    torch.manual_seed(0)
+    cfg = JumpReLUConfig(
+        d_in=64, n_latents=512, l0_target=6.0, l0_coefficient=1.0, bandwidth=0.1, apply_b_dec_to_input=True
+    )
+    m = build(cfg.resolved(64))
+    assert mean_max_cosine(m.W_dec, atoms) < 0.5  # the start is not the answer
+    train_dictionary(
+        m, x, epochs=6, lr=4e-3, normalise_inputs="unit_msn", out_dir=str(tmp_path), dead_tokens=20_000
+    )
+    score = mean_max_cosine(m.W_dec, atoms)
+    assert score >= 0.95, f"mean max cosine {score:.3f} < 0.95"
+    m.eval()
+    with torch.no_grad():
+        l0 = float(m(x[:4000] * m.input_scale).code.l0().float().mean())
+    assert 4.5 < l0 < 7.5, f"L0 {l0:.2f} is not near the target 6"
