@@ -159,3 +159,28 @@ def test_warmup_and_decay_schedule():
 def test_fused_refused_where_not_equivalent():
     with pytest.raises(ValueError, match="fused decoder update needs Adam"):
         DictionaryOptimizer(_topk(), TrainConfig(optimizer="signum_sf"), 10, fused=True)
+
+
+def test_storage_swap_wrapper_equals_package_wrapper():
+    """Our schedule-free wrapper (storage swap) is bitwise the package's (XOR swap)."""
+    import schedulefree
+
+    from sparsedict.train.optim import SignSGD, _schedule_free
+
+    runs = []
+    for make in (
+        lambda b: schedulefree.ScheduleFreeWrapper(b, momentum=0.95),
+        lambda b: _schedule_free(b, 0.95),
+    ):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(7, 5))
+        opt = make(SignSGD([w], lr=0.01))
+        opt.train()
+        for step in range(5):
+            w.grad = torch.sin(w.detach() * (step + 1))
+            opt.step()
+        y = w.detach().clone()
+        opt.eval()
+        runs.append((y, w.detach().clone(), opt.state[w]["z"].clone()))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

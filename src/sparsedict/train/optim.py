@@ -42,6 +42,23 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
+def _schedule_free(base: torch.optim.Optimizer, momentum: float):
+    """``schedulefree.ScheduleFreeWrapper`` whose x/z swap exchanges storages instead of XOR-ing bytes.
+
+    The package swaps ``z`` and the parameter with three in-place XOR passes (to be safe for any
+    tensor); exchanging the two tensors' ``.data`` is the same swap with no pass over memory (the
+    parameter object, its ``.grad`` and the state dict entries keep their identity).
+    """
+    import schedulefree
+
+    class _Wrapper(schedulefree.ScheduleFreeWrapper):
+        @staticmethod
+        def swap(x: torch.Tensor, y: torch.Tensor) -> None:
+            x.data, y.data = y.data, x.data
+
+    return _Wrapper(base, momentum=momentum)
+
+
 class DictionaryOptimizer:
     """Optimiser + schedule + decoder normalisation for one dictionary.
 
@@ -58,11 +75,7 @@ class DictionaryOptimizer:
         if cfg.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
         else:
-            import schedulefree
-
-            self.opt = schedulefree.ScheduleFreeWrapper(
-                SignSGD(params, lr=self.base_lr), momentum=cfg.momentum
-            )
+            self.opt = _schedule_free(SignSGD(params, lr=self.base_lr), cfg.momentum)
             self.opt.train()
         self.schedule_free = cfg.optimizer != "adam"
         self.fused_param = self._fused_decoder(fused)
