@@ -98,14 +98,20 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, batches: dict[SourceKey, tuple[Tensor, Tensor | None]]) -> dict[str, float]:
-        """One optimiser step for every dictionary on its batch; returns scalar metrics by name."""
+        """One optimiser step for every dictionary on its batch; returns scalar metrics by name.
+
+        Loss terms and LR every step; batch FVU, L0 and dead fraction only on the steps :meth:`fit` logs.
+        """
         metrics: dict[str, float] = {}
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.autocast == "bf16" else nullcontext()
+        log_step = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 >= self.total_steps
         for m in self.members:
             x, y = batches[m.key]
             c = float(m.model.input_scale)
-            x = x.to(self.device, torch.float32, non_blocking=True) * c
-            y = None if y is None else y.to(self.device, torch.float32, non_blocking=True) * c
+            x = x.to(self.device, torch.float32, non_blocking=True)
+            y = None if y is None else y.to(self.device, torch.float32, non_blocking=True)
+            if c != 1.0:
+                x, y = x * c, (None if y is None else y * c)
             m.model.on_step(self.step, self.total_steps)
             if m.opt is None:
                 out_metrics = m.model.fit_step(x, y)
@@ -127,16 +133,17 @@ class Trainer:
             grad_norm = m.opt.step()
             m.model.after_step(out)
             m.dead.update(out.code, x.shape[0])
-            with torch.no_grad():
-                target = x if y is None else y
-                res = (out.x_hat.float() - target).pow(2).sum()
-                var = (target - target.mean(0)).pow(2).sum()
             metrics.update({f"{m.name}/{k}": float(v.detach()) for k, v in out.losses.items()})
             metrics[f"{m.name}/loss"] = float(loss)
-            metrics[f"{m.name}/fvu"] = float(res / var)
-            metrics[f"{m.name}/l0"] = float(out.code.l0().float().mean())
-            metrics[f"{m.name}/dead"] = m.dead.dead_fraction()
             metrics[f"{m.name}/lr"] = lr
+            if log_step:  # batch FVU / L0 / dead only on the steps fit() logs (a few [B, d] passes each)
+                with torch.no_grad():
+                    target = x if y is None else y
+                    res = (out.x_hat.float() - target).pow(2).sum()
+                    var = (target - target.mean(0)).pow(2).sum()
+                metrics[f"{m.name}/fvu"] = float(res / var)
+                metrics[f"{m.name}/l0"] = float(out.code.l0().float().mean())
+                metrics[f"{m.name}/dead"] = m.dead.dead_fraction()
             if grad_norm:
                 metrics[f"{m.name}/grad_norm"] = grad_norm
         self.step += 1
