@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import mean_max_cosine, planted_data
+from sparsedict.kernels.topk_encode import topk_encode_ref
+
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.hub import from_pretrained
-from sparsedict.kernels.topk_encode import topk_encode_ref
-from sparsedict.train import TensorSource, Trainer, TrainConfig
+from sparsedict.train import TensorSource, TrainConfig, Trainer
 
 RECOVERY_THRESHOLD = 0.95  # mean over true atoms of the best (signed) cosine with a learned decoder row
 
@@ -93,11 +93,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     model = build(TopKConfig(d_in=24, n_latents=96, k=5, hookpoint="resid_post.3"))
     with pytest.raises(ValueError, match=r"expects input of shape \[batch, 24\].*resid_post.3"):
         model(torch.randn(4, 32))
-    with pytest.raises(ValueError, match="unknown checkpoint format.*config.json"):
+    with pytest.raises(ValueError, match=r"unknown checkpoint format.*config\.json"):
         from_pretrained(tmp_path)
     model.save_pretrained(tmp_path / "c")
     (tmp_path / "c" / "model.safetensors").unlink()
-    with pytest.raises((FileNotFoundError, ValueError), match="model.safetensors"):
+    with pytest.raises((FileNotFoundError, ValueError), match=r"model\.safetensors"):
         from_pretrained(tmp_path / "c")
     with pytest.raises(KeyError, match="Did you mean 'topk'"):
         build(TopKConfig(architecture="topkk", d_in=4, n_latents=8))

@@ -4,14 +4,16 @@ Adding one: a module here with ``@register("name", NameConfig)`` on a :class:`Di
 plus one import line below.
 """
 
-from sparsedict.dictionaries import topk  # noqa: F401  (registers)
-from sparsedict.dictionaries import mp  # noqa: F401  (registers)
-from sparsedict.dictionaries import snmf  # noqa: F401  (registers)
-from sparsedict.dictionaries import relu  # noqa: F401  (registers)
-from sparsedict.dictionaries import batchtopk  # noqa: F401  (registers)
-from sparsedict.dictionaries import jumprelu  # noqa: F401  (registers)
-from sparsedict.dictionaries import gated  # noqa: F401  (registers)
-from sparsedict.dictionaries import matryoshka  # noqa: F401  (registers)
+from sparsedict.dictionaries import (
+    batchtopk,  # noqa: F401  (registers)
+    gated,  # noqa: F401  (registers)
+    jumprelu,  # noqa: F401  (registers)
+    matryoshka,  # noqa: F401  (registers)
+    mp,  # noqa: F401  (registers)
+    relu,  # noqa: F401  (registers)
+    snmf,  # noqa: F401  (registers)
+    topk,  # noqa: F401  (registers)
+)
 from sparsedict.dictionaries.base import (
     Dictionary,
     DictionaryConfig,
