@@ -8,6 +8,14 @@ batch (``θ ← (1 − r) θ + r · min(a_kept > 0)``, first value taken as is),
 and saved in the checkpoint as the buffer ``threshold`` (−1 while unset; an eval-mode forward with an
 unset θ falls back to batch top-k). Unit-norm decoder, AuxK and init as TopK.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
+
+Kernels: when :func:`sparsedict.kernels.use_triton` holds (CUDA), training selection runs on per-row
+candidates from the fused :func:`~sparsedict.kernels.topk_encode` (``k_c = min(4k, 128, n)`` per row, no
+``[B, n]`` tensor), takes the global top ``k·B`` among the ``B·k_c`` candidates and decodes with
+:func:`~sparsedict.kernels.sparse_decode`. This equals the dense batch top-k (up to the order among
+entries tied at the selection boundary) unless some row has all ``k_c`` candidates selected — then its
+``k_c + 1``-th entry might also belong to the batch top-k, so the step is recomputed on the dense path.
+k above 128 (the fused kernel's limit) always uses the dense path.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, register
 from sparsedict.dictionaries.topk import auxk_loss
+from sparsedict.kernels import topk_encode, use_triton
+from sparsedict.kernels.topk_encode import MAX_K
 
 
 @dataclass
@@ -48,6 +58,23 @@ def batch_topk(acts: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat).scatter(0, idx, vals).view(B, n)
 
 
+def batch_topk_candidates(vals: Tensor, k: int, complete: bool = False) -> Tensor | None:
+    """Batch top-k over per-row candidates ``vals [B, k_c]`` (each row's top ``k_c``, sorted descending).
+
+    Returns the candidate values with the non-selected ones zeroed ``[B, k_c]`` (gradient to the kept ones),
+    or None when the result might differ from the dense batch top-k: some row has all ``k_c`` candidates
+    selected with a positive last one, so entries beyond its candidates could belong to the top ``k·B``.
+    ``complete=True`` says the candidates are whole rows (``k_c = n``), where the selection is always exact.
+    """
+    B, kc = vals.shape
+    keep = torch.zeros(vals.numel(), dtype=torch.bool, device=vals.device)
+    keep[vals.detach().reshape(-1).topk(min(k * B, vals.numel()), sorted=False).indices] = True
+    keep = keep.view(B, kc)
+    if not complete and bool((keep[:, -1] & (vals[:, -1].detach() > 0)).any()):
+        return None
+    return vals * keep
+
+
 def threshold_code(acts: Tensor, theta: Tensor) -> Tensor:
     """``acts · 1[acts > θ]`` for ``acts [B, n]`` and a scalar or ``[n]`` threshold."""
     return acts * (acts > theta.to(acts.dtype))
@@ -72,9 +99,25 @@ class BatchTopK(Dictionary):
         return threshold_code(acts, self.threshold)
 
     def encode(self, x: Tensor) -> SparseCode:
-        """Dense code ``values [B, n]`` (zeros are inactive)."""
-        acts = (self._x_in(x) @ self.W_enc + self.b_enc).relu()
+        """Code of ``x [B, d_in]``: dense ``values [B, n]`` (zeros inactive), or on the fused path (training
+        on CUDA, see the module docstring) k_c-sparse ``values, indices [B, k_c]`` with unselected zeros."""
+        x_in = self._x_in(x)
+        if self.training and use_triton(x_in):
+            code = self.fused_batch_topk(x_in)
+            if code is not None:
+                return code
+        acts = (x_in @ self.W_enc + self.b_enc).relu()
         return SparseCode(self.select(acts), None, self.n_latents)
+
+    def fused_batch_topk(self, x_in: Tensor) -> SparseCode | None:
+        """Exact batch top-k from fused per-row candidates, or None where that is not exact / applicable."""
+        k = self.cfg.k
+        if k > MAX_K:
+            return None
+        kc = min(4 * k, MAX_K, self.n_latents)
+        vals, idx = topk_encode(x_in, self.W_enc, self.b_enc, kc)
+        kept = batch_topk_candidates(vals, k, complete=kc == self.n_latents)
+        return None if kept is None else SparseCode(kept, idx, self.n_latents)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
         return auxk_loss(self, self._x_in(x), y - x_hat, self.cfg.aux_k or self.d_in // 2, self.cfg.aux_alpha)

@@ -9,10 +9,13 @@ so early latents learn general features. The code comes from one encoder, ``sele
 (per-token top-k) or ``"batchtopk"`` (batch top-k in training, the EMA threshold θ in eval, as in
 :mod:`~sparsedict.dictionaries.batchtopk`; θ is tracked for both so either exports as a JumpReLU).
 
-The G partial reconstructions cost one decode, not G: for a k-sparse code the per-latent contributions
-``v_j W_dec[i_j]`` are sorted by latent index and prefix-summed ``[B, k, d]``, and prefix g is read at
-the number of the token's latents below ``m_g``; for a dense (batch top-k) code the G disjoint group
-blocks are decoded and cumulatively summed. Group weights default to ``1/G`` each.
+Kernels: with ``selection = "topk"`` the encoder is :func:`sparsedict.kernels.topk_encode` and every
+reconstruction, the G − 1 inner prefixes included, is :func:`sparsedict.kernels.sparse_decode` (fused Triton
+on CUDA, the reference elsewhere): prefix g decodes the k-sparse code with the values of latents ≥ m_g
+masked to zero, so no ``[B, n]`` or ``[B, k, d]`` tensor is formed and W_dec's gradient reaches the selected
+rows only. With ``selection = "batchtopk"`` the code comes from :class:`BatchTopK`'s encoder (fused per-row
+candidates on CUDA when exact, see there); a dense code's G disjoint group blocks are decoded and
+cumulatively summed. Group weights default to ``1/G`` each.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 from sparsedict.dictionaries.base import Output, SparseCode, register
 from sparsedict.dictionaries.batchtopk import BatchTopK, BatchTopKConfig
 from sparsedict.dictionaries.topk import auxk_loss
-from sparsedict.kernels import topk_encode
+from sparsedict.kernels import sparse_decode, topk_encode
 
 
 @dataclass
@@ -71,14 +74,14 @@ def resolve_groups(cfg: MatryoshkaConfig) -> list[int]:
 
 
 def prefix_reconstructions_sparse(code: SparseCode, W_dec: Tensor, ends: list[int]) -> Tensor:
-    """``[B, G, d]``: row b, group g = ``Σ_{j: i_bj < m_g} v_bj W_dec[i_bj]`` (no bias), via a prefix sum."""
-    idx, order = code.indices.sort(dim=1)
-    vals = code.values.gather(1, order)
-    contrib = vals.unsqueeze(-1).to(W_dec.dtype) * W_dec[idx]  # [B, k, d]
-    csum = torch.cat([contrib.new_zeros(contrib.shape[0], 1, contrib.shape[2]), contrib.cumsum(1)], dim=1)
-    bounds = torch.tensor(ends, device=idx.device)
-    counts = (idx.unsqueeze(1) < bounds[None, :, None]).sum(-1)  # [B, G] latents of the row below m_g
-    return csum.gather(1, counts.unsqueeze(-1).expand(-1, -1, csum.shape[2]))
+    """``[B, G, d]``: row b, group g = ``Σ_{j: i_bj < m_g} v_bj W_dec[i_bj]`` (no bias).
+
+    One :func:`~sparsedict.kernels.sparse_decode` per prefix with the values of latents ≥ m_g zeroed
+    (fused kernel on CUDA; sparse W_dec gradient).
+    """
+    idx, vals = code.indices, code.values
+    outs = [sparse_decode(idx, vals * (idx < m).to(vals.dtype), W_dec) for m in ends]
+    return torch.stack(outs, dim=1)
 
 
 def prefix_reconstructions_dense(f: Tensor, W_dec: Tensor, ends: list[int]) -> Tensor:
@@ -107,11 +110,15 @@ class Matryoshka(BatchTopK):
             return SparseCode(values, indices, self.n_latents)
         return super().encode(x)
 
-    def prefix_reconstructions(self, code: SparseCode) -> Tensor:
-        """``[B, G, d_out]`` prefix reconstructions without b_dec (and without the skip term)."""
+    def prefix_reconstructions(self, code: SparseCode, ends: list[int] | None = None) -> Tensor:
+        """``[B, G, d_out]`` prefix reconstructions without b_dec (and without the skip term).
+
+        ``ends`` defaults to all G prefix ends; the loss asks for the G − 1 inner ones only.
+        """
+        ends = self.ends if ends is None else ends
         if code.indices is not None:
-            return prefix_reconstructions_sparse(code, self.W_dec, self.ends)
-        return prefix_reconstructions_dense(code.values, self.W_dec, self.ends)
+            return prefix_reconstructions_sparse(code, self.W_dec, ends)
+        return prefix_reconstructions_dense(code.values, self.W_dec, ends)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
@@ -121,7 +128,7 @@ class Matryoshka(BatchTopK):
         losses: dict[str, Tensor] = {}
         if len(self.ends) > 1:
             offset = self.b_dec if self.W_skip is None else self.b_dec + x @ self.W_skip.T
-            inner = self.prefix_reconstructions(code)[:, :-1] + offset.unsqueeze(-2)  # [B, G-1, d]
+            inner = self.prefix_reconstructions(code, self.ends[:-1]) + offset.unsqueeze(-2)  # [B, G-1, d]
             sse = (inner.float() - y.float().unsqueeze(1)).pow(2).sum(-1).mean(0)  # [G-1]
             losses["prefix"] = sum(w * s for w, s in zip(self.weights[:-1], sse, strict=True))
         losses["mse"] = self.weights[-1] * (x_hat.float() - y.float()).pow(2).sum(-1).mean()
