@@ -184,3 +184,22 @@ def test_storage_swap_wrapper_equals_package_wrapper():
         runs.append((y, w.detach().clone(), opt.state[w]["z"].clone()))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the one-pass Triton decoder update)")
+def test_fused_decoder_adam_on_cuda_picks_triton_and_equals_unfused():
+    """On CUDA the default picks the Triton one-pass update; it matches the unfused torch sequence."""
+    results = []
+    for fused in (None, False):
+        torch.manual_seed(0)
+        model = _topk().cuda()
+        opt = DictionaryOptimizer(model, TrainConfig(lr=1e-2, warmup_steps=2), total_steps=6, fused=fused)
+        assert (opt.fused_param is model.W_dec) == (fused is None)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(6):
+            opt.set_step(step)
+            _grads(model, (torch.randn(64, 24, generator=gen) + 1.0).cuda())
+            opt.step()
+        results.append({n: p.detach().cpu() for n, p in model.named_parameters()})
+    for name, p in results[1].items():
+        assert err_ratio(results[0][name], p) < 1e-5, name
