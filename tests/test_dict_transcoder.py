@@ -1,5 +1,5 @@
 """Transcoders: every architecture maps input -> a target of another dimension (d_out != d_in), with and
-without a skip connection; round trip; planted transcoder recovery of the output atoms."""
+without a skip connection; round trip; planted skip-transcoder recovery of the output atoms and of W_skip."""
 
 from __future__ import annotations
 
@@ -71,27 +71,36 @@ def test_maps_input_to_target_of_other_dimension(arch, skip, tmp_path):
         torch.testing.assert_close(m2(x, y).x_hat, m(x, y).x_hat, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    reason="measured 0.774 mean max cos after 700 steps (6 epochs of 30k rows); needs a longer run"
-)
 def test_planted_skip_transcoder_recovers_output_atoms(tmp_path):
-    """x and y share a sparse code: x = c A_in + noise, y = c A_out + x M^T. A TopK skip transcoder must
-    recover the output atoms (mean max |cos| ≥ 0.95) and the linear part (W_skip ≈ M)."""
-    g = torch.Generator().manual_seed(0)
+    """y = c A_out + x Mᵀ with x = c A_in + u: a TopK skip transcoder must recover the output atoms (mean max
+    |cos| ≥ 0.95) and the linear part (‖W_skip − M‖ / ‖M‖ < 0.2).
+
+    u ~ N(0, 0.5² I) is a dense part of x that no sparse code explains. Without it the planted decomposition
+    is not identifiable: x Mᵀ = c (A_in Mᵀ), so for any Δ, W_skip = M − Δ with atoms A_out + A_in Δᵀ fits y
+    exactly — the old design (u = 0) was satisfied by W_skip = 0 and atoms A_out + A_in Mᵀ (measured here:
+    W_skip error 1.01, cos 0.74). The dense part of y, u Mᵀ, can only be fitted by W_skip = M.
+
+    Measured with this design: 8 epochs cos 0.872 / W_skip error 0.219; 20 epochs 0.977 / 0.145; 30 epochs
+    0.983 / 0.138. The W_skip error plateaus near 0.14 (the code read from the noisy x is imperfect and the
+    linear skip absorbs part of that error), hence the bound 0.2, against 1.01 for a skip that learns nothing.
+    """
+    g = torch.Generator().manual_seed(100)  # ≠ the model's seed 0 (same RNG stream otherwise)
     n_atoms, k, N, d_in, d_out = 128, 4, 30_000, 48, 32
     a_in = torch.nn.functional.normalize(torch.randn(n_atoms, d_in, generator=g), dim=1)
     a_out = torch.nn.functional.normalize(torch.randn(n_atoms, d_out, generator=g), dim=1)
-    M = torch.randn(d_out, d_in, generator=g) * 0.05
+    M = torch.randn(d_out, d_in, generator=g) / d_in**0.5
     idx = torch.rand(N, n_atoms, generator=g).argsort(1)[:, :k]
     c = torch.rand(N, k, generator=g) * 2 + 0.5
-    x = torch.einsum("nk,nkd->nd", c, a_in[idx]) + 0.01 * torch.randn(N, d_in, generator=g)
-    y = torch.einsum("nk,nkd->nd", c, a_out[idx]) + x @ M.T
+    x = torch.einsum("nk,nkd->nd", c, a_in[idx]) + 0.5 * torch.randn(N, d_in, generator=g)
+    y = torch.einsum("nk,nkd->nd", c, a_out[idx]) + x @ M.T + 0.01 * torch.randn(N, d_out, generator=g)
     from sparsedict.dictionaries.topk import TopKConfig
 
     torch.manual_seed(0)
     cfg = TopKConfig(hookpoint="a", target="b", d_in=d_in, d_out=d_out, n_latents=256, k=k, skip=True)
     m = build(cfg.resolved(d_in, d_out))
-    last = train_dictionary(m, x, y, epochs=6, lr=4e-3, out_dir=str(tmp_path), dead_tokens=20_000)
+    assert mean_max_cosine(m.W_dec, a_out) < 0.6  # the start is not the answer
+    last = train_dictionary(m, x, y, epochs=20, lr=4e-3, out_dir=str(tmp_path), dead_tokens=20_000)
     score = mean_max_cosine(m.W_dec, a_out)
+    skip_err = float((m.W_skip - M).norm() / M.norm())
     assert score >= 0.95, f"mean max cosine {score:.3f} < 0.95 (last metrics {last})"
-    assert float((m.W_skip - M).norm() / M.norm()) < 0.3
+    assert skip_err < 0.2, f"W_skip relative error {skip_err:.3f} ≥ 0.2"
