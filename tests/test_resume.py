@@ -108,7 +108,10 @@ def test_two_ranks_kill9_then_resume(tmp_path, reference):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job: agent and both ranks
     proc.wait()
     assert not (tmp_path / "done.json").exists()
-    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("step_*/rank_*")) == ["rank_0", "rank_1"]
+    # a kill during a save may leave a newer, partial step directory: latest.json must name a complete one
+    latest = json.loads((tmp_path / "checkpoint" / "latest.json").read_text())
+    committed = tmp_path / "checkpoint" / latest["dir"]
+    assert sorted(p.name for p in committed.glob("rank_*")) == ["rank_0", "rank_1"]
     W.run(opts, nproc=2)
     got = W.params(str(tmp_path))
     for k in reference:
