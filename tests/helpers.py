@@ -30,7 +30,9 @@ def planted_data(
     """
     if k_active > n_atoms:
         raise ValueError(f"k_active={k_active} exceeds n_atoms={n_atoms}")
-    g = torch.Generator().manual_seed(seed)
+    # Salted: a model initialised right after torch.manual_seed(seed) must not draw the planted atoms
+    # from the same random stream (that made W_dec start at the answer).
+    g = torch.Generator().manual_seed(seed + 7_919_000_003)
     atoms = torch.randn(n_atoms, d, generator=g)
     if nonneg:
         atoms = atoms.abs()
