@@ -9,7 +9,13 @@ Public API (imported lazily so ``import sparsedict`` stays fast)::
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Our numba kernels (CPU top-k, matching pursuit) run beside torch's own OpenMP pool. numba's OpenMP
+# layer leaves its threads spinning after a parallel region, which slowed later torch ops ~4x on a
+# 2-core machine; the workqueue layer does not. Set before numba is first imported; users may override.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 __version__ = "0.1.0"
 
