@@ -134,7 +134,7 @@ class Trainer:
             m.model.after_step(out)
             m.dead.update(out.code, x.shape[0])
             metrics.update({f"{m.name}/{k}": float(v.detach()) for k, v in out.losses.items()})
-            metrics[f"{m.name}/loss"] = float(loss)
+            metrics[f"{m.name}/loss"] = float(loss.detach())
             metrics[f"{m.name}/lr"] = lr
             if log_step:  # batch FVU / L0 / dead only on the steps fit() logs (a few [B, d] passes each)
                 with torch.no_grad():
