@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "quickstart": ("sparsedict.quickstart", "cache -> train -> evaluate -> save -> reload on the embedded model"),
     "cache": ("sparsedict.cache.cli", "cache activations of a model to disk shards"),
-    "train": ("sparsedict.train.cli", "train dictionaries from a recipe or flags"),
+    "train": ("sparsedict.train.cli", "train dictionaries from a YAML recipe (with --set overrides)"),
     "eval": ("sparsedict.eval.cli", "evaluate checkpoints: FVU, L0, dead %, CE recovered, KL"),
     "bench": ("sparsedict.eval.bench", "benchmarks: `bench pareto` sweeps and plots L0 vs FVU / CE"),
     "convert": ("sparsedict.formats.convert", "convert peer checkpoints (SAELens, sparsify, dictionary_learning)"),
