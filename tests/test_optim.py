@@ -35,7 +35,10 @@ def _grads(model, x: torch.Tensor) -> None:
 def _run(fused: bool, steps: int = 6, **cfg) -> tuple[nn.Module, DictionaryOptimizer]:
     model = _topk()
     opt = DictionaryOptimizer(
-        model, TrainConfig(lr=1e-2, warmup_steps=2, **cfg), total_steps=steps, fused=fused
+        model,
+        TrainConfig(**{"optimizer": "adam", "lr": 1e-2, "warmup_steps": 2, **cfg}),
+        total_steps=steps,
+        fused=fused,
     )
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
@@ -65,7 +68,9 @@ def test_fused_decoder_adam_equals_unfused_sequence(clip):
 def test_first_adam_step_is_bias_corrected(fused):
     """With bias correction the first Adam step moves every coordinate by lr·sign(g) (|m̂/√v̂| = 1)."""
     model = _topk()
-    opt = DictionaryOptimizer(model, TrainConfig(lr=1e-3, warmup_steps=0), total_steps=10, fused=fused)
+    opt = DictionaryOptimizer(
+        model, TrainConfig(optimizer="adam", lr=1e-3, warmup_steps=0), total_steps=10, fused=fused
+    )
     opt.set_step(0)
     _grads(model, torch.randn(64, 24) + 1.0)
     W0 = model.W_dec.detach().clone()
@@ -149,7 +154,9 @@ def test_warmup_and_decay_schedule():
         a >= b for a, b in itertools.pairwise(f[80:])
     )
     model = _topk()
-    opt = DictionaryOptimizer(model, TrainConfig(lr=1e-3, warmup_steps=10, decay_fraction=0.2), 100)
+    opt = DictionaryOptimizer(
+        model, TrainConfig(optimizer="adam", lr=1e-3, warmup_steps=10, decay_fraction=0.2), 100
+    )
     assert opt.set_step(4) == pytest.approx(5e-4)
     assert opt.opt.param_groups[0]["lr"] == pytest.approx(5e-4)
     sf = DictionaryOptimizer(_topk(), TrainConfig(optimizer="signum_sf", lr=1e-3, warmup_steps=10), 100)
@@ -193,7 +200,9 @@ def test_fused_decoder_adam_on_cuda_picks_triton_and_equals_unfused():
     for fused in (None, False):
         torch.manual_seed(0)
         model = _topk().cuda()
-        opt = DictionaryOptimizer(model, TrainConfig(lr=1e-2, warmup_steps=2), total_steps=6, fused=fused)
+        opt = DictionaryOptimizer(
+            model, TrainConfig(optimizer="adam", lr=1e-2, warmup_steps=2), total_steps=6, fused=fused
+        )
         assert (opt.fused_param is model.W_dec) == (fused is None)
         gen = torch.Generator().manual_seed(1)
         for step in range(6):
@@ -203,3 +212,15 @@ def test_fused_decoder_adam_on_cuda_picks_triton_and_equals_unfused():
         results.append({n: p.detach().cpu() for n, p in model.named_parameters()})
     for name, p in results[1].items():
         assert err_ratio(results[0][name], p) < 1e-5, name
+
+
+def test_auto_optimizer_is_signum_for_topk_and_adam_elsewhere():
+    from sparsedict.dictionaries.relu import ReLUConfig
+
+    assert TrainConfig().optimizer == "auto"
+    topk = DictionaryOptimizer(_topk(), TrainConfig(), 10)
+    assert topk.name == "signum_sf" and topk.schedule_free
+    assert topk.base_lr == pytest.approx(width_lr(96, "signum_sf"))
+    relu = DictionaryOptimizer(build(ReLUConfig(d_in=24, n_latents=96).resolved(24)), TrainConfig(), 10)
+    assert relu.name == "adam" and isinstance(relu.opt, torch.optim.Adam)
+    assert DictionaryOptimizer(_topk(), TrainConfig(optimizer="adam"), 10).name == "adam"

@@ -17,7 +17,7 @@ RECOVERY_THRESHOLD = 0.95  # mean over true atoms of the best (signed) cosine wi
 
 def _train(model, x, tmp_path, **kw):
     cfg = TrainConfig(batch_size=256, lr=2e-3, warmup_steps=50, out_dir=str(tmp_path), dead_tokens=20_000,
-                      log_every=1000, **kw)
+                      log_every=1000, **{"optimizer": "adam", **kw})  # the LR above is tuned for Adam
     Trainer({"sae": model}, {(model.cfg.hookpoint, ""): TensorSource(x, batch_size=256)}, cfg).fit(resume=False)
     return model
 

@@ -13,8 +13,9 @@ class TrainConfig:
     """Passes over the cached training tokens (fractions allowed)."""
     max_steps: int = 0
     """Stop after this many steps (0: determined by epochs)."""
-    optimizer: str = "adam"
-    """'adam' or 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper)."""
+    optimizer: str = "auto"
+    """'adam', 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper) or 'auto': the benchmark
+    winner per architecture (TopK: signum_sf; others: adam; see benchmarks/RESULTS_training.md)."""
     lr: float = 0.0
     """Learning rate; 0 uses the width rule: adam 2e-4/sqrt(n/2^14), signum_sf 5e-3/sqrt(n/2^14)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -57,8 +58,8 @@ class TrainConfig:
     """Collective timeout in minutes: a dead rank ends the job with an error instead of a hang."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "signum_sf"):
-            raise ValueError(f"optimizer must be 'adam' or 'signum_sf', not {self.optimizer!r}")
+        if self.optimizer not in ("auto", "adam", "signum_sf"):
+            raise ValueError(f"optimizer must be 'adam' or 'signum_sf' (or 'auto'), not {self.optimizer!r}")
         if self.normalise_inputs not in ("none", "sqrt_d", "unit_msn"):
             raise ValueError(f"normalise_inputs must be 'none', 'sqrt_d' or 'unit_msn', not {self.normalise_inputs!r}")
         if self.autocast not in ("none", "bf16"):
