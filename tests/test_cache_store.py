@@ -115,20 +115,24 @@ def test_resume_exact(cache):
 
 
 def test_ram_bound_sets_window(cache, monkeypatch):
-    store = ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=2_000_000, loop=False)
-    bound = 2_000_000 // (5 * 4 * 576)
-    assert store.shuffle_buffer_rows <= bound
+    """The bound sizes the window (the served rows are unchanged); a bound below one batch is refused.
+    Peak RSS under the bound is measured in test_cache_ram.py."""
+    store = ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=18_000_000, loop=False)
+    assert 32 <= store.shuffle_buffer_rows < 400
     sizes = []
-    orig = ActivationStore._window
+    orig = ActivationStore._fill
 
-    def spy(self, plan, epoch, k):
-        out = orig(self, plan, epoch, k)
-        sizes.append(len(out[0]))
-        return out
+    def spy(self, plan, epoch, k, bufs):
+        n, pieces = orig(self, plan, epoch, k, bufs)
+        sizes.append(n)
+        assert len(bufs[0]) <= store.shuffle_buffer_rows
+        return n, pieces
 
-    monkeypatch.setattr(ActivationStore, "_window", spy)
+    monkeypatch.setattr(ActivationStore, "_fill", spy)
     n = sum(len(x) for x, _ in store)
-    assert n == (N_TOKENS // 32) * 32 and max(sizes) <= bound and len(sizes) > 3
+    assert n == (N_TOKENS // 32) * 32 and max(sizes) <= store.shuffle_buffer_rows and len(sizes) > 3
+    with pytest.raises(ValueError, match="max_ram_bytes=1000000 is too small for batch_size=32"):
+        ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=1_000_000)
 
 
 def test_norm_stats_and_normalise(cache):

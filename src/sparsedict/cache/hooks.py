@@ -19,11 +19,20 @@ mlp_out.L      layers.L.mlp (*)                   h.L.mlp                   laye
 ``post_attention_layernorm`` and ``mlp_out`` is ``post_feedforward_layernorm`` (the residual
 contributions). ``mlp_hidden`` of gated MLPs is act(gate)·up, the input of ``down_proj``, not
 ``act_fn``'s output. Tuple outputs are handled (element 0 is the activation).
+
+Attention z per head: ``attn_z.L`` is the merged ``[B, T, n_heads·d_head]`` input of the output
+projection (TransformerLens' ``hook_z`` flattened, as SAELens' ``reshape_activations: hook_z`` trains
+on). A ``.h<k>`` suffix (``attn_z.6.h3``, or on the raw path ``model.layers.6.self_attn.o_proj:in.h3``)
+names head k's slice ``[B, T, d_head]`` (SAELens' ``hook_head_index``): ``record`` returns the slice and
+``replace`` swaps only that head, so per-head dictionaries cache, train, splice and evaluate like any
+other. ``n_heads`` is the config's ``num_attention_heads`` and ``d_head`` its ``head_dim`` (else
+``hidden_size // n_heads``), checked against the projection's input width.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterator
@@ -55,11 +64,48 @@ class Hookpoint:
     """"out" (module output, element 0 of a tuple) or "in" (first input of the module)."""
     layer: int | None
     """Block index when the module sits in a block, else None."""
+    head: int | None = None
+    """Attention head whose slice of attention z this names (``.h<k>`` suffix), else None (all features)."""
+    n_heads: int | None = None
+    """Number of attention heads of attention z when ``head`` is set."""
+    d_head: int | None = None
+    """Width of one head of attention z when ``head`` is set."""
 
     @property
     def path(self) -> str:
-        """Canonical raw name: ``module_path`` plus ``:in`` for inputs."""
-        return self.module_path + (":in" if self.side == "in" else "")
+        """Canonical raw name: ``module_path`` plus ``:in`` for inputs (plus ``.h<k>`` for a head)."""
+        return (
+            self.module_path
+            + (":in" if self.side == "in" else "")
+            + (f".h{self.head}" if self.head is not None else "")
+        )
+
+
+def split_head(name: str) -> tuple[str, int | None]:
+    """``"attn_z.6.h3"`` -> ``("attn_z.6", 3)``; a name without a ``.h<k>`` suffix -> ``(name, None)``."""
+    match = re.fullmatch(r"(.+)\.h(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
+def head_layout(model: nn.Module, hp: Hookpoint) -> tuple[int, int] | None:
+    """``(n_heads, d_head)`` when ``hp`` is attention z (all heads) of its block, else None."""
+    if hp.layer is None or hp.side != "in" or hp.head is not None:
+        return None
+    try:
+        if _alias_path(model, "attn_z", hp.layer) != hp.path:
+            return None
+    except HookpointError:
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "num_attention_heads", None)
+    if not n:
+        return None
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n
+    module = model.get_submodule(hp.module_path)
+    width = getattr(module, "in_features", None)  # nn.Linear; GPT-2's Conv1D has weight [in, out]
+    if width is None and getattr(module, "weight", None) is not None and hasattr(module, "nf"):
+        width = module.weight.shape[0]
+    return (int(n), int(d_head)) if width is None or width == n * d_head else None
 
 
 def _layers_prefix(model: nn.Module) -> str:
@@ -117,6 +163,20 @@ def available(model: nn.Module) -> list[str]:
 
 def resolve(model: nn.Module, name: str) -> Hookpoint:
     """Resolve an alias (``resid_post.6``) or raw path (``model.layers.6.mlp:in``) to a :class:`Hookpoint`."""
+    base, head = split_head(name)
+    if head is not None and name.partition(":")[0] not in dict(model.named_modules()):
+        hp = resolve(model, base)
+        layout = head_layout(model, hp)
+        if layout is None:
+            raise HookpointError(
+                f"hookpoint {name!r}: a '.h<k>' head suffix only applies to attention z (attn_z.L, the input of "
+                f"the attention output projection), but {base!r} is {hp.path}"
+            )
+        if not 0 <= head < layout[0]:
+            raise HookpointError(
+                f"hookpoint {name!r}: head {head} out of range ({layout[0]} heads, 0..{layout[0] - 1})"
+            )
+        return dataclasses.replace(hp, name=name, head=head, n_heads=layout[0], d_head=layout[1])
     raw = name
     match = re.fullmatch(r"([a-z_]+)\.(\d+)", name)
     if match and match.group(1) in ALIASES:
@@ -156,8 +216,13 @@ class _StopForward(Exception):
 
 
 def _attach(model: nn.Module, hp: Hookpoint, fn: Callable[[torch.Tensor], torch.Tensor | None]):
-    """Register a hook calling ``fn(act)``; a tensor returned by ``fn`` replaces the activation."""
+    """Register a hook calling ``fn(act)``; a tensor returned by ``fn`` replaces the activation.
+
+    For a head hookpoint ``fn`` sees (and may replace) only that head's slice ``[..., d_head]``.
+    """
     module = model.get_submodule(hp.module_path)
+    if hp.head is not None:
+        fn = _on_head(hp, fn)
     if hp.side == "in":
 
         def pre_hook(_mod, args, kwargs):
@@ -180,6 +245,21 @@ def _attach(model: nn.Module, hp: Hookpoint, fn: Callable[[torch.Tensor], torch.
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     return module.register_forward_hook(hook)
+
+
+def _on_head(hp: Hookpoint, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Wrap ``fn`` to act on head ``hp.head`` of a merged ``[..., n_heads·d_head]`` activation."""
+
+    def on_head(x: torch.Tensor) -> torch.Tensor | None:
+        heads = x.unflatten(-1, (hp.n_heads, hp.d_head))
+        new = fn(heads[..., hp.head, :])
+        if new is None:
+            return None
+        out = heads.clone()
+        out[..., hp.head, :] = new
+        return out.flatten(-2)
+
+    return on_head
 
 
 @contextlib.contextmanager

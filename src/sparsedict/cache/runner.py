@@ -64,7 +64,8 @@ def _new_manifest(cfg: CacheConfig, model, tok, hps: list[hooks.Hookpoint], dims
         "context_length": cfg.context_length,
         "hookpoints": {hp.name: {"module_path": hp.module_path, "side": hp.side, "path": hp.path,
                                  "layer": hp.layer, "d": dims[hp.name], "dtype": cfg.dtype,
-                                 "dir": f"shards/{hookpoint_dir(hp.name)}"} for hp in hps},
+                                 "dir": f"shards/{hookpoint_dir(hp.name)}", **_heads(model, hp, dims[hp.name])}
+                       for hp in hps},
         "exclusions": {"rules": {"prepend_bos": cfg.prepend_bos, "exclude_bos": cfg.exclude_bos,
                                  "exclude_first_n": cfg.exclude_first_n, "exclude_special": cfg.exclude_special,
                                  "order": list(RULES)},
@@ -74,6 +75,16 @@ def _new_manifest(cfg: CacheConfig, model, tok, hps: list[hooks.Hookpoint], dims
         "stats": {},
         "shards": [],
     }  # fmt: skip
+
+
+def _heads(model, hp: hooks.Hookpoint, d: int) -> dict:
+    """Head layout recorded for attention z: ``{"n_heads", "d_head"}`` (all heads) or ``{"head", "d_head"}`` (one head)."""
+    if hp.head is not None:
+        return {"head": hp.head, "d_head": hp.d_head}
+    layout = hooks.head_layout(model, hp)
+    if layout is None or layout[0] * layout[1] != d:
+        return {}
+    return {"n_heads": layout[0], "d_head": layout[1]}
 
 
 def _shard_done(root: Path, rec: dict | None, manifest: dict) -> bool:

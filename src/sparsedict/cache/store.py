@@ -8,8 +8,8 @@ Shuffling, per epoch ``e`` (all randomness from ``seed`` and ``e``, so runs are 
    rows each; the ``N mod world_size`` rows left over change every epoch): no row is served twice across
    ranks within an epoch, and every rank gets the same number of batches.
 3. A rank reads its part in windows of ``shuffle_buffer_rows`` rows (many blocks from all over the
-   cache), permutes each window's rows and serves batches from it. RAM is bounded by the window size,
-   which ``max_ram_bytes`` sets.
+   cache) into one reusable buffer, permutes each window's rows and gathers batches from it in that
+   order. RAM is bounded by the window size, which ``max_ram_bytes`` sets.
 
 Rows are read with positioned reads (``os.preadv``) of contiguous block ranges straight into the
 window buffer rather than through long-lived memory maps, whose resident file pages would count
@@ -20,6 +20,8 @@ resuming replays nothing but the window that holds the next batch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import os
 from collections.abc import Iterator
@@ -28,36 +30,67 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest, write_json_atomic
 from sparsedict.cache.writer import check_shard, read_header, st_dtype
 
 _NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
+_SCRATCH = 4 << 20  # bytes of a head column's whole-row read buffer
+RAM_SLACK = 1.1
+"""Factor on the window's read buffer (page rounding, small temporaries)."""
+RAM_BATCHES = 8
+"""Batch-sized blocks (in the output dtype) allowed for: the batch the caller holds, the one being built, the
+tail, and freed blocks the allocator has not yet handed back (glibc keeps several; measured)."""
+RAM_FIXED = 16 << 20
+"""Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
+
+
+def _load_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_trim()
+
+
+def _trim() -> None:
+    """``malloc_trim(0)`` where glibc provides it: return free heap pages to the OS (bounds peak RSS)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class _Column:
-    """One hookpoint's shards: row offsets and positioned reads of row ranges."""
+    """One hookpoint's shards (or one head's slice of them): row offsets and positioned reads of row ranges."""
 
-    def __init__(self, root: Path, manifest: dict, name: str, verify: bool) -> None:
+    def __init__(self, root: Path, manifest: dict, name: str, verify: bool, head: int | None = None) -> None:
         info = manifest["hookpoints"][name]
-        self.name, self.d = name, int(info["d"])
+        self.name, self.head, self.d_stored = name, head, int(info["d"])
         self.code = st_dtype(getattr(torch, info["dtype"]))
+        self.np_dtype = np.dtype(_NP[self.code])
+        self.cols: tuple[int, int] | None = None
+        self.d = self.d_stored
+        if head is not None:
+            d_head = int(info["d_head"])
+            self.cols, self.d = (head * d_head, (head + 1) * d_head), d_head
         self.files, self.offsets, self.rows = [], [], []
         for shard in manifest["shards"]:
             entry = shard["files"][name]
             path = root / entry["file"]
-            header = check_shard(path, entry, {"activations": (self.code, (shard["rows"], self.d))}, verify)
+            expect = {"activations": (self.code, (shard["rows"], self.d_stored))}
+            header = check_shard(path, entry, expect, verify)
             self.files.append(path)
             self.offsets.append(read_header(path)[1] + header["activations"]["data_offsets"][0])
             self.rows.append(int(shard["rows"]))
         self._fds: dict[int, int] = {}
 
-    def read(self, shard: int, a: int, b: int) -> torch.Tensor:
-        """Rows ``[a, b)`` of ``shard`` as a tensor ``[b - a, d]`` in the stored dtype."""
-        arr = np.empty((b - a, self.d), dtype=_NP[self.code])
+    def _pread(self, shard: int, a: int, out: np.ndarray) -> None:
+        """Read full stored rows ``[a, a + len(out))`` of ``shard`` into the C-contiguous ``out``."""
         fd = self._fds.get(shard)
         if fd is None:
             fd = self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
-        view, pos = memoryview(arr).cast("B"), self.offsets[shard] + a * self.d * arr.itemsize
+        view, pos = memoryview(out).cast("B"), self.offsets[shard] + a * self.d_stored * out.itemsize
         while len(view):
             n = os.preadv(fd, [view], pos)
             if n == 0:
@@ -65,8 +98,38 @@ class _Column:
                     f"shard {self.files[shard]} is truncated; delete it and re-run `sparsedict cache`"
                 )
             view, pos = view[n:], pos + n
+
+    def read_into(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
+        """Rows ``[a, b)`` of ``shard`` (this column's ``d`` features) into ``out [b - a, d]`` (C-contiguous).
+
+        A head column reads whole rows through a small scratch buffer (≤ 4 MB) and keeps its slice.
+        """
+        if self.cols is None:
+            self._pread(shard, a, out)
+            return
+        lo, hi = self.cols
+        step = max(1, (4 << 20) // (self.d_stored * self.np_dtype.itemsize))
+        scratch = np.empty((min(step, b - a), self.d_stored), dtype=self.np_dtype)
+        for r in range(a, b, step):
+            n = min(step, b - r)
+            self._pread(shard, r, scratch[:n])
+            out[r - a : r - a + n] = scratch[:n, lo:hi]
+
+    def as_torch(self, arr: np.ndarray) -> torch.Tensor:
+        """A numpy array of this column's storage dtype as a torch tensor (shares memory)."""
         out = torch.from_numpy(arr)
         return out.view(torch.bfloat16) if self.code == "BF16" else out
+
+    def read(self, shard: int, a: int, b: int) -> torch.Tensor:
+        """Rows ``[a, b)`` of ``shard`` as a tensor ``[b - a, d]`` in the stored dtype."""
+        arr = np.empty((b - a, self.d), dtype=self.np_dtype)
+        self.read_into(shard, a, b, arr)
+        return self.as_torch(arr)
+
+    def memmap(self, shard: int) -> np.ndarray:
+        """Read-only memory map ``[rows, d_stored]`` of ``shard`` (for random access)."""
+        return np.memmap(self.files[shard], dtype=self.np_dtype, mode="r", offset=self.offsets[shard],
+                         shape=(self.rows[shard], self.d_stored))  # fmt: skip
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -78,10 +141,22 @@ class ActivationStore:
     """Batches ``(x [B, d_in], y [B, d_out] | None)`` from an activation cache directory.
 
     ``hookpoint``/``target`` accept the name given at caching time or its resolved module path.
+    Attention z (``attn_z.L``, cached merged as ``[rows, n_heads·d_head]``, the input of the output
+    projection; SAELens' ``hook_z`` with ``reshape_activations: hook_z``) is also served one head at a time:
+    ``"attn_z.6.h3"`` yields head 3's slice ``[B, d_head]`` (SAELens' ``hook_head_index=3``); the
+    manifest's ``n_heads``/``d_head`` (also ``self.n_heads``/``self.d_head``) give the layout, so the merged
+    batch reshapes with ``x.view(B, n_heads, d_head)``. A head store reads whole rows and keeps the slice.
     ``loop=True`` (default) iterates forever, epoch after epoch (``epoch`` counts them); ``loop=False``
     serves the rest of the current epoch. ``normalise=True`` multiplies x (and y) by
     ``c = sqrt(d) / sqrt(E‖x‖²)`` from :meth:`norm_stats` (so E‖c·x‖² = d); ``scale_in``/``scale_out``
     hold the constants.
+
+    RAM: the window is one read buffer ``[shuffle_buffer_rows, d]`` in the storage dtype; every batch is
+    gathered from it in shuffled order into a new tensor (the caller may keep batches without pinning the
+    window). ``max_ram_bytes`` sets ``shuffle_buffer_rows`` to the largest window with
+    ``RAM_SLACK · buffer + RAM_BATCHES batch-sized blocks + RAM_FIXED <= max_ram_bytes`` (a bound too small
+    for a window of one batch is an error). Peak RSS above the process before the store stays under the
+    bound for float32 and bfloat16 caches larger than it (measured in tests/test_cache_ram.py).
     """
 
     def __init__(self, path: str | Path, hookpoint: str, target: str | None = None, batch_size: int = 4096,
@@ -98,20 +173,25 @@ class ActivationStore:
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
-        self.hookpoint = self._name(hookpoint)
-        self.target = self._name(target) if target is not None else None
-        self._x = _Column(self.root, self.manifest, self.hookpoint, verify)
-        self._y = _Column(self.root, self.manifest, self.target, verify) if self.target else None
+        base, head = self._resolve(hookpoint)
+        self.hookpoint = base if head is None else f"{base}.h{head}"
+        self._x = _Column(self.root, self.manifest, base, verify, head)
+        info = self.manifest["hookpoints"][base]
+        self.head, self.n_heads, self.d_head = head, info.get("n_heads"), info.get("d_head")
+        self.target, self._y = None, None
+        if target is not None:
+            base_y, head_y = self._resolve(target)
+            self.target = base_y if head_y is None else f"{base_y}.h{head_y}"
+            self._y = _Column(self.root, self.manifest, base_y, verify, head_y)
         self.d_in = self._x.d
         self.d_out = self._y.d if self._y else None
         self.n_rows = int(sum(self._x.rows))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.block_rows, self.drop_last, self.loop = block_rows, drop_last, loop
         self.dtype, self.device = dtype, torch.device(device)
-        if max_ram_bytes is not None:  # pieces, concatenation, permuted copy, allocator slack
-            per_row = 5 * 4 * (self.d_in + (self.d_out or 0))  # measured: ~5 window copies at peak RSS
-            shuffle_buffer_rows = max(batch_size, int(max_ram_bytes // per_row) - batch_size)
-        self.shuffle_buffer_rows = int(shuffle_buffer_rows)
+        if max_ram_bytes is not None:
+            shuffle_buffer_rows = self._window_rows(max_ram_bytes)
+        self.shuffle_buffer_rows = max(1, int(shuffle_buffer_rows))
         self.rows_per_rank = self.n_rows // world_size
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
@@ -121,15 +201,58 @@ class ActivationStore:
             self.scale_in = self._scale(self.hookpoint)
             self.scale_out = self._scale(self.target) if self.target else 1.0
 
-    def _name(self, name: str) -> str:
+    def _window_rows(self, max_ram_bytes: int) -> int:
+        """Largest window with ``RAM_SLACK · buffer + batch allowance + RAM_FIXED <= max_ram_bytes``."""
+        out = torch.empty((), dtype=self.dtype).element_size()
+        cols = [c for c in (self._x, self._y) if c is not None]
+        per_row = RAM_SLACK * sum(c.d * c.np_dtype.itemsize for c in cols)  # the window's read buffer
+        # batch-sized blocks: held by the caller, being gathered (storage dtype) and converted, the tail and its
+        # extension, plus those the allocator keeps after they are freed (measured: <= RAM_BATCHES in all)
+        batch = self.batch_size * sum(c.d * (RAM_BATCHES * out + 2 * c.np_dtype.itemsize) for c in cols)
+        fixed = RAM_FIXED + batch + _SCRATCH * sum(c.head is not None for c in cols)
+        rows = int((max_ram_bytes - fixed) // per_row)
+        if rows < self.batch_size:
+            need = int(fixed + self.batch_size * per_row)
+            raise ValueError(
+                f"max_ram_bytes={max_ram_bytes} is too small for batch_size={self.batch_size} "
+                f"(d={sum(c.d for c in cols)}): a window of one batch needs about {need} bytes; raise "
+                "max_ram_bytes or lower batch_size"
+            )
+        return rows
+
+    def _name(self, name: str, missing_ok: bool = False) -> str | None:
+        """Cached hookpoint called ``name`` (alias or resolved path)."""
         hps = self.manifest["hookpoints"]
         if name in hps:
             return name
         for alias, info in hps.items():
             if name in (info["path"], info["module_path"] + ":" + info["side"]):
                 return alias
+        if missing_ok:
+            return None
         raise KeyError(f"hookpoint {name!r} is not in the cache {self.root}; it holds "
                        f"{', '.join(a + ' (' + i['path'] + ')' for a, i in hps.items())}")  # fmt: skip
+
+    def _resolve(self, name: str) -> tuple[str, int | None]:
+        """``(cached hookpoint, head)``: a cached name, or an attention z name with a ``.h<k>`` head suffix."""
+        found = self._name(name, missing_ok=True)
+        if found is not None:
+            return found, None
+        base, head = split_head(name)
+        found = self._name(base, missing_ok=True) if head is not None else None
+        if found is None:
+            self._name(name)  # raises the "not in the cache" error
+        info = self.manifest["hookpoints"][found]
+        if "n_heads" not in info:
+            raise KeyError(
+                f"hookpoint {name!r}: {found!r} in {self.root} has no per-head layout ('.h<k>' selects a head of "
+                "an attention z hookpoint, attn_z.L, cached by this version); cache the head directly "
+                f"(hookpoints=[{name!r}]) or re-create the cache"
+            )
+        if not 0 <= head < info["n_heads"]:
+            raise KeyError(f"hookpoint {name!r}: head {head} out of range, {found} has {info['n_heads']} heads "
+                           f"(0..{info['n_heads'] - 1})")  # fmt: skip
+        return found, head
 
     # ----------------------------------------------------------------- epoch plan
     def _blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -146,32 +269,37 @@ class ActivationStore:
         cum = np.concatenate([[0], np.cumsum(stop_a - start_a)])
         return shard_a, start_a, stop_a, cum
 
-    def _window(self, plan, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows of window ``k`` of this rank's part of epoch ``epoch``, permuted."""
+    def _fill(self, plan, epoch: int, k: int, bufs: list[np.ndarray | None]) -> tuple[int, list]:
+        """Read window ``k`` of this rank's part of epoch ``epoch`` into ``bufs`` (one reusable
+        ``[window, d]`` array per column, storage dtype); return its row count and ``(shard, a, b)`` pieces."""
         shard, start, stop, cum = plan
         lo = self.rank * self.rows_per_rank + k * self.shuffle_buffer_rows
         hi = min(lo + self.shuffle_buffer_rows, (self.rank + 1) * self.rows_per_rank)
         first, last = np.searchsorted(cum, lo, "right") - 1, np.searchsorted(cum, hi, "left")
-        xs, ys, pieces = [], [], []
+        pieces, at = [], 0
         for j in range(first, last):
             a = int(start[j] + max(0, lo - cum[j]))
             b = int(stop[j] - max(0, cum[j + 1] - hi))
             pieces.append((int(shard[j]), a, b))
-            xs.append(self._x.read(int(shard[j]), a, b))
-            if self._y is not None:
-                ys.append(self._y.read(int(shard[j]), a, b))
-        perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(hi - lo))
-        x = self._finite(self._x, torch.cat(xs), pieces)
-        y = self._finite(self._y, torch.cat(ys), pieces) if ys else None
-        del xs, ys
-        x = x.to(self.dtype)[perm]
-        y = y.to(self.dtype)[perm] if y is not None else None
-        return x, y
+            for col, buf in zip((self._x, self._y), bufs):
+                if col is not None:
+                    col.read_into(int(shard[j]), a, b, buf[at : at + b - a])
+            at += b - a
+        return hi - lo, pieces
 
-    def _finite(self, col: _Column, x: torch.Tensor, pieces: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Check ``x`` (the concatenated ``pieces``) for NaN/inf: one cheap sum, then locate the shard."""
-        if torch.isfinite(x.float().sum()):
-            return x
+    def _take(
+        self, col: _Column | None, src: torch.Tensor | None, idx: torch.Tensor, pieces
+    ) -> torch.Tensor | None:
+        """Rows ``src[idx]`` as a new ``[len(idx), d]`` tensor in ``self.dtype``; NaN/inf raise naming the shard."""
+        if col is None:
+            return None
+        part = src[idx]
+        if not torch.isfinite(part.sum(dtype=torch.float32)):
+            self._locate_nonfinite(col, src, pieces)
+        return part.to(self.dtype)
+
+    def _locate_nonfinite(self, col: _Column, x: torch.Tensor, pieces: list[tuple[int, int, int]]) -> None:
+        """Raise naming the shard whose rows in ``x`` (the concatenated ``pieces``) hold NaN/inf."""
         at = 0
         for shard, a, b in pieces:
             part = x[at : at + b - a]
@@ -181,7 +309,6 @@ class ActivationStore:
                     f"shard {col.files[shard]} holds NaN/inf activations (rows {a}..{b}); delete it and re-run "
                     "the `sparsedict cache` command (with dtype bfloat16/float32 if it was float16)"
                 )
-        return x
 
     # ----------------------------------------------------------------- iteration
     def __len__(self) -> int:
@@ -205,39 +332,59 @@ class ActivationStore:
         off = self._batch * B
         k = off // self.shuffle_buffer_rows
         skip = off - k * self.shuffle_buffer_rows
-        tail_x = tail_y = None  # rows of the previous window that did not fill a batch (< B, a copy)
+        cap = min(self.shuffle_buffer_rows, self.rows_per_rank)
+        bufs = [np.empty((cap, c.d), dtype=c.np_dtype) if c is not None else None for c in (self._x, self._y)]
+        tail_x = tail_y = None  # rows of the previous window that did not fill a batch (< B)
         while self._batch < self.batches_per_epoch and k < n_windows:
-            x, y = self._window(plan, epoch, k)
-            x, y = x[skip:], (y[skip:] if y is not None else None)
+            n, pieces = self._fill(plan, epoch, k, bufs)
+            sx, sy = (
+                c.as_torch(buf[:n]) if c is not None else None for c, buf in zip((self._x, self._y), bufs)
+            )
+            # the window's rows in shuffled order are src[perm]; batches gather them straight from the buffer
+            perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(n))
+            perm = perm[skip:]
             skip, k = 0, k + 1
             pos, last = 0, k == n_windows
             if tail_x is not None and len(tail_x):
-                pos = min(B - len(tail_x), len(x))
-                tail_x = torch.cat([tail_x, x[:pos]])
-                tail_y = torch.cat([tail_y, y[:pos]]) if y is not None else None
+                pos = min(B - len(tail_x), len(perm))
+                tail_x = torch.cat([tail_x, self._take(self._x, sx, perm[:pos], pieces)])
+                tail_y = (
+                    torch.cat([tail_y, self._take(self._y, sy, perm[:pos], pieces)])
+                    if sy is not None
+                    else None
+                )
                 if len(tail_x) == B or last:
                     self._batch += 1
                     yield (
                         self._out(tail_x, self.scale_in),
-                        (self._out(tail_y, self.scale_out) if y is not None else None),
+                        (self._out(tail_y, self.scale_out) if sy is not None else None),
                     )
                     tail_x = tail_y = None
-            while self._batch < self.batches_per_epoch and (len(x) - pos >= B or (last and pos < len(x))):
-                bx, by = x[pos : pos + B], (y[pos : pos + B] if y is not None else None)
-                pos += len(bx)
+            while self._batch < self.batches_per_epoch and (
+                len(perm) - pos >= B or (last and pos < len(perm))
+            ):
+                idx = perm[pos : pos + B]
+                pos += len(idx)
+                bx, by = self._take(self._x, sx, idx, pieces), self._take(self._y, sy, idx, pieces)
                 self._batch += 1
                 yield (
                     self._out(bx, self.scale_in),
                     (self._out(by, self.scale_out) if by is not None else None),
                 )
-            if pos < len(x):
-                tail_x = torch.cat([tail_x, x[pos:]]) if tail_x is not None else x[pos:].clone()
+                bx = by = None
+            if pos < len(perm):
+                rest_x, rest_y = (
+                    self._take(self._x, sx, perm[pos:], pieces),
+                    self._take(self._y, sy, perm[pos:], pieces),
+                )
+                tail_x = torch.cat([tail_x, rest_x]) if tail_x is not None else rest_x
                 tail_y = (
-                    (torch.cat([tail_y, y[pos:]]) if tail_y is not None else y[pos:].clone())
-                    if y is not None
+                    (torch.cat([tail_y, rest_y]) if tail_y is not None else rest_y)
+                    if sy is not None
                     else None
                 )
-            x = y = bx = by = None  # free this window before reading the next
+            sx = sy = None
+            _trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
         self.epoch, self._batch = epoch + 1, 0
 
     def _out(self, t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -261,14 +408,13 @@ class ActivationStore:
     def _gather(self, col: _Column, rows: np.ndarray) -> torch.Tensor:
         """Global row indices ``rows`` (sorted) -> ``[len(rows), d]`` in ``self.dtype``."""
         cum = np.concatenate([[0], np.cumsum(col.rows)])
+        lo, hi = col.cols or (0, col.d)
         parts = []
         for s in range(len(col.rows)):
             sel = rows[(rows >= cum[s]) & (rows < cum[s + 1])] - cum[s]
             if len(sel):
-                mm = np.memmap(col.files[s], dtype=_NP[col.code], mode="r", offset=col.offsets[s],
-                               shape=(col.rows[s], col.d))  # fmt: skip
-                t = torch.from_numpy(np.ascontiguousarray(mm[sel]))
-                parts.append(t.view(torch.bfloat16) if col.code == "BF16" else t)
+                mm = col.memmap(s)
+                parts.append(col.as_torch(np.ascontiguousarray(mm[sel, lo:hi])))
                 del mm
         return torch.cat(parts).to(self.dtype)
 
@@ -317,16 +463,15 @@ class ActivationStore:
     def norm_stats(self, hookpoint: str | None = None) -> dict:
         """``{"mean": [d], "mean_sq_norm", "mean_norm", "rows"}`` over the whole cache, computed once and
         stored in the manifest."""
-        name = self._name(hookpoint) if hookpoint else self.hookpoint
+        col = self._column(hookpoint or self.hookpoint)
+        name = col.name if col.head is None else f"{col.name}.h{col.head}"
         stats = self.manifest.setdefault("stats", {}).get(name)
         if stats is None:
-            col = self._x if name == self.hookpoint else (self._y if name == self.target else None)
-            col = col or _Column(self.root, self.manifest, name, verify=False)
             total = torch.zeros(col.d, dtype=torch.float64)
             sq = norm = 0.0
             for s, rows in enumerate(col.rows):
-                for a in range(0, rows, 65536):
-                    x = col.read(s, a, min(rows, a + 65536)).double()
+                for a in range(0, rows, 16384):
+                    x = col.read(s, a, min(rows, a + 16384)).double()
                     total += x.sum(0)
                     n2 = (x * x).sum(1)
                     sq, norm = sq + float(n2.sum()), norm + float(n2.sqrt().sum())
@@ -338,9 +483,17 @@ class ActivationStore:
             self.manifest["stats"][name] = stats
         return {**stats, "mean": torch.tensor(stats["mean"], dtype=torch.float32)}
 
+    def _column(self, name: str) -> _Column:
+        """The open column for ``name`` (input or target), else a new one."""
+        base, head = self._resolve(name)
+        for col in (self._x, self._y):
+            if col is not None and (col.name, col.head) == (base, head):
+                return col
+        return _Column(self.root, self.manifest, base, verify=False, head=head)
+
     def _scale(self, name: str) -> float:
         stats = self.norm_stats(name)
-        return math.sqrt(self.manifest["hookpoints"][name]["d"] / stats["mean_sq_norm"])
+        return math.sqrt(self._column(name).d / stats["mean_sq_norm"])
 
     def close(self) -> None:
         self._x.close()
