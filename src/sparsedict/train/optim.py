@@ -62,9 +62,10 @@ def _schedule_free(base: torch.optim.Optimizer, momentum: float):
 def resolve_optimizer(model: nn.Module, name: str) -> str:
     """``'auto'`` -> the optimiser that won the issue-11 benchmark for this architecture, else ``name``.
 
-    TopK: ``'signum_sf'`` (held-out FVU 0.228–0.237 after one epoch of the SmolLM2 workload against 0.26 for
-    Adam at a tuned LR and 0.62 at the width-rule LR; benchmarks/RESULTS_training.md). Every other
-    architecture: ``'adam'`` (their losses and test LRs were tuned with Adam; sign updates are unmeasured there).
+    TopK: ``'signum_sf'``: at default settings it reached held-out FVU 0.237 after one epoch of the SmolLM2
+    workload against 0.62 for Adam at its width-rule LR (Adam at a hand-set LR of 6e-3 did better still:
+    0.231, and 0.154 after five epochs; benchmarks/RESULTS_training.md). Every other architecture:
+    ``'adam'`` (their losses and test LRs were tuned with Adam; sign updates are unmeasured there).
     """
     if name != "auto":
         return name
