@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_tokens", type=int, default=250_000)
     p.add_argument("--eval_tokens", type=int, default=50_000)
     p.add_argument("--epochs", default="1,5", help="epochs per run in the workload mode")
-    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--optimizer", default="auto", help="TrainConfig.optimizer (auto: the per-architecture default)")
     p.add_argument("--autocast", default="none", help="TrainConfig.autocast: 'none' (fp32) or 'bf16'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. 'contended machine')")
