@@ -41,7 +41,7 @@ RAM_SLACK = 1.1
 RAM_BATCHES = 8
 """Batch-sized blocks (in the output dtype) allowed for: the batch the caller holds, the one being built, the
 tail, and freed blocks the allocator has not yet handed back (glibc keeps several; measured)."""
-RAM_FIXED = 16 << 20
+RAM_FIXED = 20 << 20
 """Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
 
 
