@@ -36,6 +36,7 @@ ARCHITECTURES = [
     ("jumprelu", "jumprelu", {"l0_target": "K", "l0_coefficient": 1.0, "threshold_init": 0.01}, "unit_msn"),
     ("relu", "relu", {"l1_coefficient": 5.0}, "sqrt_d"),
     ("gated", "gated", {"l1_coefficient": 1.0}, "sqrt_d"),
+    ("mp", "mp", {"steps": "K"}, "none"),
 ]
 
 
@@ -71,6 +72,7 @@ def run_one(name: str, arch: str, overrides: dict, norm: str, args, train_dir: P
     tc = TrainConfig(
         batch_size=args.batch_size,
         epochs=args.epochs,
+        optimizer="adam",  # one optimiser for every row (the 'auto' default picks signum_sf for TopK only)
         lr=args.lr,
         warmup_steps=args.warmup,
         normalise_inputs=norm,
