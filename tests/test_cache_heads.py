@@ -4,6 +4,7 @@ hook on o_proj's input, shuffled head batches against the merged ones, splicing 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import pytest
@@ -148,3 +149,45 @@ def test_gpt2_head_layout():
     assert (hp.n_heads, hp.d_head, hp.path) == (4, 4, "transformer.h.1.attn.c_proj:in.h3")
     acts = hooks.record(model, ["attn_z.1", "attn_z.1.h3"], torch.randint(0, 64, (2, 5)))
     assert torch.equal(acts["attn_z.1.h3"], acts["attn_z.1"][..., 12:16])
+
+
+def test_per_head_dictionary_recipe_train_splice(cache, smol):
+    """A recipe may name a head of a cached attn_z; a TopK on that head takes d_in from the store, trains,
+    and splices into the model exactly where a raw o_proj pre-hook would put it."""
+    from sparsedict.eval.metrics import reconstruct
+    from sparsedict.train.recipe import parse_recipe
+    from sparsedict.train.run import build_dictionaries, open_sources
+
+    recipe = parse_recipe({
+        "cache": {"hookpoints": ["attn_z.3"], "dataset": "embedded-sample"},
+        "dictionaries": [{"architecture": "topk", "hookpoint": "attn_z.3.h2", "k": 4, "expansion": 2}],
+        "train": {"seed": 0},
+    })  # fmt: skip
+    sources = open_sources(recipe, cache, batch_size=64, rank=0, world=1)
+    (sae,) = build_dictionaries(recipe, sources).values()
+    assert (sae.d_in, sae.n_latents) == (D_HEAD, 2 * D_HEAD)
+    sae.init_from_data(sources[("attn_z.3.h2", "")].sample(200), None)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    for x, _ in itertools.islice(sources[("attn_z.3.h2", "")], 3):  # the store loops forever
+        loss = sum(sae(x).losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    model, _ = smol
+    ids = torch.tensor([[1, 504, 2115, 282, 4649, 314, 260, 2743]])
+    cols = slice(2 * D_HEAD, 3 * D_HEAD)
+
+    def by_hand(_mod, args):
+        z = args[0].clone()
+        z[..., cols] = reconstruct(sae, z[0, :, cols])[0].unsqueeze(0)
+        return (z,)
+
+    with torch.no_grad():
+        with sae.hook(model, "splice"):
+            spliced = model(input_ids=ids).logits
+        handle = model.model.layers[3].self_attn.o_proj.register_forward_pre_hook(by_hand)
+        ref = model(input_ids=ids).logits
+        handle.remove()
+    torch.testing.assert_close(spliced, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(spliced, model(input_ids=ids).logits.detach(), atol=1e-4)

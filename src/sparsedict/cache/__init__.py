@@ -5,7 +5,15 @@
     store = ActivationStore(path, "resid_post.6", batch_size=4096)
     for x, _ in store: ...          # x [B, 576] float32
 
-``LiveSource`` (no disk) offers the same iterator straight from the model; ``hooks`` resolves
+Attention z per head: ``attn_z.L`` is cached merged (``[rows, n_heads·d_head]``, the input of the output
+projection, as SAELens' ``hook_z`` with ``reshape_activations: hook_z``); the manifest records ``n_heads`` and
+``d_head``, and a ``.hK`` suffix selects one head everywhere a hookpoint is named::
+
+    store = ActivationStore(path, "attn_z.6.h3")   # x [B, 64]: head 3 (SAELens hook_head_index=3)
+    x.view(B, store.n_heads, store.d_head)        # a merged attn_z.6 batch, per head
+
+Dictionaries trained on ``attn_z.6.h3`` splice and evaluate like any other (``hooks.replace`` swaps that head
+only). ``LiveSource`` (no disk) offers the same iterator straight from the model; ``hooks`` resolves
 hookpoint names and records or replaces activations in a forward pass.
 """
 

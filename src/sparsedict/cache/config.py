@@ -36,7 +36,10 @@ class CacheConfig:
     """Stream the dataset (`load_dataset(..., streaming=True)`) instead of downloading it whole."""
     hookpoints: list[str] = field(default_factory=lambda: ["resid_post.14"])
     """Hookpoints cached in one forward pass: aliases (resid_post.L, resid_pre.L, mlp_in.L, mlp_out.L,
-    mlp_hidden.L, attn_out.L, attn_z.L) or raw module paths with a side ("model.layers.6.mlp:in")."""
+    mlp_hidden.L, attn_out.L, attn_z.L) or raw module paths with a side ("model.layers.6.mlp:in").
+    attn_z.L is stored merged, [rows, n_heads·d_head] (SAELens hook_z with reshape_activations: hook_z),
+    with n_heads/d_head in the manifest; ActivationStore(path, "attn_z.L.hK") then serves head K's slice
+    [B, d_head] (SAELens hook_head_index=K). "attn_z.L.hK" may also be cached on its own (one head only)."""
     context_length: int = 128
     """Tokens per context (including the BOS token when prepend_bos). Documents are chunked into
     contexts of this length, never packed across documents; the last chunk is right-padded."""

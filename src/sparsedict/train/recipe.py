@@ -62,6 +62,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{source}: unknown section {key!r}{hint} Sections: {', '.join(SECTIONS)}")
     from sparsedict.cache import CacheConfig
+    from sparsedict.cache.hooks import split_head
 
     dicts = data.get("dictionaries") or []
     if not isinstance(dicts, list) or not dicts:
@@ -76,7 +77,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
             cfg.hookpoint = cache.hookpoints[0]
         if cache is not None:
             for hp in filter(None, (cfg.hookpoint, cfg.target)):
-                if hp not in cache.hookpoints:
+                if hp not in cache.hookpoints and split_head(hp)[0] not in cache.hookpoints:  # attn_z.L.hK
                     raise ConfigError(
                         f"{source}: dictionary hookpoint {hp!r} is not cached; cache.hookpoints = {cache.hookpoints}"
                     )
