@@ -43,3 +43,46 @@ def by_index(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Order each row's (value, index) pairs by index, for order-insensitive comparisons."""
     o = indices.argsort(dim=-1)
     return values.gather(1, o), indices.gather(1, o)
+
+
+def triton_interpreter_module(test_file: str, clear_env: tuple[str, ...] = ("SPARSEDICT_DISABLE_TRITON",)):
+    """Set up a test module that runs Triton kernels under the CPU interpreter.
+
+    Triton's interpreter must be on when ``triton`` is first imported (its standard library, tl.min/tl.sort,
+    is decorated then). Call this before importing triton or sparsedict's kernels; it returns
+    ``(test_interpreter_in_fresh_process, interpret_fixture)`` for the module to bind at top level: when this
+    process already imported triton compiled, every test of the module is skipped and the first one reruns
+    the whole file in a fresh process instead.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    in_process = "triton" not in sys.modules
+    if in_process:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+    @pytest.mark.skipif(in_process, reason="runs only when this process cannot host the interpreter")
+    def test_interpreter_in_fresh_process():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        env.pop("SPARSEDICT_DISABLE_TRITON", None)
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+            env=env,
+            cwd=os.path.dirname(test_file),
+        )
+        assert r.returncode == 0
+
+    @pytest.fixture(autouse=True)
+    def interpret(monkeypatch, request):
+        if not in_process and request.node.name != "test_interpreter_in_fresh_process":
+            pytest.skip(
+                "triton was imported compiled in this process; test_interpreter_in_fresh_process runs these"
+            )
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        for name in clear_env:
+            monkeypatch.delenv(name, raising=False)
+
+    return test_interpreter_in_fresh_process, interpret

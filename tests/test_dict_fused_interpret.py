@@ -12,49 +12,24 @@ kernels' tile sizes. The interpreter must be on when ``triton`` is first importe
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from kernel_helpers import triton_interpreter_module
 
 if torch.cuda.is_available():
     pytest.skip(
         "a GPU is present: the compiled kernels are tested in test_kernels_gpu.py", allow_module_level=True
     )
 
-_IN_PROCESS = "triton" not in sys.modules
-if _IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+test_interpreter_in_fresh_process, _interpret = triton_interpreter_module(
+    __file__, ("SPARSEDICT_DISABLE_TRITON", "SPARSEDICT_FORCE_TRITON")
+)
 pytest.importorskip("triton")
 
 from sparsedict.dictionaries import build  # noqa: E402
 from sparsedict.dictionaries.batchtopk import BatchTopKConfig, batch_topk  # noqa: E402
 from sparsedict.dictionaries.matryoshka import MatryoshkaConfig  # noqa: E402
-
-
-@pytest.mark.skipif(_IN_PROCESS, reason="runs only when this process cannot host the interpreter")
-def test_interpreter_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("SPARSEDICT_DISABLE_TRITON", None)
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        cwd=os.path.dirname(__file__),
-    )
-    assert r.returncode == 0
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch, request):
-    if not _IN_PROCESS and request.node.name != "test_interpreter_in_fresh_process":
-        pytest.skip(
-            "triton was imported compiled in this process; test_interpreter_in_fresh_process runs these"
-        )
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SPARSEDICT_DISABLE_TRITON", raising=False)
-    monkeypatch.delenv("SPARSEDICT_FORCE_TRITON", raising=False)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,52 +9,22 @@ every pre-activation exact, so the selected indices must agree exactly in both d
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from kernel_helpers import encode_inputs, err_ratio
+from kernel_helpers import encode_inputs, err_ratio, triton_interpreter_module
 
 if torch.cuda.is_available():
     pytest.skip("a GPU is present: test_kernels_gpu.py runs the compiled kernels", allow_module_level=True)
 
 # Triton's interpreter must be on when ``triton`` is first imported (its standard library, tl.min/tl.sort,
 # is decorated then). If another test already imported it compiled, rerun this file in a fresh process.
-_IN_PROCESS = "triton" not in sys.modules
-if _IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+test_interpreter_in_fresh_process, _interpret = triton_interpreter_module(__file__)
 pytest.importorskip("triton")
 
 from sparsedict.kernels import normalised_adam_step, sparse_decode, topk_encode  # noqa: E402
 from sparsedict.kernels.topk_encode import topk_encode_fwd  # noqa: E402
 
-
-@pytest.mark.skipif(_IN_PROCESS, reason="runs only when this process cannot host the interpreter")
-def test_interpreter_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("SPARSEDICT_DISABLE_TRITON", None)
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        cwd=os.path.dirname(__file__),
-    )
-    assert r.returncode == 0
-
-
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch, request):
-    if not _IN_PROCESS and request.node.name != "test_interpreter_in_fresh_process":
-        pytest.skip(
-            "triton was imported compiled in this process; test_interpreter_in_fresh_process runs these"
-        )
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SPARSEDICT_DISABLE_TRITON", raising=False)
-
 
 ENCODE_CASES = [
     # B, d, n, k, dtype, kind
