@@ -21,14 +21,9 @@ import functools
 import torch
 from torch import Tensor
 
+from sparsedict.kernels.topk_cpu import numba_available
 
-@functools.cache
-def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["numba_available", "pursuit_backward", "pursuit_forward"]
 
 
 @functools.cache
