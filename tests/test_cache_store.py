@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.cache.store import RAM_FIXED
 from sparsedict.lm import load_model
 
 N_TOKENS = 1500
@@ -117,7 +118,8 @@ def test_resume_exact(cache):
 def test_ram_bound_sets_window(cache, monkeypatch):
     """The bound sizes the window (the served rows are unchanged); a bound below one batch is refused.
     Peak RSS under the bound is measured in test_cache_ram.py."""
-    store = ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=18_000_000, loop=False)
+    bound = RAM_FIXED + 1_500_000  # leaves ~300 rows of window after the fixed and batch-sized allowances
+    store = ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=bound, loop=False)
     assert 32 <= store.shuffle_buffer_rows < 400
     sizes = []
     orig = ActivationStore._fill
