@@ -20,22 +20,18 @@ resuming replays nothing but the window that holds the next batch.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest, write_json_atomic
-from sparsedict.cache.writer import check_shard, read_header, st_dtype
+from sparsedict.cache.writer import check_shard
 
-_NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
-_SCRATCH = 4 << 20  # bytes of a head column's whole-row read buffer
 RAM_SLACK = 1.1
 """Factor on the window's read buffer (page rounding, small temporaries)."""
 RAM_BATCHES = 8
@@ -43,98 +39,6 @@ RAM_BATCHES = 8
 tail, and freed blocks the allocator has not yet handed back (glibc keeps several; measured)."""
 RAM_FIXED = 20 << 20
 """Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
-
-
-def _load_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _load_trim()
-
-
-def _trim() -> None:
-    """``malloc_trim(0)`` where glibc provides it: return free heap pages to the OS (bounds peak RSS)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-class _Column:
-    """One hookpoint's shards (or one head's slice of them): row offsets and positioned reads of row ranges."""
-
-    def __init__(self, root: Path, manifest: dict, name: str, verify: bool, head: int | None = None) -> None:
-        info = manifest["hookpoints"][name]
-        self.name, self.head, self.d_stored = name, head, int(info["d"])
-        self.code = st_dtype(getattr(torch, info["dtype"]))
-        self.np_dtype = np.dtype(_NP[self.code])
-        self.cols: tuple[int, int] | None = None
-        self.d = self.d_stored
-        if head is not None:
-            d_head = int(info["d_head"])
-            self.cols, self.d = (head * d_head, (head + 1) * d_head), d_head
-        self.files, self.offsets, self.rows = [], [], []
-        for shard in manifest["shards"]:
-            entry = shard["files"][name]
-            path = root / entry["file"]
-            expect = {"activations": (self.code, (shard["rows"], self.d_stored))}
-            header = check_shard(path, entry, expect, verify)
-            self.files.append(path)
-            self.offsets.append(read_header(path)[1] + header["activations"]["data_offsets"][0])
-            self.rows.append(int(shard["rows"]))
-        self._fds: dict[int, int] = {}
-
-    def _pread(self, shard: int, a: int, out: np.ndarray) -> None:
-        """Read full stored rows ``[a, a + len(out))`` of ``shard`` into the C-contiguous ``out``."""
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
-        view, pos = memoryview(out).cast("B"), self.offsets[shard] + a * self.d_stored * out.itemsize
-        while len(view):
-            n = os.preadv(fd, [view], pos)
-            if n == 0:
-                raise CacheError(
-                    f"shard {self.files[shard]} is truncated; delete it and re-run `sparsedict cache`"
-                )
-            view, pos = view[n:], pos + n
-
-    def read_into(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
-        """Rows ``[a, b)`` of ``shard`` (this column's ``d`` features) into ``out [b - a, d]`` (C-contiguous).
-
-        A head column reads whole rows through a small scratch buffer (≤ 4 MB) and keeps its slice.
-        """
-        if self.cols is None:
-            self._pread(shard, a, out)
-            return
-        lo, hi = self.cols
-        step = max(1, (4 << 20) // (self.d_stored * self.np_dtype.itemsize))
-        scratch = np.empty((min(step, b - a), self.d_stored), dtype=self.np_dtype)
-        for r in range(a, b, step):
-            n = min(step, b - r)
-            self._pread(shard, r, scratch[:n])
-            out[r - a : r - a + n] = scratch[:n, lo:hi]
-
-    def as_torch(self, arr: np.ndarray) -> torch.Tensor:
-        """A numpy array of this column's storage dtype as a torch tensor (shares memory)."""
-        out = torch.from_numpy(arr)
-        return out.view(torch.bfloat16) if self.code == "BF16" else out
-
-    def read(self, shard: int, a: int, b: int) -> torch.Tensor:
-        """Rows ``[a, b)`` of ``shard`` as a tensor ``[b - a, d]`` in the stored dtype."""
-        arr = np.empty((b - a, self.d), dtype=self.np_dtype)
-        self.read_into(shard, a, b, arr)
-        return self.as_torch(arr)
-
-    def memmap(self, shard: int) -> np.ndarray:
-        """Read-only memory map ``[rows, d_stored]`` of ``shard`` (for random access)."""
-        return np.memmap(self.files[shard], dtype=self.np_dtype, mode="r", offset=self.offsets[shard],
-                         shape=(self.rows[shard], self.d_stored))  # fmt: skip
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 class ActivationStore:
@@ -175,14 +79,14 @@ class ActivationStore:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         base, head = self._resolve(hookpoint)
         self.hookpoint = base if head is None else f"{base}.h{head}"
-        self._x = _Column(self.root, self.manifest, base, verify, head)
+        self._x = Column(self.root, self.manifest, base, verify, head)
         info = self.manifest["hookpoints"][base]
         self.head, self.n_heads, self.d_head = head, info.get("n_heads"), info.get("d_head")
         self.target, self._y = None, None
         if target is not None:
             base_y, head_y = self._resolve(target)
             self.target = base_y if head_y is None else f"{base_y}.h{head_y}"
-            self._y = _Column(self.root, self.manifest, base_y, verify, head_y)
+            self._y = Column(self.root, self.manifest, base_y, verify, head_y)
         self.d_in = self._x.d
         self.d_out = self._y.d if self._y else None
         self.n_rows = int(sum(self._x.rows))
@@ -209,7 +113,7 @@ class ActivationStore:
         # batch-sized blocks: held by the caller, being gathered (storage dtype) and converted, the tail and its
         # extension, plus those the allocator keeps after they are freed (measured: <= RAM_BATCHES in all)
         batch = self.batch_size * sum(c.d * (RAM_BATCHES * out + 2 * c.np_dtype.itemsize) for c in cols)
-        fixed = RAM_FIXED + batch + _SCRATCH * sum(c.head is not None for c in cols)
+        fixed = RAM_FIXED + batch + SCRATCH_BYTES * sum(c.head is not None for c in cols)
         rows = int((max_ram_bytes - fixed) // per_row)
         if rows < self.batch_size:
             need = int(fixed + self.batch_size * per_row)
@@ -288,7 +192,7 @@ class ActivationStore:
         return hi - lo, pieces
 
     def _take(
-        self, col: _Column | None, src: torch.Tensor | None, idx: torch.Tensor, pieces
+        self, col: Column | None, src: torch.Tensor | None, idx: torch.Tensor, pieces
     ) -> torch.Tensor | None:
         """Rows ``src[idx]`` as a new ``[len(idx), d]`` tensor in ``self.dtype``; NaN/inf raise naming the shard."""
         if col is None:
@@ -298,7 +202,7 @@ class ActivationStore:
             self._locate_nonfinite(col, src, pieces)
         return part.to(self.dtype)
 
-    def _locate_nonfinite(self, col: _Column, x: torch.Tensor, pieces: list[tuple[int, int, int]]) -> None:
+    def _locate_nonfinite(self, col: Column, x: torch.Tensor, pieces: list[tuple[int, int, int]]) -> None:
         """Raise naming the shard whose rows in ``x`` (the concatenated ``pieces``) hold NaN/inf."""
         at = 0
         for shard, a, b in pieces:
@@ -384,7 +288,7 @@ class ActivationStore:
                     else None
                 )
             sx = sy = None
-            _trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
+            trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
         self.epoch, self._batch = epoch + 1, 0
 
     def _out(self, t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -405,7 +309,7 @@ class ActivationStore:
         self.epoch, self._batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
 
     # ----------------------------------------------------------------- random access
-    def _gather(self, col: _Column, rows: np.ndarray) -> torch.Tensor:
+    def _gather(self, col: Column, rows: np.ndarray) -> torch.Tensor:
         """Global row indices ``rows`` (sorted) -> ``[len(rows), d]`` in ``self.dtype``."""
         cum = np.concatenate([[0], np.cumsum(col.rows)])
         lo, hi = col.cols or (0, col.d)
@@ -457,7 +361,7 @@ class ActivationStore:
         """Check every shard of this store's hookpoints against its sha256 (reads all the data)."""
         for col in (self._x, self._y):
             if col is not None:
-                _Column(self.root, self.manifest, col.name, verify=True)
+                Column(self.root, self.manifest, col.name, verify=True)
 
     # ----------------------------------------------------------------- statistics
     def norm_stats(self, hookpoint: str | None = None) -> dict:
@@ -483,13 +387,13 @@ class ActivationStore:
             self.manifest["stats"][name] = stats
         return {**stats, "mean": torch.tensor(stats["mean"], dtype=torch.float32)}
 
-    def _column(self, name: str) -> _Column:
+    def _column(self, name: str) -> Column:
         """The open column for ``name`` (input or target), else a new one."""
         base, head = self._resolve(name)
         for col in (self._x, self._y):
             if col is not None and (col.name, col.head) == (base, head):
                 return col
-        return _Column(self.root, self.manifest, base, verify=False, head=head)
+        return Column(self.root, self.manifest, base, verify=False, head=head)
 
     def _scale(self, name: str) -> float:
         stats = self.norm_stats(name)
