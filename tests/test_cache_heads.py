@@ -111,6 +111,8 @@ def test_record_and_splice_one_head(smol):
         D_HEAD,
         "model.layers.3.self_attn.o_proj:in.h2",
     )
+    raw = hooks.resolve(model, "model.layers.3.self_attn.o_proj:in.h2")  # raw path + head suffix
+    assert (raw.path, raw.head, raw.n_heads, raw.d_head) == (hp.path, 2, N_HEADS, D_HEAD)
     acts = hooks.record(model, ["attn_z.3", "attn_z.3.h2"], ids)
     assert torch.equal(acts["attn_z.3.h2"], acts["attn_z.3"][..., 2 * D_HEAD : 3 * D_HEAD])
     with torch.no_grad():

@@ -164,7 +164,7 @@ def available(model: nn.Module) -> list[str]:
 def resolve(model: nn.Module, name: str) -> Hookpoint:
     """Resolve an alias (``resid_post.6``) or raw path (``model.layers.6.mlp:in``) to a :class:`Hookpoint`."""
     base, head = split_head(name)
-    if head is not None and name.partition(":")[0] not in dict(model.named_modules()):
+    if head is not None and name not in dict(model.named_modules()):
         hp = resolve(model, base)
         layout = head_layout(model, hp)
         if layout is None:
