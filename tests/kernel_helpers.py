@@ -60,7 +60,8 @@ def triton_interpreter_module(test_file: str, clear_env: tuple[str, ...] = ("SPA
 
     import pytest
 
-    in_process = "triton" not in sys.modules
+    # triton already imported with the interpreter on (by an earlier module of this kind) is fine too
+    in_process = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
     if in_process:
         os.environ["TRITON_INTERPRET"] = "1"
 
