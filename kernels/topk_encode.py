@@ -9,11 +9,22 @@ through the k selected entries: with ``gp = g_values · [values > 0]``,
 
 * ``topk_encode_ref`` / :class:`TopKEncodeRefFn`: plain torch; the ``[B, n]`` pre-activation is computed
   once in the input dtype (torch's GEMM accumulates in fp32); output sorted by value, descending.
-* ``topk_encode_fwd``: the fused Triton forward. ``_topk_encode_fwd_kernel`` runs a GEMM over
-  ``[BLOCK_M, BLOCK_N]`` tiles with fp32 accumulation, adds the bias and merges each tile into a running
-  per-row top-``K_PAD`` held in registers; the latent axis is split S ways for occupancy and
-  ``_topk_merge_kernel`` sorts the ``[B, S·K_PAD]`` candidates (exact: each split keeps its own top-k).
-  Each candidate is packed into one int64 key ``(order-preserving float bits << 32) | (2^31−1−index)``
+* ``topk_encode_fwd``: the fused Triton forward, two algorithms (``algorithm=`` / :data:`DEFAULT_ALGORITHM`):
+
+  - ``'merge'`` (:func:`topk_encode_merge_fwd`): ``_topk_encode_fwd_kernel`` runs a GEMM over
+    ``[BLOCK_M, BLOCK_N]`` tiles with fp32 accumulation, adds the bias and merges each tile into a running
+    per-row top-``K_PAD`` held in registers; the latent axis is split S ways for occupancy and
+    ``_topk_merge_kernel`` sorts the ``[B, S·K_PAD]`` candidates (exact: each split keeps its own top-k).
+    Limited by the insertion loop of the running merge, not by the GEMM (12–20 % of a bf16 GEMM on an H100).
+  - ``'filter'`` (:func:`topk_encode_filter_fwd`): a threshold pre-filter. A: each row's k-th largest
+    pre-activation over a sample of ``n/S`` latents (torch GEMM + topk) — a lower bound on its k-th largest
+    over all n. B: ``_filter_gemm_kernel``, a plain tiled GEMM whose epilogue compacts the entries at or
+    above the threshold (~k·S per row) into a ``[B, C]`` candidate list (``tl.cumsum`` + one ``atomic_add``
+    per row and tile). C: ``_filter_select_kernel`` sorts each row's candidates. Rows whose count lands
+    outside ``[k, C]`` are redone by the merge kernels under a row mask (no host synchronisation), so the
+    result is exact for every row.
+
+  Both pack each candidate into one int64 key ``(order-preserving float bits << 32) | (2^31−1−index)``
   so a single integer max gives "largest value, lowest index". The ``[B, n]`` pre-activation never
   reaches memory. Selection uses the fp32 accumulator; for bf16 inputs the reference rounds the
   pre-activations to bf16 first, so the two agree exactly only where that rounding does not tie values.
@@ -23,10 +34,12 @@ through the k selected entries: with ``gp = g_values · [values > 0]``,
 
 from __future__ import annotations
 
+import os
+
 import torch
 from sparsedict.kernels import topk_cpu
 from sparsedict.kernels._common import LazyJit, check_float, interpreting, next_pow2, num_sms
-from sparsedict.kernels.sparse_decode import embedding_bag_fwd, group_by_latent, segment_sum, triton_cdiv
+from sparsedict.kernels.sparse_decode import embedding_bag_fwd, segment_sum, triton_cdiv
 from torch import Tensor
 
 tl = None  # triton.language, bound by LazyJit at first launch (importing this module never imports Triton)
@@ -142,20 +155,25 @@ def topk_encode_ref(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Te
 
 
 def _topk_encode_fwd_kernel(
-    X, W, Bias, Keys, B, D, N, n_per_split,
+    X, W, Bias, Keys, Count, B, D, N, n_per_split, K, C,
     stride_xb, stride_xd, stride_wd, stride_wn, stride_kb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_FLAGS: tl.constexpr,
 ):  # fmt: skip
     """Per (row tile, split): the top-``K_PAD`` packed keys of ``x W + b`` over the split's latents.
 
     Grid (cdiv(B, BLOCK_M), S); writes ``Keys[b, s, :]`` (unsorted; unfilled slots hold sentinels
-    below every real key).
+    below every real key). With ``HAS_FLAGS`` (the filter path's fallback) only rows whose candidate
+    count ``Count[b]`` is outside ``[K, C]`` are wanted: a tile without such a row does no work and
+    stores nothing.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
+    if HAS_FLAGS:
+        cnt = tl.load(Count + rows, mask=rmask, other=K)
+        rmask = rmask & ((cnt < K) | (cnt > C))
     rows64 = rows.to(tl.int64)
     kcol = tl.arange(0, K_PAD)
     # sentinel -9.2e18 lies below every real key (the smallest, for -inf, is about -9.19e18)
@@ -165,6 +183,8 @@ def _topk_encode_fwd_kernel(
     thr = tl.min(run, 1)
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
+    if HAS_FLAGS:  # no wanted row in this tile: an empty latent range (zero loop trips)
+        n_hi = tl.where(tl.max(rmask.to(tl.int32), 0) > 0, n_hi, n_lo)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < n_hi
@@ -202,25 +222,138 @@ def _topk_encode_fwd_kernel(
     tl.store(out, run, mask=rmask[:, None])
 
 
-def _topk_merge_kernel(Keys, Vals, Idx, B, K, BLOCK_M: tl.constexpr, SK: tl.constexpr):
-    """Sort each row's ``SK = S·K_PAD`` candidate keys and write the first K as (ReLU value, index)."""
+def _topk_merge_kernel(
+    Keys, Vals, Idx, Count, B, K, C, BLOCK_M: tl.constexpr, SK: tl.constexpr, HAS_FLAGS: tl.constexpr
+):  # fmt: skip
+    """Sort each row's ``SK = S·K_PAD`` candidate keys and write the first K as (ReLU value, index).
+
+    With ``HAS_FLAGS`` only the rows whose ``Count[b]`` is outside ``[K, C]`` (the filter path's fallback
+    rows) are read and written; a row block without one does nothing.
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
-    rows64 = rows.to(tl.int64)
-    c = tl.arange(0, SK)
-    keys = tl.load(Keys + rows64[:, None] * SK + c[None, :], mask=rmask[:, None], other=-9200000000000000000)
-    keys = tl.sort(keys, dim=1, descending=True)
-    ordv = (keys >> 32).to(tl.int32)
-    idx = 2147483647 - (keys & 0xFFFFFFFF).to(tl.int32)
-    bits = ordv ^ ((ordv >> 31) & 0x7FFFFFFF)
-    v = tl.maximum(bits.to(tl.float32, bitcast=True), 0.0)
-    m = rmask[:, None] & (c[None, :] < K)
-    tl.store(Vals + rows64[:, None] * K + c[None, :], v.to(Vals.dtype.element_ty), mask=m)
-    tl.store(Idx + rows64[:, None] * K + c[None, :], idx.to(tl.int64), mask=m)
+    if HAS_FLAGS:
+        cnt = tl.load(Count + rows, mask=rmask, other=K)
+        rmask = rmask & ((cnt < K) | (cnt > C))
+    if tl.max(rmask.to(tl.int32), 0) > 0:
+        rows64 = rows.to(tl.int64)
+        c = tl.arange(0, SK)
+        keys = tl.load(
+            Keys + rows64[:, None] * SK + c[None, :], mask=rmask[:, None], other=-9200000000000000000
+        )
+        keys = tl.sort(keys, dim=1, descending=True)
+        ordv = (keys >> 32).to(tl.int32)
+        idx = 2147483647 - (keys & 0xFFFFFFFF).to(tl.int32)
+        bits = ordv ^ ((ordv >> 31) & 0x7FFFFFFF)
+        v = tl.maximum(bits.to(tl.float32, bitcast=True), 0.0)
+        m = rmask[:, None] & (c[None, :] < K)
+        tl.store(Vals + rows64[:, None] * K + c[None, :], v.to(Vals.dtype.element_ty), mask=m)
+        tl.store(Idx + rows64[:, None] * K + c[None, :], idx.to(tl.int64), mask=m)
+
+
+def _filter_gemm_kernel(
+    X, W, Bias, Thr, Count, Cand, B, D, N, C, margin,
+    stride_xb, stride_xd, stride_wd, stride_wn, stride_cb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Stage B of the filter path: one ``[BLOCK_M, BLOCK_N]`` tile of ``x W + b`` (fp32 accumulator) whose
+    epilogue appends every entry ``>= t_b`` (``t_b = Thr[b] − |Thr[b]|·margin``) to row b's candidate list.
+
+    1-D grid over the tiles in grouped order (GROUP_M row tiles share a sweep over W, for L2 reuse). Slots are
+    reserved with one ``atomic_add`` per row and tile on ``Count`` (which ends as the row's full count, even
+    past C); a row's hits are laid out by a cumulative sum along the tile row; slots ``>= C`` are dropped
+    (that row is then redone by the fallback). ``Cand [B, C]`` holds packed int64 keys, in no fixed order.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(B, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < B
+    cmask = cols < N
+    # out-of-range rows/columns load a valid neighbour instead of being masked (unmasked, vectorised loads);
+    # their results are discarded below
+    rows_ld = (rows % B).to(tl.int64)
+    cols_ld = cols % N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        ks = d0 + tl.arange(0, BLOCK_K)
+        xp = X + rows_ld[:, None] * stride_xb + ks[None, :] * stride_xd
+        wp = W + ks[:, None].to(tl.int64) * stride_wd + cols_ld[None, :] * stride_wn
+        if EVEN_K:
+            xt = tl.load(xp)
+            wt = tl.load(wp)
+        else:
+            xt = tl.load(xp, mask=(ks < D)[None, :], other=0.0)
+            wt = tl.load(wp, mask=(ks < D)[:, None], other=0.0)
+        if UPCAST:  # Triton's CPU interpreter gets bf16 dots wrong; bf16 products are exact in fp32
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    acc += tl.load(Bias + cols_ld).to(tl.float32)[None, :]
+    acc = acc + 0.0  # -0.0 -> +0.0 so equal values get equal keys
+    t = tl.load(Thr + rows_ld).to(tl.float32)
+    t = t - tl.abs(t) * margin
+    hit = (acc >= t[:, None]) & rmask[:, None] & cmask[None, :]
+    hit_i = hit.to(tl.int32)
+    cnt = tl.sum(hit_i, 1)
+    if tl.max(cnt, 0) > 0:
+        base = tl.atomic_add(Count + rows, cnt, mask=rmask & (cnt > 0))
+        pos = base[:, None] + tl.cumsum(hit_i, 1) - 1
+        keep = hit & (pos < C)
+        bits = acc.to(tl.int32, bitcast=True)
+        ordv = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed int32
+        key = (ordv.to(tl.int64) << 32) | (2147483647 - cols).to(tl.int64)[None, :]
+        tl.store(Cand + rows.to(tl.int64)[:, None] * stride_cb + pos, key, mask=keep)
+
+
+def _filter_select_kernel(
+    Cand, Count, Vals, Idx, B, K, C, stride_cb, BLOCK_M: tl.constexpr, C_PAD: tl.constexpr
+):  # fmt: skip
+    """Stage C of the filter path: sort each row's ``Count[b]`` candidate keys, write the first K.
+
+    Rows whose count is outside ``[K, C]`` (threshold too high, or the list overflowed) are left to the
+    fallback and not written here.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    cnt = tl.load(Count + rows, mask=rmask, other=0)
+    good = rmask & (cnt >= K) & (cnt <= C)
+    if tl.max(good.to(tl.int32), 0) > 0:
+        rows64 = rows.to(tl.int64)
+        c = tl.arange(0, C_PAD)
+        keys = tl.load(
+            Cand + rows64[:, None] * stride_cb + c[None, :],
+            mask=good[:, None] & (c[None, :] < cnt[:, None]), other=-9200000000000000000,
+        )  # fmt: skip
+        keys = tl.sort(keys, dim=1, descending=True)
+        ordv = (keys >> 32).to(tl.int32)
+        idx = 2147483647 - (keys & 0xFFFFFFFF).to(tl.int32)
+        bits = ordv ^ ((ordv >> 31) & 0x7FFFFFFF)
+        v = tl.maximum(bits.to(tl.float32, bitcast=True), 0.0)
+        m = good[:, None] & (c[None, :] < K)
+        tl.store(Vals + rows64[:, None] * K + c[None, :], v.to(Vals.dtype.element_ty), mask=m)
+        tl.store(Idx + rows64[:, None] * K + c[None, :], idx.to(tl.int64), mask=m)
 
 
 _fwd = LazyJit(_topk_encode_fwd_kernel)
 _merge = LazyJit(_topk_merge_kernel)
+_filter_gemm = LazyJit(_filter_gemm_kernel)
+_filter_select = LazyJit(_filter_select_kernel)
+
+ALGORITHMS = ("merge", "filter")
+DEFAULT_ALGORITHM = os.environ.get("SPARSEDICT_TOPK_ALGORITHM", "merge")
+"""Forward algorithm of the fused encode when none is given: ``'merge'`` (running top-k per tile) or
+``'filter'`` (threshold pre-filter + candidate compaction). Set by ``SPARSEDICT_TOPK_ALGORITHM`` at import,
+or assign this attribute."""
+
+FILTER_TARGET_CANDIDATES = 512
+"""The filter path picks its sample divisor S so that about k·S ≈ this many candidates survive per row."""
 
 
 def default_config(k: int, dtype: torch.dtype) -> dict[str, int]:
@@ -232,10 +365,27 @@ def default_config(k: int, dtype: torch.dtype) -> dict[str, int]:
     return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
 
 
-def topk_encode_fwd(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, splits: int | None = None, config: dict | None = None
-) -> tuple[Tensor, Tensor]:
-    """Fused forward: ``(values [B, k] in x.dtype, indices [B, k] int64)``, sorted by value descending."""
+def default_filter_config(k: int, n: int, dtype: torch.dtype) -> dict:
+    """Config of the filter path for k, n.
+
+    ``S``: the threshold comes from the first ``ceil(n/S)`` latents (S a power of two, k·S ≈
+    :data:`FILTER_TARGET_CANDIDATES`, the sample at least 4k wide); ``C``: candidate slots per row
+    (the mean count is about k·S with standard deviation about S·√k for exchangeable latents, so
+    ``C = next_pow2(2·k·S)`` overflows in well under one row per 10⁴); ``margin``: relative amount
+    the threshold is lowered by, to cover the rounding of the sample GEMM's output to the input dtype;
+    GEMM tiles as a plain Hopper/Ampere bf16 GEMM (GROUP_M: row tiles per L2 sweep of W).
+    """
+    S = max(1, min(64, next_pow2(max(1, FILTER_TARGET_CANDIDATES // k))))
+    while S > 1 and n // S < 4 * k:
+        S //= 2
+    margin = 2.0**-10 if dtype == torch.float32 else 2.0**-7
+    return {
+        "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
+        "S": S, "C": next_pow2(2 * k * S), "margin": margin,
+    }  # fmt: skip
+
+
+def _check_fwd_args(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> None:
     check_encode_args(x, W_enc, b_enc, k)
     if k > MAX_K:
         raise ValueError(f"topk_encode: the fused kernel supports k <= {MAX_K}, got k={k}; use backend='ref'")
@@ -243,10 +393,21 @@ def topk_encode_fwd(
         check_float(name, "topk_encode", t)
     if x.dtype != W_enc.dtype:
         raise TypeError(f"topk_encode: x ({x.dtype}) and W_enc ({W_enc.dtype}) must share a dtype")
+    if W_enc.shape[1] >= 2**31 - 1:
+        raise ValueError(f"topk_encode: n={W_enc.shape[1]} too large for the packed int32 index")
+
+
+def _precision(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _merge_launch(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, values: Tensor, indices: Tensor,
+    splits: int | None, config: dict | None, count: Tensor | None = None, C: int = 0,
+) -> None:  # fmt: skip
+    """Run the merge path into ``values``/``indices``; with ``count`` only the rows outside ``[k, C]``."""
     B, D = x.shape
     N = W_enc.shape[1]
-    if N >= 2**31 - 1:
-        raise ValueError(f"topk_encode: n={N} too large for the packed int32 index")
     cfg = {**default_config(k, x.dtype), **(config or {})}
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     K_PAD = max(next_pow2(k), 2)
@@ -260,30 +421,122 @@ def topk_encode_fwd(
         raise ValueError(f"topk_encode: splits must be a power of two, got {splits}")
     n_per_split = triton_cdiv(blocks_n, splits) * BN
     keys = torch.empty(B, splits, K_PAD, dtype=torch.int64, device=x.device)
+    flags = count is not None
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]} if x.is_cuda else {}
+    _fwd[(tiles_m, splits)](
+        x, W_enc, b_enc, keys, count if flags else keys, B, D, N, n_per_split, k, C,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, K_PAD=K_PAD, PRECISION=_precision(x),
+        UPCAST=interpreting(), HAS_FLAGS=flags, **launch,
+    )  # fmt: skip
+    SK = splits * K_PAD
+    MB = max(1, min(16, 4096 // SK))
+    _merge[(triton_cdiv(B, MB),)](
+        keys, values, indices, count if flags else keys, B, k, C, BLOCK_M=MB, SK=SK, HAS_FLAGS=flags
+    )
+
+
+def topk_encode_merge_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, splits: int | None = None, config: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """Merge path: ``(values [B, k] in x.dtype, indices [B, k] int64)``, sorted by value descending."""
+    _check_fwd_args(x, W_enc, b_enc, k)
+    B = x.shape[0]
+    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
+    if B:
+        _merge_launch(x, W_enc, b_enc, k, values, indices, splits, config)
+    return values, indices
+
+
+def filter_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, S: int) -> Tensor:
+    """Stage A: ``[B]`` fp32, each row's k-th largest pre-activation over the first ``max(k, ceil(n/S))``
+    latents — a lower bound on the row's k-th largest over all n (at least k entries reach it).
+
+    One GEMM of ``1/S`` of the full size and a ``torch.topk`` over ``[B, n/S]`` (in the input dtype).
+    """
+    n = W_enc.shape[1]
+    ns = min(n, max(k, triton_cdiv(n, S)))
+    with torch.no_grad():
+        pre = torch.addmm(b_enc[:ns].to(x.dtype), x, W_enc[:, :ns])
+        return pre.topk(k, dim=1, sorted=False).values.amin(1).float()
+
+
+def topk_encode_filter_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, config: dict | None = None, stats: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """Filter path: same contract as :func:`topk_encode_merge_fwd`; exact for every row.
+
+    A: threshold ``t_b`` from a sample of latents (:func:`filter_threshold`), lowered by ``margin·|t_b|``.
+    B: ``_filter_gemm_kernel`` computes every pre-activation once and keeps the entries ``>= t_b`` in a
+    ``[B, C]`` candidate list (``Count[b]`` = how many there were). C: ``_filter_select_kernel`` sorts each
+    row's candidates. A row is exact whenever ``k <= Count[b] <= C``: then its k-th largest value is ``>= t_b``
+    (k entries reach it), so every entry of its top-k — ties at the k-th value included — is a candidate.
+    Other rows (an overflowing list, or a threshold above the k-th value through rounding) are redone by
+    the merge kernels with a row mask, so the forward never synchronises with the host; when no row needs
+    it, the fallback launches only read ``Count`` and exit. ``stats``, when given, receives ``counts`` [B]
+    and the config used (for benchmarks).
+    """
+    _check_fwd_args(x, W_enc, b_enc, k)
+    B, D = x.shape
+    N = W_enc.shape[1]
+    cfg = {**default_filter_config(k, N, x.dtype), **(config or {})}
+    if config and "S" in config and "C" not in config:  # capacity follows an overridden S
+        cfg["C"] = next_pow2(2 * k * int(cfg["S"]))
+    BM, BN, BK, C = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], int(cfg["C"])
+    if C < 1:
+        raise ValueError(f"topk_encode: the candidate capacity C must be >= 1, got {C}")
     values = torch.empty(B, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
     if B == 0:
         return values, indices
-    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    thr = filter_threshold(x, W_enc, b_enc, k, int(cfg["S"]))
+    count = torch.zeros(B, dtype=torch.int32, device=x.device)
+    cand = torch.empty(B, C, dtype=torch.int64, device=x.device)
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]} if x.is_cuda else {}
-    _fwd[(tiles_m, splits)](
-        x, W_enc, b_enc, keys, B, D, N, n_per_split,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, K_PAD=K_PAD, PRECISION="ieee" if ieee else "tf32",
-        UPCAST=interpreting(), **launch,
+    grid = (triton_cdiv(B, BM) * triton_cdiv(N, BN),)
+    _filter_gemm[grid](
+        x, W_enc, b_enc, thr, count, cand, B, D, N, C, float(cfg["margin"]),
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), cand.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], EVEN_K=D % BK == 0,
+        PRECISION=_precision(x), UPCAST=interpreting(), **launch,
     )  # fmt: skip
-    SK = splits * K_PAD
-    MB = max(1, min(16, 4096 // SK))
-    _merge[(triton_cdiv(B, MB),)](keys, values, indices, B, k, BLOCK_M=MB, SK=SK)
+    C_PAD = max(next_pow2(C), 2)
+    MB = max(1, min(16, 4096 // C_PAD))
+    _filter_select[(triton_cdiv(B, MB),)](
+        cand, count, values, indices, B, k, C, cand.stride(0), BLOCK_M=MB, C_PAD=C_PAD,
+        **({"num_warps": 8 if C_PAD >= 2048 else 4} if x.is_cuda else {}),
+    )  # fmt: skip
+    _merge_launch(x, W_enc, b_enc, k, values, indices, None, cfg.get("fallback"), count=count, C=C)
+    if stats is not None:
+        stats.update(counts=count, config=cfg)
     return values, indices
 
 
+def topk_encode_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, splits: int | None = None, config: dict | None = None,
+    algorithm: str | None = None, stats: dict | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Fused forward: ``(values [B, k] in x.dtype, indices [B, k] int64)``, sorted by value descending.
+
+    ``algorithm``: ``'merge'``, ``'filter'`` or None (:data:`DEFAULT_ALGORITHM`); ``config`` overrides that
+    algorithm's defaults (:func:`default_config` / :func:`default_filter_config`); ``splits`` is the merge
+    path's latent split count; ``stats`` see :func:`topk_encode_filter_fwd`.
+    """
+    algorithm = algorithm or DEFAULT_ALGORITHM
+    if algorithm == "merge":
+        return topk_encode_merge_fwd(x, W_enc, b_enc, k, splits=splits, config=config)
+    if algorithm == "filter":
+        return topk_encode_filter_fwd(x, W_enc, b_enc, k, config=config, stats=stats)
+    raise ValueError(f"topk_encode: algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
+
+
 class TopKEncodeFn(torch.autograd.Function):
-    """Fused Triton forward; sparse backward on Triton kernels (embedding bag + grouped segment sums)."""
+    """Fused Triton forward; sparse backward on Triton kernels (embedding bag + grouped sums)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
-        values, indices = topk_encode_fwd(x, W_enc, b_enc, k)
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, algorithm: str | None = None):
+        values, indices = topk_encode_fwd(x, W_enc, b_enc, k, algorithm=algorithm)
         ctx.save_for_backward(x, W_enc, values, indices)
         ctx.mark_non_differentiable(indices)
         ctx.b_dtype = b_enc.dtype
@@ -298,13 +551,19 @@ class TopKEncodeFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = embedding_bag_fwd(indices, gp, W_enc.T.contiguous(), None, x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gWt, gb = segment_sum(indices, gp, x, n, grouping=group_by_latent(indices, n), with_sum=True)
-            gW = gWt.T.to(W_enc.dtype) if ctx.needs_input_grad[1] else None
+            # gW_enc [d, n] written directly in W_enc's dtype and layout (the kernel stores the transpose)
+            gW, gb = segment_sum(indices, gp, x, n, with_sum=True, out_dtype=W_enc.dtype, transpose_out=True)
+            gW = gW if ctx.needs_input_grad[1] else None
             gb = gb.to(ctx.b_dtype)
-        return gx, gW, gb, None
+        return gx, gW, gb, None, None
 
 
-def topk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``); same contract as :func:`topk_encode_ref`."""
+def topk_encode_triton(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, algorithm: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``); same contract as :func:`topk_encode_ref`.
+
+    ``algorithm``: the forward's ``'merge'`` / ``'filter'`` (None: :data:`DEFAULT_ALGORITHM`).
+    """
     check_encode_args(x, W_enc, b_enc, k)
-    return TopKEncodeFn.apply(x, W_enc, b_enc, k)
+    return TopKEncodeFn.apply(x, W_enc, b_enc, k, algorithm)

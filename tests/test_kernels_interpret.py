@@ -22,6 +22,7 @@ test_interpreter_in_fresh_process, _interpret = triton_interpreter_module(__file
 pytest.importorskip("triton")
 
 from sparsedict.kernels import normalised_adam_step, sparse_decode, topk_encode  # noqa: E402
+from sparsedict.kernels.sparse_decode import segment_sum  # noqa: E402
 from sparsedict.kernels.topk_encode import topk_encode_fwd  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -42,8 +43,9 @@ def _id(c):
     return f"B{B}-d{d}-n{n}-k{k}-{str(dt)[6:]}-{kind}"
 
 
+@pytest.mark.parametrize("algorithm", ["merge", "filter"])
 @pytest.mark.parametrize("case", ENCODE_CASES, ids=_id)
-def test_topk_encode_forward_and_grads(case):
+def test_topk_encode_forward_and_grads(case, algorithm):
     B, d, n, k, dtype, kind = case
     x, W, b = encode_inputs(B, d, n, dtype, kind, seed=B)
     g = torch.randn(B, k, generator=torch.Generator().manual_seed(1)).to(dtype) * torch.linspace(
@@ -54,7 +56,7 @@ def test_topk_encode_forward_and_grads(case):
     grads_ref = [t.grad.clone() for t in (x, W, b)]
     for t in (x, W, b):
         t.grad = None
-    v, i = topk_encode(x, W, b, k, backend="triton")
+    v, i = topk_encode(x, W, b, k, backend="triton", algorithm=algorithm)
     v.backward(g)
     assert i.dtype == torch.int64 and v.dtype == dtype
     # same set, same order (value descending, ties by lower index)
@@ -89,6 +91,96 @@ def test_topk_encode_negative_preacts_relu():
     assert (v[:, 3:] == 0).all() and (v[:, :3] > 0).all()
     v.sum().backward()
     assert (b.grad[3:] == 0).all()
+
+
+# Filter path with small tiles so that every shape spans several row and latent tiles (B, n, d off the tiles;
+# d = 20 is not a multiple of BLOCK_K = 16, d = 32 is: both K-loop variants).
+SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+FILTER_CASES = [
+    # B, d, n, k, dtype, kind, S
+    (37, 20, 230, 7, torch.float32, "dupcols", 4),
+    (29, 32, 197, 16, torch.bfloat16, "grid", 4),  # bf16, many exact ties
+    (21, 20, 161, 3, torch.float32, "grid", 16),
+]
+
+
+@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: _id(c[:6]) + f"-S{c[6]}")
+def test_topk_encode_filter_multi_tile(case):
+    B, d, n, k, dtype, kind, S = case
+    x, W, b = encode_inputs(B, d, n, dtype, kind, seed=n)
+    stats: dict = {}
+    with torch.no_grad():
+        v_ref, i_ref = topk_encode(x, W, b, k, backend="ref")
+        v, i = topk_encode_fwd(x, W, b, k, algorithm="filter", config={**SMALL_TILES, "S": S}, stats=stats)
+    assert torch.equal(i, i_ref)
+    assert err_ratio(v, v_ref) <= TOL[dtype] * 0.01
+    counts, C = stats["counts"], stats["config"]["C"]
+    assert ((counts >= k) & (counts <= C)).all(), "no row should need the fallback here"
+    assert counts.sum() < B * n / 2, "the threshold should discard most entries"
+
+
+def test_topk_encode_filter_fallback_exact():
+    """Rows the filter cannot finish — list overflow (tiny C) or a threshold above the k-th value (margin
+    pushed negative) — are redone by the masked merge kernels; every row still equals the reference."""
+    B, d, n, k = 24, 20, 200, 6
+    x, W, b = encode_inputs(B, d, n, torch.float32, "dupcols", seed=3)
+    with torch.no_grad():
+        v_ref, i_ref = topk_encode(x, W, b, k, backend="ref")
+        for cfg, kind in (({"C": 40, "S": 8}, "overflow"), ({"margin": -1.0, "S": 8}, "under")):
+            stats: dict = {}
+            v, i = topk_encode_fwd(x, W, b, k, algorithm="filter", config={**SMALL_TILES, **cfg}, stats=stats)
+            counts, C = stats["counts"], stats["config"]["C"]
+            bad = (counts > C) if kind == "overflow" else (counts < k)
+            assert 0 < bad.sum() < B, (
+                f"{kind}: want a mix of fallback and filtered rows, counts {counts.tolist()}"
+            )
+            assert torch.equal(i, i_ref), kind
+            assert err_ratio(v, v_ref) < 1e-7, kind  # fp32 dot vs torch GEMM: summation order only
+        # every row on the fallback (C < k)
+        v, i = topk_encode_fwd(x, W, b, k, algorithm="filter", config={**SMALL_TILES, "C": k - 1})
+        assert torch.equal(i, i_ref) and err_ratio(v, v_ref) < 1e-7
+
+
+def test_topk_encode_filter_all_equal_rows():
+    """Rows whose pre-activations are all equal (x = 0, constant bias) tie everywhere: the list overflows and
+    the fallback returns the k lowest indices; a zero-row batch returns empty outputs."""
+    x, W, b = encode_inputs(9, 16, 70, torch.float32, "randn", seed=4)
+    with torch.no_grad():
+        x[2:5] = 0
+        b.fill_(0.25)
+        v, i = topk_encode_fwd(x, W, b, 4, algorithm="filter", config=SMALL_TILES)
+        v_ref, i_ref = topk_encode(x, W, b, 4, backend="ref")
+        assert torch.equal(i, i_ref) and torch.equal(v, v_ref)
+        assert torch.equal(i[2:5], torch.arange(4).expand(3, 4))
+        v0, i0 = topk_encode_fwd(x[:0], W, b, 4, algorithm="filter")
+        assert v0.shape == (0, 4) and i0.shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["tiled", "torch"])
+def test_segment_sum_impls(dtype, impl):
+    """Grouped sums (W gradients): both implementations, [n, d] and transposed [d, n] outputs, bias sums,
+    latents used many times and unused latents, several latent blocks and d-blocks."""
+    B, k, n, d = 19, 6, 75, 37
+    gen = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, n, (B, k), generator=gen)
+    idx[:, 0] = 3  # one latent in every row: a run longer than BLOCK_E
+    coef = torch.randn(B, k, generator=gen).to(dtype).float()
+    x = torch.randn(B, d, generator=gen).to(dtype)
+    ref = torch.zeros(n, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), coef.reshape(-1, 1).double() * x.double().repeat_interleave(k, 0)
+    )
+    ref_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), coef.reshape(-1).double())
+    cfg = {"LAT_BLOCK": 16, "BLOCK_E": 16, "BLOCK_D": 16}
+    out, s = segment_sum(idx, coef, x, n, with_sum=True, impl=impl, config=cfg)
+    assert out.shape == (n, d) and out.dtype == torch.float32
+    assert err_ratio(out, ref) < 1e-6 and err_ratio(s, ref_sum) < 1e-6
+    outT, _ = segment_sum(idx, coef, x, n, out_dtype=dtype, transpose_out=True, impl=impl, config=cfg)
+    assert outT.shape == (d, n) and outT.is_contiguous() and outT.dtype == dtype
+    assert err_ratio(outT.T, ref) < TOL[dtype] * 0.5
+    unused = torch.ones(n, dtype=torch.bool)
+    unused[idx.reshape(-1)] = False
+    assert (out[unused] == 0).all() and (s[unused] == 0).all()
 
 
 DECODE_CASES = [
