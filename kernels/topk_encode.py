@@ -373,15 +373,19 @@ def default_filter_config(k: int, n: int, dtype: torch.dtype) -> dict:
     (the mean count is about k·S with standard deviation about S·√k for exchangeable latents, so
     ``C = next_pow2(2·k·S)`` overflows in well under one row per 10⁴); ``margin``: relative amount
     the threshold is lowered by, to cover the rounding of the sample GEMM's output to the input dtype;
-    GEMM tiles as a plain Hopper/Ampere bf16 GEMM (GROUP_M: row tiles per L2 sweep of W).
+    ``select``: stage C as the Triton sort kernel (``'triton'``) or ``torch.topk`` on the packed keys
+    (``'torch'``); GEMM tiles as a plain Hopper/Ampere GEMM. GROUP_M: row tiles per sweep over W's column tiles; 64 makes
+    the order column-major for B <= 8192 with 128-row tiles, so W is read from memory about once (x stays
+    in L2).
     """
     S = max(1, min(64, next_pow2(max(1, FILTER_TARGET_CANDIDATES // k))))
     while S > 1 and n // S < 4 * k:
         S //= 2
-    margin = 2.0**-10 if dtype == torch.float32 else 2.0**-7
+    fp32 = dtype == torch.float32
     return {
-        "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
-        "S": S, "C": next_pow2(2 * k * S), "margin": margin,
+        "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if fp32 else 64, "GROUP_M": 64, "num_warps": 8,
+        "num_stages": 3, "S": S, "C": next_pow2(2 * k * S), "margin": 2.0**-10 if fp32 else 2.0**-7,
+        "select": "triton",
     }  # fmt: skip
 
 
@@ -462,6 +466,24 @@ def filter_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, S: int) ->
         return pre.topk(k, dim=1, sorted=False).values.amin(1).float()
 
 
+def _select_torch(cand: Tensor, count: Tensor, k: int, values: Tensor, indices: Tensor) -> None:
+    """Stage C with torch ops (``config['select'] = 'torch'``): ``torch.topk`` on the packed keys.
+
+    Writes every row; rows outside ``[k, C]`` get garbage here and are overwritten by the fallback after.
+    """
+    C = cand.shape[1]
+    valid = torch.arange(C, device=cand.device)[None, :] < count[:, None]
+    keys = torch.where(valid, cand, torch.full_like(cand, -9200000000000000000))
+    keys = keys.topk(
+        min(k, C), dim=1, sorted=True
+    ).values  # keys are unique: descending value, ascending index
+    ordv = (keys >> 32).to(torch.int32)
+    bits = ordv ^ ((ordv >> 31) & 0x7FFFFFFF)
+    kk = keys.shape[1]
+    values[:, :kk] = bits.view(torch.float32).clamp_min(0).to(values.dtype)
+    indices[:, :kk] = 2147483647 - (keys & 0xFFFFFFFF)
+
+
 def topk_encode_filter_fwd(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, config: dict | None = None, stats: dict | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -501,12 +523,15 @@ def topk_encode_filter_fwd(
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], EVEN_K=D % BK == 0,
         PRECISION=_precision(x), UPCAST=interpreting(), **launch,
     )  # fmt: skip
-    C_PAD = max(next_pow2(C), 2)
-    MB = max(1, min(16, 4096 // C_PAD))
-    _filter_select[(triton_cdiv(B, MB),)](
-        cand, count, values, indices, B, k, C, cand.stride(0), BLOCK_M=MB, C_PAD=C_PAD,
-        **({"num_warps": 8 if C_PAD >= 2048 else 4} if x.is_cuda else {}),
-    )  # fmt: skip
+    if cfg.get("select", "triton") == "torch":
+        _select_torch(cand, count, k, values, indices)
+    else:
+        C_PAD = max(next_pow2(C), 2)
+        MB = max(1, min(16, 4096 // C_PAD))
+        _filter_select[(triton_cdiv(B, MB),)](
+            cand, count, values, indices, B, k, C, cand.stride(0), BLOCK_M=MB, C_PAD=C_PAD,
+            **({"num_warps": 8 if C_PAD >= 2048 else 4} if x.is_cuda else {}),
+        )  # fmt: skip
     _merge_launch(x, W_enc, b_enc, k, values, indices, None, cfg.get("fallback"), count=count, C=C)
     if stats is not None:
         stats.update(counts=count, config=cfg)

@@ -136,6 +136,11 @@ def test_topk_encode_filter_fallback_exact():
             )
             assert torch.equal(i, i_ref), kind
             assert err_ratio(v, v_ref) < 1e-7, kind  # fp32 dot vs torch GEMM: summation order only
+        # stage C with torch.topk on the keys, fallback rows overwritten after it
+        v, i = topk_encode_fwd(
+            x, W, b, k, algorithm="filter", config={**SMALL_TILES, "C": 40, "select": "torch"}
+        )
+        assert torch.equal(i, i_ref) and err_ratio(v, v_ref) < 1e-7
         # every row on the fallback (C < k)
         v, i = topk_encode_fwd(x, W, b, k, algorithm="filter", config={**SMALL_TILES, "C": k - 1})
         assert torch.equal(i, i_ref) and err_ratio(v, v_ref) < 1e-7

@@ -91,8 +91,16 @@ def test_dispatch_errors():
         topk_encode(x.T, W, b, 3)
     with pytest.raises(ValueError, match="b_enc"):
         topk_encode(x, W, b[:5], 3)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        topk_encode(x, W, b, 3, algorithm="heap")
     with pytest.raises(ValueError, match=r"must both be \[B, k\]"):
         sparse_decode(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 2), W.T)
+    from sparsedict.kernels.topk_encode import ALGORITHMS, DEFAULT_ALGORITHM, default_filter_config
+
+    assert DEFAULT_ALGORITHM in ALGORITHMS
+    cfg = default_filter_config(32, 32768, torch.bfloat16)  # the benchmark shape: k·S = 512 candidates
+    assert cfg["S"] == 16 and cfg["C"] == 1024
+    assert default_filter_config(5, 100, torch.float32)["S"] * 4 * 5 <= 100  # sample at least 4k wide
     with pytest.raises(KeyError, match="exp_avg"):
         W.grad = torch.zeros_like(W)
         normalised_adam_step(W, {"step": torch.tensor(0.0)}, lr=1e-3)
