@@ -240,6 +240,7 @@ FILTER_TUNE = [  # overrides of default_filter_config; the first is the default
     {"S": 32},
     {"C": "4kS"},
     {"select": "torch"},
+    {"slots": "scan"},
 ]
 GSUM_TUNE = [  # grouped-sum tiles (sparse_decode.GROUPED_SUM_CONFIG overrides); the first is the default
     {},

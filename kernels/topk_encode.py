@@ -19,8 +19,8 @@ through the k selected entries: with ``gp = g_values · [values > 0]``,
   - ``'filter'`` (:func:`topk_encode_filter_fwd`): a threshold pre-filter. A: each row's k-th largest
     pre-activation over a sample of ``n/S`` latents (torch GEMM + topk) — a lower bound on its k-th largest
     over all n. B: ``_filter_gemm_kernel``, a plain tiled GEMM whose epilogue compacts the entries at or
-    above the threshold (~k·S per row) into a ``[B, C]`` candidate list (``tl.cumsum`` + one ``atomic_add``
-    per row and tile). C: ``_filter_select_kernel`` sorts each row's candidates. Rows whose count lands
+    above the threshold (~k·S per row) into a ``[B, C]`` candidate list (slots from ``atomic_add`` on a per-row
+    counter). C: ``_filter_select_kernel`` sorts each row's candidates. Rows whose count lands
     outside ``[k, C]`` are redone by the merge kernels under a row mask (no host synchronisation), so the
     result is exact for every row.
 
@@ -255,15 +255,17 @@ def _filter_gemm_kernel(
     X, W, Bias, Thr, Count, Cand, B, D, N, C, margin,
     stride_xb, stride_xd, stride_wd, stride_wn, stride_cb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCAN_SLOTS: tl.constexpr,
 ):  # fmt: skip
     """Stage B of the filter path: one ``[BLOCK_M, BLOCK_N]`` tile of ``x W + b`` (fp32 accumulator) whose
     epilogue appends every entry ``>= t_b`` (``t_b = Thr[b] − |Thr[b]|·margin``) to row b's candidate list.
 
-    1-D grid over the tiles in grouped order (GROUP_M row tiles share a sweep over W, for L2 reuse). Slots are
-    reserved with one ``atomic_add`` per row and tile on ``Count`` (which ends as the row's full count, even
-    past C); a row's hits are laid out by a cumulative sum along the tile row; slots ``>= C`` are dropped
-    (that row is then redone by the fallback). ``Cand [B, C]`` holds packed int64 keys, in no fixed order.
+    1-D grid over the tiles in grouped order (GROUP_M row tiles share a sweep over W, for L2 reuse). Slots come
+    from ``Count`` (which ends as the row's full count, even past C): one relaxed ``atomic_add`` per hit, or
+    with SCAN_SLOTS one per row and tile plus a ``tl.cumsum`` along the tile row (a scan on the dot's
+    accumulator layout has had lowering bugs in some Triton versions, hence not the default). Slots
+    ``>= C`` are dropped (that row is then redone by the fallback). ``Cand [B, C]`` holds packed int64 keys
+    in no fixed order; the later sort makes the result independent of it.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(B, BLOCK_M)
@@ -301,10 +303,14 @@ def _filter_gemm_kernel(
     t = t - tl.abs(t) * margin
     hit = (acc >= t[:, None]) & rmask[:, None] & cmask[None, :]
     hit_i = hit.to(tl.int32)
-    cnt = tl.sum(hit_i, 1)
-    if tl.max(cnt, 0) > 0:
-        base = tl.atomic_add(Count + rows, cnt, mask=rmask & (cnt > 0))
-        pos = base[:, None] + tl.cumsum(hit_i, 1) - 1
+    if tl.max(tl.max(hit_i, 1), 0) > 0:
+        if SCAN_SLOTS:  # one atomic per row: reserve the row's hits, lay them out by a prefix sum
+            cnt = tl.sum(hit_i, 1)
+            base = tl.atomic_add(Count + rows, cnt, mask=rmask & (cnt > 0), sem="relaxed")
+            pos = base[:, None] + tl.cumsum(hit_i, 1) - 1
+        else:  # one atomic per hit (no scan over the MMA-layout tile)
+            cptr = Count + rows[:, None] + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            pos = tl.atomic_add(cptr, hit_i, mask=hit, sem="relaxed")
         keep = hit & (pos < C)
         bits = acc.to(tl.int32, bitcast=True)
         ordv = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed int32
@@ -374,7 +380,8 @@ def default_filter_config(k: int, n: int, dtype: torch.dtype) -> dict:
     ``C = next_pow2(2·k·S)`` overflows in well under one row per 10⁴); ``margin``: relative amount
     the threshold is lowered by, to cover the rounding of the sample GEMM's output to the input dtype;
     ``select``: stage C as the Triton sort kernel (``'triton'``) or ``torch.topk`` on the packed keys
-    (``'torch'``); GEMM tiles as a plain Hopper/Ampere GEMM. GROUP_M: row tiles per sweep over W's column tiles; 64 makes
+    (``'torch'``); ``slots``: candidate slots by one atomic per hit (``'atomic'``) or one per row and tile
+    plus a prefix sum (``'scan'``); GEMM tiles as a plain Hopper/Ampere GEMM. GROUP_M: row tiles per sweep over W's column tiles; 64 makes
     the order column-major for B <= 8192 with 128-row tiles, so W is read from memory about once (x stays
     in L2).
     """
@@ -385,7 +392,7 @@ def default_filter_config(k: int, n: int, dtype: torch.dtype) -> dict:
     return {
         "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if fp32 else 64, "GROUP_M": 64, "num_warps": 8,
         "num_stages": 3, "S": S, "C": next_pow2(2 * k * S), "margin": 2.0**-10 if fp32 else 2.0**-7,
-        "select": "triton",
+        "select": "triton", "slots": "atomic",
     }  # fmt: skip
 
 
@@ -521,7 +528,7 @@ def topk_encode_filter_fwd(
         x, W_enc, b_enc, thr, count, cand, B, D, N, C, float(cfg["margin"]),
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), cand.stride(0),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], EVEN_K=D % BK == 0,
-        PRECISION=_precision(x), UPCAST=interpreting(), **launch,
+        PRECISION=_precision(x), UPCAST=interpreting(), SCAN_SLOTS=cfg["slots"] == "scan", **launch,
     )  # fmt: skip
     if cfg.get("select", "triton") == "torch":
         _select_torch(cand, count, k, values, indices)

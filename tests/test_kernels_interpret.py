@@ -97,21 +97,22 @@ def test_topk_encode_negative_preacts_relu():
 # d = 20 is not a multiple of BLOCK_K = 16, d = 32 is: both K-loop variants).
 SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
 FILTER_CASES = [
-    # B, d, n, k, dtype, kind, S
-    (37, 20, 230, 7, torch.float32, "dupcols", 4),
-    (29, 32, 197, 16, torch.bfloat16, "grid", 4),  # bf16, many exact ties
-    (21, 20, 161, 3, torch.float32, "grid", 16),
+    # B, d, n, k, dtype, kind, S, slots
+    (37, 20, 230, 7, torch.float32, "dupcols", 4, "atomic"),
+    (29, 32, 197, 16, torch.bfloat16, "grid", 4, "atomic"),  # bf16, many exact ties
+    (21, 20, 161, 3, torch.float32, "grid", 16, "scan"),
 ]
 
 
-@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: _id(c[:6]) + f"-S{c[6]}")
+@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: _id(c[:6]) + f"-S{c[6]}-{c[7]}")
 def test_topk_encode_filter_multi_tile(case):
-    B, d, n, k, dtype, kind, S = case
+    B, d, n, k, dtype, kind, S, slots = case
     x, W, b = encode_inputs(B, d, n, dtype, kind, seed=n)
     stats: dict = {}
+    cfg = {**SMALL_TILES, "S": S, "slots": slots}
     with torch.no_grad():
         v_ref, i_ref = topk_encode(x, W, b, k, backend="ref")
-        v, i = topk_encode_fwd(x, W, b, k, algorithm="filter", config={**SMALL_TILES, "S": S}, stats=stats)
+        v, i = topk_encode_fwd(x, W, b, k, algorithm="filter", config=cfg, stats=stats)
     assert torch.equal(i, i_ref)
     assert err_ratio(v, v_ref) <= TOL[dtype] * 0.01
     counts, C = stats["counts"], stats["config"]["C"]
