@@ -378,7 +378,8 @@ def default_filter_config(k: int, n: int, dtype: torch.dtype) -> dict:
     :data:`FILTER_TARGET_CANDIDATES`, the sample at least 4k wide); ``C``: candidate slots per row
     (the mean count is about k·S with standard deviation about S·√k for exchangeable latents, so
     ``C = next_pow2(2·k·S)`` overflows in well under one row per 10⁴); ``margin``: relative amount
-    the threshold is lowered by, to cover the rounding of the sample GEMM's output to the input dtype;
+    the threshold is lowered by, to cover the rounding of the sample GEMM's output to the input dtype (or TF32
+    products; too small a margin only sends rows to the exact fallback);
     ``select``: stage C as the Triton sort kernel (``'triton'``) or ``torch.topk`` on the packed keys
     (``'torch'``); ``slots``: candidate slots by one atomic per hit (``'atomic'``) or one per row and tile
     plus a prefix sum (``'scan'``); GEMM tiles as a plain Hopper/Ampere GEMM. GROUP_M: row tiles per sweep over W's column tiles; 64 makes
@@ -391,7 +392,8 @@ def default_filter_config(k: int, n: int, dtype: torch.dtype) -> dict:
     fp32 = dtype == torch.float32
     return {
         "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if fp32 else 64, "GROUP_M": 64, "num_warps": 8,
-        "num_stages": 3, "S": S, "C": next_pow2(2 * k * S), "margin": 2.0**-10 if fp32 else 2.0**-7,
+        "num_stages": 3, "S": S, "C": next_pow2(2 * k * S),
+        "margin": 2.0**-10 if fp32 and not torch.backends.cuda.matmul.allow_tf32 else 2.0**-7,
         "select": "triton", "slots": "atomic",
     }  # fmt: skip
 
