@@ -99,8 +99,8 @@ def test_planted_skip_transcoder_recovers_output_atoms(tmp_path):
     cfg = TopKConfig(hookpoint="a", target="b", d_in=d_in, d_out=d_out, n_latents=256, k=k, skip=True)
     m = build(cfg.resolved(d_in, d_out))
     assert mean_max_cosine(m.W_dec, a_out) < 0.6  # the start is not the answer
-    # Adam pinned: lr 4e-3 and the numbers above were measured with Adam; since TrainConfig.optimizer
-    # defaults to 'auto' (signum_sf for TopK) the same call trained with sign-SGD at lr 4e-3 (measured 0.904).
+    # Plain Adam pinned: lr 4e-3 and the numbers above were measured with it (an earlier 'auto' default,
+    # sign-SGD at the same lr, measured 0.904).
     last = train_dictionary(
         m, x, y, epochs=20, lr=4e-3, optimizer="adam", out_dir=str(tmp_path), dead_tokens=20_000
     )

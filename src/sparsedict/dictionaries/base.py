@@ -170,6 +170,9 @@ class Dictionary(nn.Module):
     config_class: ClassVar[type[DictionaryConfig]] = DictionaryConfig
     unit_norm_decoder: ClassVar[bool] = True
     """If True the trainer keeps decoder rows at unit norm (parallel gradient removed, rows renormalised)."""
+    auto_train: ClassVar[dict[str, Any]] = {}
+    """Adam preset applied under ``TrainConfig.optimizer='auto'`` (keys: betas, lr_rule, lr_dec_scale,
+    warmup_fraction; :func:`sparsedict.train.optim.auto_preset`). Empty: Adam with the width-rule LR."""
     trains_by_gradient: ClassVar[bool] = True
     """False for dictionaries trained by their own solver through ``fit_step``."""
 

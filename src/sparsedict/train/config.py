@@ -14,18 +14,24 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many steps (0: determined by epochs)."""
     optimizer: str = "auto"
-    """'adam', 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper) or 'auto': the benchmark
-    winner per architecture (TopK: signum_sf; others: adam; see benchmarks/RESULTS_training.md)."""
+    """'adam', 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper) or 'auto': Adam with the
+    architecture's tuned preset (``Dictionary.auto_train``; TopK: betas (0.8, 0.99), run-length LR rule,
+    decoder LR x2, warmup <= 10 % of the run, the benchmark winner in benchmarks/RESULTS_training.md);
+    plain Adam with the width rule for architectures without a preset."""
     lr: float = 0.0
-    """Learning rate; 0 uses the width rule: adam 2e-4/sqrt(n/2^14), signum_sf 5e-3/sqrt(n/2^14)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
+    """Learning rate; 0 uses the architecture's rule: under 'auto' with a 'budget' preset
+    0.0209 / (steps^(1/3) sqrt(n/2^14)); otherwise the width rule adam 2e-4/sqrt(n/2^14),
+    signum_sf 5e-3/sqrt(n/2^14)."""
+    betas: tuple[float, float] | None = None
+    """Adam betas (None: the 'auto' preset's, else (0.9, 0.999))."""
+    lr_dec_scale: float = 0.0
+    """Multiplier of the LR for W_dec (0: the 'auto' preset's, else 1)."""
     eps: float = 6.25e-10
     """Adam epsilon."""
     momentum: float = 0.95
     """Schedule-free momentum for 'signum_sf'."""
     warmup_steps: int = 100
-    """Linear LR warmup steps (Adam)."""
+    """Linear LR warmup steps (Adam); an 'auto' preset may cap it to a fraction of the run."""
     decay_fraction: float = 0.2
     """Linear LR decay to 0 over this final fraction of steps (Adam; 0 disables)."""
     grad_clip: float = 0.0
@@ -66,4 +72,5 @@ class TrainConfig:
             raise ValueError(f"autocast must be 'none' or 'bf16', not {self.autocast!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        self.betas = tuple(self.betas)
+        if self.betas is not None:
+            self.betas = tuple(self.betas)

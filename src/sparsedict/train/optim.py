@@ -4,7 +4,10 @@
 remove the gradient component parallel to each decoder row (unit-norm architectures), clip, step,
 renormalise the decoder rows. Two optimisers: Adam (bias-corrected), and sign-SGD with momentum under
 the ``schedulefree`` wrapper (sparsify's default), whose evaluation point must be swapped in with
-:meth:`DictionaryOptimizer.eval` before measuring or exporting.
+:meth:`DictionaryOptimizer.eval` before measuring or exporting. ``optimizer='auto'`` is Adam with the
+architecture's preset (:func:`auto_preset`: betas, a run-length LR rule, W_dec's LR multiplier, a warmup
+cap); each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
+applies to the scheduled LR.
 
 Fused decoder update: with Adam, a unit-norm decoder and Triton usable for ``W_dec`` (CUDA), the
 projection, the bias-corrected Adam step and the row renormalisation of ``W_dec`` run as one pass
@@ -21,11 +24,13 @@ step (as sparsify does), so ``x``'s rows are near, not exactly, unit norm.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from sparsedict.train.config import TrainConfig
-from sparsedict.train.schedule import lr_factor, width_lr
+from sparsedict.train.schedule import budget_lr, lr_factor, width_lr
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -60,18 +65,18 @@ def _schedule_free(base: torch.optim.Optimizer, momentum: float):
 
 
 def resolve_optimizer(model: nn.Module, name: str) -> str:
-    """``'auto'`` -> the optimiser that won the issue-11 benchmark for this architecture, else ``name``.
+    """``'auto'`` -> ``'adam'`` (with the architecture's preset, :func:`auto_preset`), else ``name``."""
+    return "adam" if name == "auto" else name
 
-    TopK: ``'signum_sf'``: at default settings it reached held-out FVU 0.237 after one epoch of the SmolLM2
-    workload against 0.62 for Adam at its width-rule LR (Adam at a hand-set LR of 6e-3 did better still:
-    0.231, and 0.154 after five epochs; benchmarks/RESULTS_training.md). Every other architecture:
-    ``'adam'`` (their losses and test LRs were tuned with Adam; sign updates are unmeasured there).
+
+def auto_preset(model: nn.Module, name: str) -> dict:
+    """The training preset that ``optimizer='auto'`` applies: ``type(model).auto_train`` (empty otherwise).
+
+    Keys: ``betas``, ``lr_rule`` ('budget': :func:`~sparsedict.train.schedule.budget_lr`; else the width
+    rule), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
+    fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale) take precedence.
     """
-    if name != "auto":
-        return name
-    from sparsedict.dictionaries.topk import TopK
-
-    return "signum_sf" if isinstance(model, TopK) else "adam"
+    return dict(getattr(type(model), "auto_train", {})) if name == "auto" else {}
 
 
 class DictionaryOptimizer:
@@ -86,10 +91,26 @@ class DictionaryOptimizer:
         self.cfg = cfg
         self.total_steps = total_steps
         self.name = resolve_optimizer(model, cfg.optimizer)
-        self.base_lr = cfg.lr or width_lr(model.n_latents, self.name)
-        params = [p for p in model.parameters() if p.requires_grad]
+        preset = auto_preset(model, cfg.optimizer)
+        if cfg.lr:
+            self.base_lr = cfg.lr
+        elif preset.get("lr_rule") == "budget":
+            self.base_lr = budget_lr(model.n_latents, total_steps)
+        else:
+            self.base_lr = width_lr(model.n_latents, self.name)
+        self.warmup_steps = cfg.warmup_steps
+        if "warmup_fraction" in preset:
+            self.warmup_steps = min(cfg.warmup_steps, math.ceil(preset["warmup_fraction"] * total_steps))
+        betas = cfg.betas or preset.get("betas", (0.9, 0.999))
+        dec_scale = cfg.lr_dec_scale or preset.get("lr_dec_scale", 1.0)
+        # one param group per parameter with its LR multiplier (W_dec: lr_dec_scale), so set_step can scale
+        params = [
+            {"params": [p], "lr_scale": dec_scale if name == "W_dec" else 1.0}
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        ]
         if self.name == "adam":
-            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=betas, eps=cfg.eps, foreach=True)
         else:
             self.opt = _schedule_free(SignSGD(params, lr=self.base_lr), cfg.momentum)
             self.opt.train()
@@ -129,11 +150,9 @@ class DictionaryOptimizer:
             self.opt.train()  # no-op unless eval() swapped the evaluation point in
             lr = self.base_lr
         else:
-            lr = self.base_lr * lr_factor(
-                step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_fraction
-            )
+            lr = self.base_lr * lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.decay_fraction)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def step(self) -> float:
