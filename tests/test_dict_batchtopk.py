@@ -31,7 +31,7 @@ def test_batch_topk_keeps_k_times_b_largest_entries():
 
 
 def test_training_l0_is_k_and_eval_uses_threshold():
-    m = make(k=3)
+    m = make(k=3, threshold_start_step=0)
     with torch.no_grad():
         m.b_enc.fill_(0.5)  # every pre-activation positive, so exactly k·B entries are kept
     x = torch.randn(64, 16)
@@ -46,10 +46,11 @@ def test_training_l0_is_k_and_eval_uses_threshold():
     m.after_step(out)
     kept = out.code.values[out.code.values > 0]
     assert float(m.threshold) == float(kept.min())
-    # the EMA: θ ← (1 − r) θ + r · min
+    # the bias-corrected running mean: the 2nd batch enters with rate max(r, 1/2) = 1/2
+    m.on_step(1, 10)
     out2 = m(x * 2)
     m.after_step(out2)
-    expect = 0.99 * float(kept.min()) + 0.01 * float(out2.code.values[out2.code.values > 0].min())
+    expect = 0.5 * float(kept.min()) + 0.5 * float(out2.code.values[out2.code.values > 0].min())
     assert abs(float(m.threshold) - expect) < 1e-6
     # eval: a per-token threshold, independent of the other tokens in the batch
     m.eval()
@@ -57,6 +58,66 @@ def test_training_l0_is_k_and_eval_uses_threshold():
     code = m.encode(x).values
     torch.testing.assert_close(code, acts * (acts > theta), atol=0, rtol=0)
     torch.testing.assert_close(m.encode(x[:5]).values, code[:5])
+
+
+def _min_kept(out: Output) -> float:
+    v = out.code.values
+    return float(v[v > 0].min())
+
+
+def test_threshold_is_a_running_mean_floored_at_rate_r_and_starts_at_half_the_run():
+    m = make(k=3, threshold_rate=0.25)  # default start: total_steps // 2
+    assert m._start == 0  # no on_step yet (run length unknown): estimate from the first batch
+    with torch.no_grad():
+        m.b_enc.fill_(0.5)
+    m.train()
+    mins, theta = [], None
+    for step in range(12):
+        m.on_step(step, 12)
+        out = m(torch.randn(64, 16) * (1 + step))
+        m.after_step(out)
+        if step < 6:
+            assert float(m.threshold) == -1.0  # first half of the run: not estimated
+            continue
+        mins.append(_min_kept(out))
+        j = len(mins)
+        if j <= 4:  # j ≤ 1/r: the plain mean of the batches so far
+            assert abs(float(m.threshold) - sum(mins) / j) < 1e-5 * float(m.threshold)
+        rate = max(0.25, 1 / j)
+        theta = mins[0] if j == 1 else (1 - rate) * theta + rate * mins[-1]
+        assert abs(float(m.threshold) - theta) < 1e-5 * theta  # then an EMA with rate r
+
+
+def test_resumed_run_continues_the_running_mean():
+    m = make(k=3, threshold_start_step=0)
+    with torch.no_grad():
+        m.b_enc.fill_(0.5)
+        m.threshold.fill_(1.0)  # θ from a checkpoint written after 3 estimated steps (0, 1, 2)
+    m.train()
+    m.on_step(3, 100)  # fresh process: the 4th batch must enter with rate 1/4, not overwrite θ
+    out = m(torch.randn(64, 16))
+    m.after_step(out)
+    assert abs(float(m.threshold) - (0.75 + 0.25 * _min_kept(out))) < 1e-6
+
+
+def test_eval_l0_is_k_when_the_activation_scale_drifts_during_training():
+    """The activation scale falls from 3x to 1x over the first 40 % of a 200-step run, then stays. θ must
+    describe the final scale: the held-out L0 at θ is within 10 % of k. (A plain EMA with rate 0.01 from
+    step 0, seeded with the first batch, keeps 30 % of its weight on the drifting batches: θ too high,
+    held-out L0 0.7 for k = 3.)"""
+    k, total = 3, 200
+    m = make(d=16, n=48, k=k)
+    torch.manual_seed(1)
+    m.train()
+    with torch.no_grad():
+        for step in range(total):
+            scale = 1 + 2 * max(0.0, 1 - step / (0.4 * total))
+            m.on_step(step, total)
+            m.after_step(m(torch.randn(256, 16) * scale))
+    m.eval()
+    with torch.no_grad():
+        l0 = float(m.encode(torch.randn(20_000, 16)).values.ne(0).sum(1).float().mean())
+    assert abs(l0 - k) < 0.1 * k, f"held-out L0 {l0:.2f} at θ={float(m.threshold):.4f}, k={k}"
 
 
 def test_unset_threshold_falls_back_to_batch_topk_in_eval():

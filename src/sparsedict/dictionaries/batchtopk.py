@@ -3,10 +3,22 @@
 Training: ``a = ReLU((x − b_dec) W_enc + b_enc)``; keep the ``k·B`` largest entries of the flattened
 ``[B, n]`` matrix (per-token L0 varies, its batch mean is k). A token's code therefore depends on the
 rest of the batch, so evaluation uses a global threshold instead: ``f = a · 1[a > θ]`` (a JumpReLU with a
-single θ). θ is the exponential moving average of the smallest positive kept activation of each training
-batch (``θ ← (1 − r) θ + r · min(a_kept > 0)``, first value taken as is), updated in ``after_step``
-and saved in the checkpoint as the buffer ``threshold`` (−1 while unset; an eval-mode forward with an
-unset θ falls back to batch top-k). Unit-norm decoder, AuxK and init as TopK.
+single θ). Thresholding at the smallest kept activation of a batch keeps, on that batch, exactly its
+top ``k·B`` entries, so θ estimates the expected minimum positive kept activation ``m_t`` of a training
+batch, updated in ``after_step`` and saved in the checkpoint as the buffer ``threshold`` (−1 while unset;
+an eval-mode forward with an unset θ falls back to batch top-k). θ must describe the *final* weights, so:
+
+- only batches from ``threshold_start_step`` on enter the estimate (default: the second half of the run,
+  ``total_steps // 2``); early batches come from weights whose activation scale differs from the final
+  one (on SmolLM2-135M, k = 32, a 195-step run, a plain EMA with r = 0.01 from step 0 gave a θ 22 % too
+  high for BatchTopK and 27 % for Matryoshka: held-out L0 20 and 18 instead of 32);
+- the estimate is a bias-corrected running mean: the j-th batch since the start enters with rate
+  ``max(r, 1/j)`` (``θ ← (1 − ρ) θ + ρ m_t``), i.e. the plain mean of the first 1/r batches, then an EMA
+  with rate r that keeps following the late weights on long runs. No single batch dominates (a plain EMA
+  seeded with the first value gives it weight ``(1 − r)^(j−1)``). j is derived from the step number
+  (``step − start + 1``), so a resumed run continues the same average from the checkpointed θ.
+
+Unit-norm decoder, AuxK and init as TopK.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
 
 Kernels: when :func:`sparsedict.kernels.use_triton` holds (CUDA), training selection runs on per-row
@@ -42,9 +54,12 @@ class BatchTopKConfig(DictionaryConfig):
     aux_alpha: float = 1 / 32
     """Weight of the AuxK loss (0 turns it off)."""
     threshold_rate: float = 0.01
-    """EMA rate r of the inference threshold θ (SAELens uses 0.01, dictionary_learning 0.001)."""
-    threshold_start_step: int = 0
-    """Training step from which θ is estimated (earlier batches are ignored)."""
+    """Floor r of the rate of the running estimate of the inference threshold θ: the j-th batch since
+    ``threshold_start_step`` enters with rate max(r, 1/j) (a plain mean for the first 1/r batches, then an
+    EMA with rate r; SAELens uses a plain EMA with 0.01, dictionary_learning 0.001)."""
+    threshold_start_step: int = -1
+    """Training step from which θ is estimated (earlier batches are ignored); -1 means half of the run
+    (``total_steps // 2``, from ``on_step``; 0 when no ``on_step`` call gave the run length)."""
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
@@ -88,6 +103,8 @@ class BatchTopK(Dictionary):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float32))
         self._step = 0
+        self._start = max(0, cfg.threshold_start_step)  # resolved from the run length in on_step
+        self._updates = 0  # batches averaged into θ so far (j − 1 for the next one)
 
     def _x_in(self, x: Tensor) -> Tensor:
         return x - self.b_dec if self.subtracts_b_dec else x
@@ -124,26 +141,29 @@ class BatchTopK(Dictionary):
 
     def on_step(self, step: int, total_steps: int) -> None:
         self._step = step
+        start = self.cfg.threshold_start_step
+        self._start = total_steps // 2 if start < 0 else start
+        # batches before this step that entered θ: also right after a resume (θ comes from the checkpoint)
+        self._updates = max(self._updates, step - self._start)
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
-        """Update θ from this batch's smallest positive kept activation."""
-        if not self.training or self._step < self.cfg.threshold_start_step:
+        """Update θ from this batch's smallest positive kept activation (from ``threshold_start_step`` on)."""
+        if not self.training or self._step < self._start:
             return
         self.update_threshold(out.code)
 
     @torch.no_grad()
     def update_threshold(self, code: SparseCode) -> None:
+        """``θ ← (1 − ρ) θ + ρ · min(kept > 0)`` with ``ρ = max(r, 1/j)`` for the j-th batch (j = 1: θ = min)."""
         v = code.values.detach().float()
         pos = v[v > 0]
         if pos.numel() == 0:
             return
         m = _all_reduce_mean(pos.min())
-        if float(self.threshold) < 0:
-            self.threshold.copy_(m)
-        else:
-            r = self.cfg.threshold_rate
-            self.threshold.mul_(1 - r).add_(r * m)
+        self._updates += 1
+        rate = 1.0 if float(self.threshold) < 0 else max(self.cfg.threshold_rate, 1.0 / self._updates)
+        self.threshold.mul_(1 - rate).add_(rate * m)
 
 
 def _all_reduce_mean(t: Tensor) -> Tensor:
