@@ -65,19 +65,19 @@ def _min_kept(out: Output) -> float:
     return float(v[v > 0].min())
 
 
-def test_threshold_is_a_running_mean_floored_at_rate_r_and_starts_at_half_the_run():
-    m = make(k=3, threshold_rate=0.25)  # default start: total_steps // 2
+def test_threshold_is_a_running_mean_floored_at_rate_r_and_starts_late_in_the_run():
+    m = make(k=3, threshold_rate=0.25)  # default start: int(0.8 * total_steps)
     assert m._start == 0  # no on_step yet (run length unknown): estimate from the first batch
     with torch.no_grad():
         m.b_enc.fill_(0.5)
     m.train()
     mins, theta = [], None
-    for step in range(12):
-        m.on_step(step, 12)
+    for step in range(40):
+        m.on_step(step, 40)
         out = m(torch.randn(64, 16) * (1 + step))
         m.after_step(out)
-        if step < 6:
-            assert float(m.threshold) == -1.0  # first half of the run: not estimated
+        if step < 32:
+            assert float(m.threshold) == -1.0  # first 80 % of the run: not estimated
             continue
         mins.append(_min_kept(out))
         j = len(mins)
