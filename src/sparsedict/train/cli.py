@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         data.setdefault("train", {})["shard_latents"] = True
     recipe = parse_recipe(data, source=args.recipe)
     results = run(recipe, resume=not args.no_resume)
-    from sparsedict.train.distributed import is_main
+    from sparsedict.train.distributed import destroy, is_main
 
     if is_main():
         print(json.dumps(results, indent=2))
+    destroy()
     return 0
