@@ -10,46 +10,26 @@ import json
 
 import pytest
 import torch
+from helpers import identity_dict, make_dict
 from safetensors.torch import save_file
 
-from sparsedict.dictionaries import build, lookup
 from sparsedict.hub import from_pretrained
-from sparsedict.lm import load_model
 
 LAYER = 3
 TEXT = "The tables are stored in the database, and the planner chooses an index scan."
 
 
 @pytest.fixture(scope="module")
-def lm():
-    model, tok = load_model()
+def lm(smollm2):
+    model, tok = smollm2
     ids = tok(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
     return model, ids, out.logits, out.hidden_states
 
 
-def make(arch: str, d_in: int, n: int, **kw):
-    _, cfg_cls = lookup(arch)
-    return build(cfg_cls(d_in=d_in, n_latents=n, **kw)).eval()
-
-
-def identity_relu(d: int, hookpoint: str):
-    """ReLU SAE with W_enc = [I, −I], W_dec = [I; −I]: x̂ = ReLU(x) − ReLU(−x) = x exactly."""
-    sae = make("relu", d, 2 * d, hookpoint=hookpoint, apply_b_dec_to_input=False)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
-
 def random_topk(d: int, hookpoint: str, seed: int = 0):
-    torch.manual_seed(seed)
-    sae = make("topk", d, 4 * d, k=16, hookpoint=hookpoint)
-    return sae
+    return make_dict("topk", d, 4 * d, k=16, hookpoint=hookpoint, seed=seed).eval()
 
 
 def logits_with_raw_hook(model, module, fn, ids):
@@ -70,7 +50,7 @@ def logits_with_raw_hook(model, module, fn, ids):
 
 def test_identity_splice_leaves_logits_unchanged(lm):
     model, ids, logits, _ = lm
-    sae = identity_relu(576, f"resid_post.{LAYER}")
+    sae = identity_dict(576, f"resid_post.{LAYER}", arch="relu")
     with torch.no_grad(), sae.hook(model, mode="splice") as att:
         spliced = model(input_ids=ids, use_cache=False).logits
     assert att.codes == []  # splice mode keeps no codes
@@ -135,7 +115,7 @@ def test_codes_mode_exposes_codes_and_keeps_the_model(lm):
 def test_transcoder_reads_input_and_replaces_target(lm):
     model, ids, logits, _ = lm
     torch.manual_seed(2)
-    tc = make("relu", 576, 1024, hookpoint=f"mlp_in.{LAYER}", target=f"mlp_out.{LAYER}")
+    tc = make_dict("relu", 576, 1024, hookpoint=f"mlp_in.{LAYER}", target=f"mlp_out.{LAYER}").eval()
     with torch.no_grad():
         tc.W_dec.mul_(0.05)
     with torch.no_grad(), tc.hook(model, mode="both") as att:

@@ -7,24 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import small_cache
 
-from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.cache import ActivationStore
 from sparsedict.cache.store import RAM_FIXED
-from sparsedict.lm import load_model
 
 N_TOKENS = 1500
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    cfg = CacheConfig(dataset="embedded-sample", hookpoints=["resid_post.5", "mlp_hidden.2"], max_tokens=N_TOKENS,
-                      shard_rows=400, batch_size=8, out_dir=str(tmp_path_factory.mktemp("c")), progress=False)  # fmt: skip
-    return cache_activations(cfg)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model()[0]
+    hps = ["resid_post.5", "mlp_hidden.2"]
+    return small_cache(tmp_path_factory.mktemp("c"), hps, N_TOKENS, shard_rows=400, batch_size=8)
 
 
 def _row_ids(store: ActivationStore) -> dict[bytes, int]:
@@ -48,8 +42,9 @@ def test_manifest_records_everything(cache):
         assert len(s["files"]["tokens"]["sha256"]) == 64 and s["status"] == "complete"
 
 
-def test_values_equal_direct_forward(cache, model):
+def test_values_equal_direct_forward(cache, smollm2):
     """Rows read back == hidden_states of a plain HF forward (and a raw hook) on the stored contexts."""
+    model = smollm2[0]
     store = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", loop=False)
     tok = store.tokens()
     ids, attn, keep = tok["token_ids"].long(), tok["attention_mask"], tok["keep"]

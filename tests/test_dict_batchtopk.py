@@ -3,20 +3,20 @@ checkpoint, used in eval), AuxK, planted recovery and round trip."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import mean_max_cosine, planted_data, train_dictionary
+from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.base import Output
 from sparsedict.dictionaries.batchtopk import BatchTopKConfig, batch_topk
 from sparsedict.hub import from_pretrained
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(d=16, n=48, k=3, **kw):
-    torch.manual_seed(0)
-    return build(BatchTopKConfig(d_in=d, n_latents=n, k=k, **kw).resolved(d))
+    return make_dict("batchtopk", d, n, k=k, **kw)
 
 
 def test_batch_topk_keeps_k_times_b_largest_entries():

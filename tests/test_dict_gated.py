@@ -3,19 +3,19 @@ decoder), no b_enc in the state dict, round trip, planted recovery."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import mean_max_cosine, planted_data, train_dictionary
+from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.gated import GatedConfig
 from sparsedict.hub import from_pretrained
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(d=16, n=40, **kw):
-    torch.manual_seed(0)
-    m = build(GatedConfig(d_in=d, n_latents=n, **kw).resolved(d))
+    m = make_dict("gated", d, n, **kw)
     with torch.no_grad():
         for p in (m.b_gate, m.b_mag, m.r_mag, m.b_dec):
             p.normal_(0, 0.3)

@@ -7,18 +7,17 @@ import math
 
 import pytest
 import torch
-from helpers import mean_max_cosine, planted_data, train_dictionary
+from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.jumprelu import JumpReLUConfig, JumpReLUFn, StepFn
 from sparsedict.hub import from_pretrained
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(d=16, n=40, **kw):
-    torch.manual_seed(0)
-    return build(JumpReLUConfig(d_in=d, n_latents=n, **kw).resolved(d))
+    return make_dict("jumprelu", d, n, **kw)
 
 
 def test_ste_gradients_match_hand_derived_reference():

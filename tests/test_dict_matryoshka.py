@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import mean_max_cosine, planted_data, train_dictionary
+from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.matryoshka import MatryoshkaConfig, resolve_groups
 from sparsedict.hub import from_pretrained
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(d=16, n=48, k=4, **kw):
-    torch.manual_seed(0)
-    m = build(MatryoshkaConfig(d_in=d, n_latents=n, k=k, **kw).resolved(d))
+    m = make_dict("matryoshka", d, n, k=k, **kw)
     with torch.no_grad():
         m.b_enc.normal_(0, 0.3)
         m.b_dec.normal_()

@@ -3,20 +3,20 @@ multi-dictionary sweep (one Trainer, shared batches == each trained alone)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import mean_max_cosine, planted_data, train_dictionary
+from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.relu import ReLUConfig
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.hub import from_pretrained
 
-torch.set_num_threads(1)  # tiny ops: threading overhead dominates on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: thread barriers dominate on a shared machine
 
 
 def make(d=16, n=40, **kw):
-    torch.manual_seed(0)
-    return build(ReLUConfig(d_in=d, n_latents=n, **kw).resolved(d))
+    return make_dict("relu", d, n, **kw)
 
 
 def test_init_and_no_unit_norm():

@@ -5,32 +5,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
+from helpers import identity_dict, small_cache
 
-from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.cache import ActivationStore
 from sparsedict.dictionaries import available, build, lookup
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.eval.cli import main
 from sparsedict.eval.evaluate import EvalConfig, evaluate
 
 HP, MLP_IN, MLP_OUT = "resid_post.2", "mlp_in.2", "mlp_out.2"
-# MP's numba kernels under numba's default OpenMP layer leave spinning threads that make every later torch op
-# in the process ~4x slower on a 2-core machine; the workqueue layer does not (speed only, same results).
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+pytestmark = pytest.mark.usefixtures("one_thread")  # thread barriers dominate small ops on a shared machine
 
 
 def _cache(root, split: str, tokens: int, **kw):
-    cfg = CacheConfig(dataset="embedded-sample", split=split, hookpoints=[HP, MLP_IN, MLP_OUT], max_tokens=tokens,
-                      context_length=48, out_dir=str(root), num_threads=1, progress=False, **kw)  # fmt: skip
-    return cache_activations(cfg)
+    return small_cache(root, [HP, MLP_IN, MLP_OUT], tokens, split=split, context_length=48, **kw)
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    torch.set_num_threads(1)  # shared 2-core machine: one thread is much faster under contention
     root = tmp_path_factory.mktemp("caches")
     return {
         "train": _cache(root / "train", "train", 400),
@@ -39,19 +34,9 @@ def caches(tmp_path_factory):
     }
 
 
-def _identity(d: int):
-    model = build(TopKConfig(hookpoint=HP, d_in=d, n_latents=2 * d, k=2 * d, b_dec_init="zero").resolved(d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        model.W_enc.copy_(torch.cat([eye, -eye], 1))
-        model.W_dec.copy_(torch.cat([eye, -eye], 0))
-        model.b_enc.zero_()
-    return model
-
-
 def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
     torch.manual_seed(0)
-    ident = _identity(576)
+    ident = identity_dict(576, HP)
     ident.save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
     tc = build(
         TopKConfig(hookpoint=MLP_IN, target=MLP_OUT, d_in=576, d_out=576, n_latents=256, k=16).resolved(576)
@@ -92,7 +77,7 @@ def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
 
 
 def test_eval_refuses_other_exclusion_rules(caches, tmp_path, capsys):
-    _identity(576).save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
+    identity_dict(576, HP).save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
     rc = main([str(tmp_path / "ident"), "--cache", str(caches["other"]), "--splice_tokens", "0"])
     assert rc == 2
     assert "exclusion rules" in capsys.readouterr().err

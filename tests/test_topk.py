@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import mean_max_cosine, planted_data
+from helpers import mean_max_cosine, planted_data, train_dictionary
 from sparsedict.kernels.topk_encode import topk_encode_ref
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.hub import from_pretrained
-from sparsedict.train import TensorSource, TrainConfig, Trainer
 
 RECOVERY_THRESHOLD = 0.95  # mean over true atoms of the best (signed) cosine with a learned decoder row
 
 
 def _train(model, x, tmp_path, **kw):
-    cfg = TrainConfig(batch_size=256, lr=2e-3, warmup_steps=50, out_dir=str(tmp_path), dead_tokens=20_000,
-                      log_every=1000, **{"optimizer": "adam", **kw})  # the LR above is tuned for Adam
-    Trainer({"sae": model}, {(model.cfg.hookpoint, ""): TensorSource(x, batch_size=256)}, cfg).fit(resume=False)
+    # the LR is tuned for Adam; all sample rows initialise b_dec
+    train_dictionary(model, x, out_dir=str(tmp_path), dead_tokens=20_000, init_rows=32768, optimizer="adam", **kw)
     return model
 
 

@@ -17,7 +17,6 @@ def _brute(pre: torch.Tensor, k: int):
     return vals[:, :k], idx[:, :k]
 
 
-@pytest.mark.skipif(not topk_cpu.numba_available(), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 5, 32, 97])
 def test_numba_topk_equals_stable_sort_with_ties(dtype, k):
