@@ -114,7 +114,7 @@ def train_once(job: dict[str, Any]) -> dict[str, Any]:
 
     warnings.simplefilter("ignore")
     from sparsedict.cache import ActivationStore
-    from sparsedict.eval.metrics import reconstruction_stats
+    from sparsedict.metrics import reconstruction_stats
 
     torch.set_num_threads(job["threads"] or os.cpu_count() or 1)
     model, timing = fit_dictionary(job)

@@ -149,9 +149,9 @@ def test_gpt2_head_layout():
 def test_per_head_dictionary_recipe_train_splice(cache, smollm2):
     """A recipe may name a head of a cached attn_z; a TopK on that head takes d_in from the store, trains,
     and splices into the model exactly where a raw o_proj pre-hook would put it."""
-    from sparsedict.eval.metrics import reconstruct
+    from sparsedict.metrics import reconstruct
+    from sparsedict.pipeline import build_dictionaries, open_sources
     from sparsedict.train.recipe import parse_recipe
-    from sparsedict.train.run import build_dictionaries, open_sources
 
     recipe = parse_recipe({
         "cache": {"hookpoints": ["attn_z.3"], "dataset": "embedded-sample"},

@@ -9,7 +9,7 @@ from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.gated import GatedConfig
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

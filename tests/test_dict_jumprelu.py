@@ -11,7 +11,7 @@ from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.jumprelu import JumpReLUConfig, JumpReLUFn, StepFn
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ from helpers import mean_max_cosine, planted_data
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.mp import MPConfig
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 BACKENDS = ["torch", "numba"]
 

@@ -10,7 +10,7 @@ from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.relu import ReLUConfig
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: thread barriers dominate on a shared machine
 

@@ -11,7 +11,7 @@ from helpers import mean_max_cosine
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.snmf import SNMF, SNMFConfig, nnls, snmf_full_batch
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 
 def semi_nmf_data(d=48, k_true=24, n=3000, density=0.3, noise=0.02, seed=0):

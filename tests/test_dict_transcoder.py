@@ -8,7 +8,7 @@ import torch
 from helpers import mean_max_cosine, train_dictionary
 
 from sparsedict.dictionaries import available, build, lookup
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 torch.set_num_threads(1)
 ARCHS = [a for a in ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka") if a in available()]

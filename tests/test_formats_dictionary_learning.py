@@ -16,7 +16,7 @@ import torch
 
 from sparsedict.dictionaries import available
 from sparsedict.formats import FormatError, detect_format
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 D, N, K, B = 10, 40, 5, 64
 

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from sparsedict.dictionaries import available
 from sparsedict.formats import FormatError, detect_format
+from sparsedict.formats.native import from_pretrained
 from sparsedict.formats.saelens import save_saelens
-from sparsedict.hub import from_pretrained
 
 D, N, D_OUT, B = 12, 40, 9, 64
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparsedict.formats import FormatError, detect_format
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 D, N, K, B = 10, 48, 6, 64
 

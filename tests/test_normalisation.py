@@ -11,7 +11,7 @@ from helpers import planted_data
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.base import geometric_median
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.hub import from_pretrained, read_config
+from sparsedict.formats.native import from_pretrained, read_config
 from sparsedict.train import TensorSource, TrainConfig, Trainer
 
 D, N_LAT, K = 32, 128, 4

@@ -27,7 +27,7 @@ def test_parse_sweep_and_errors():
 
 def test_pareto_end_to_end(tmp_path):
     from sparsedict.cache import ActivationStore
-    from sparsedict.hub import from_pretrained
+    from sparsedict.formats.native import from_pretrained
 
     torch.set_num_threads(1)  # shared 2-core machine: one thread is much faster under contention
     out = tmp_path / "pareto"

@@ -26,8 +26,8 @@ _LAZY = {
     "Trainer": "sparsedict.train",
     "TrainConfig": "sparsedict.train",
     "train": "sparsedict.train",
-    "from_pretrained": "sparsedict.hub",
-    "save_pretrained": "sparsedict.hub",
+    "from_pretrained": "sparsedict.formats.native",
+    "save_pretrained": "sparsedict.formats.native",
     "Dictionary": "sparsedict.dictionaries",
     "DictionaryConfig": "sparsedict.dictionaries",
 }

@@ -11,7 +11,7 @@ COMMANDS = {
     "train": ("sparsedict.train.cli", "train dictionaries from a YAML recipe (with --set overrides)"),
     "eval": ("sparsedict.eval.cli", "evaluate checkpoints: FVU, L0, dead %, CE recovered, KL"),
     "bench": ("sparsedict.eval.bench", "benchmarks: `bench pareto` sweeps and plots L0 vs FVU / CE"),
-    "convert": ("sparsedict.formats.convert", "convert peer checkpoints (SAELens, sparsify, dictionary_learning)"),
+    "convert": ("sparsedict.convert", "convert peer checkpoints (SAELens, sparsify, dictionary_learning)"),
     "corpus": ("sparsedict.corpus", "build the embedded Debian-documentation corpus"),
 }
 

@@ -29,9 +29,9 @@ def _recipe_path(arg: str | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from sparsedict.cache import ActivationStore, cache_activations
     from sparsedict.config import load_yaml
-    from sparsedict.hub import from_pretrained
+    from sparsedict.formats.native import from_pretrained
+    from sparsedict.pipeline import build_dictionaries, evaluate_heldout, open_sources
     from sparsedict.train.recipe import parse_recipe
-    from sparsedict.train.run import build_dictionaries, evaluate_heldout, open_sources
     from sparsedict.train.trainer import Trainer
 
     parser = argparse.ArgumentParser(prog="sparsedict quickstart", description=__doc__)

@@ -314,19 +314,19 @@ class Dictionary(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, path, meta: dict[str, Any] | None = None) -> None:
-        from sparsedict.hub import save_pretrained
+        from sparsedict.formats.native import save_pretrained
 
         save_pretrained(self, path, meta)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> Dictionary:
-        from sparsedict.hub import from_pretrained
+        from sparsedict.formats.native import from_pretrained
 
         return from_pretrained(path, **kwargs)
 
     def hook(self, model, mode: str = "splice", exclude_first: int = 0):
         """Context manager attaching this dictionary to ``model``: mode 'splice', 'codes' or 'both'."""
-        from sparsedict.attach import attach
+        from sparsedict.dictionaries.attach import attach
 
         return attach(self, model, mode, exclude_first)
 

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
-from sparsedict.dictionaries.mp_kernels import numba_available, pursuit_backward, pursuit_forward
 from sparsedict.kernels import sparse_decode
+from sparsedict.kernels.pursuit import numba_available, pursuit_backward, pursuit_forward
 
 
 @dataclass

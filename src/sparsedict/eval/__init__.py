@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, fvu, reconstruct
+from sparsedict.metrics import ReconstructionStats, SpliceStats, fvu, reconstruct
 
 _LAZY = {
     "Contexts": "sparsedict.eval.splice",

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from sparsedict.dictionaries.base import Dictionary
-from sparsedict.eval.metrics import reconstruction_stats
 from sparsedict.eval.splice import Contexts, evaluate_splicing, replaced_hookpoint
+from sparsedict.metrics import reconstruction_stats
 
 RULE_KEYS = ("prepend_bos", "exclude_bos", "exclude_first_n", "exclude_special")
 
@@ -128,7 +128,7 @@ def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
 
 
 def load_checkpoints(cfg: EvalConfig) -> dict[str, Dictionary]:
-    from sparsedict.hub import from_pretrained
+    from sparsedict.formats.native import from_pretrained
 
     out: dict[str, Dictionary] = {}
     for path in cfg.checkpoints:

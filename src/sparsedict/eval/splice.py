@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsedict.attach import resolve_hookpoint
 from sparsedict.cache import hooks
+from sparsedict.dictionaries.attach import resolve_hookpoint
 from sparsedict.dictionaries.base import Dictionary, SparseCode
-from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, reconstruct, token_ce, token_kl
+from sparsedict.metrics import ReconstructionStats, SpliceStats, reconstruct, token_ce, token_kl
 
 OnOutput = Callable[[Tensor, Tensor, SparseCode], None]
 

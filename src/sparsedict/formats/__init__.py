@@ -87,7 +87,7 @@ def load_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "sparsedict":
-        from sparsedict.hub import load_local
+        from sparsedict.formats.native import load_local
 
         return load_local(path, device=device, dtype=dtype)
     if fmt == "sparsify_run":

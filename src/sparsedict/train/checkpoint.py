@@ -129,7 +129,7 @@ def _step_dir(step: int) -> str:
 
 def save_checkpoint(root: str | os.PathLike, state: dict[str, Any], step: int) -> Path:
     """Collective: every rank saves ``state`` (its own part), then rank 0 commits step ``step``."""
-    from sparsedict.train import distributed as dist
+    from sparsedict import distributed as dist
 
     root = Path(root)
     step_dir = root / _step_dir(step)
@@ -153,7 +153,7 @@ def load_checkpoint(root: str | os.PathLike) -> dict[str, Any] | None:
     optimiser states from rank 0's directory. A checkpoint written by the single-file
     :func:`save_state` layout (no ``latest.json``) is read as rank 0's state.
     """
-    from sparsedict.train import distributed as dist
+    from sparsedict import distributed as dist
 
     root = Path(root)
     if not (root / LATEST).exists():

@@ -24,8 +24,8 @@ def _apply_override(data: dict, item: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparsedict.pipeline import run
     from sparsedict.train.recipe import parse_recipe
-    from sparsedict.train.run import run
 
     parser = argparse.ArgumentParser(prog="sparsedict train", description=__doc__)
     parser.add_argument("recipe", help="YAML recipe (sections: cache, eval_cache, train, dictionaries)")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         data.setdefault("train", {})["shard_latents"] = True
     recipe = parse_recipe(data, source=args.recipe)
     results = run(recipe, resume=not args.no_resume)
-    from sparsedict.train.distributed import destroy, is_main
+    from sparsedict.distributed import destroy, is_main
 
     if is_main():
         print(json.dumps(results, indent=2))

@@ -30,7 +30,7 @@ class RunLogger:
     """Writes ``out_dir/log.jsonl`` and, with ``wandb_project`` set, logs to wandb (rank 0 only)."""
 
     def __init__(self, cfg: TrainConfig, enabled: bool | None = None, run_config: dict[str, Any] | None = None):
-        from sparsedict.train.distributed import is_main
+        from sparsedict.distributed import is_main
 
         self.enabled = is_main() if enabled is None else enabled
         self.cfg = cfg

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparsedict import distributed
 from sparsedict.dictionaries.base import Dictionary
 from sparsedict.train import checkpoint as ckpt
-from sparsedict.train import distributed
 from sparsedict.train.config import TrainConfig
 from sparsedict.train.dead import DeadLatentTracker
 from sparsedict.train.logging import RunLogger
@@ -63,7 +63,7 @@ class Trainer:
         rows = min(s.n_rows for s in sources.values())
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * rows / cfg.batch_size))
         if cfg.shard_latents:
-            from sparsedict.train.sharded import shard_dictionaries
+            from sparsedict.dictionaries.sharded import shard_dictionaries
 
             if self.world_size > 1:
                 raise ValueError("shard_latents: every rank must read the same rows; open the sources with "
@@ -152,7 +152,7 @@ class Trainer:
 
     def sync_grads(self, m: Member) -> None:
         """Average gradients over data-parallel ranks (no-op in a single process)."""
-        from sparsedict.train.distributed import all_reduce_grads
+        from sparsedict.distributed import all_reduce_grads
 
         all_reduce_grads(m.model)
 
@@ -236,7 +236,7 @@ class Trainer:
 
     def save(self, meta: dict[str, Any] | None = None) -> dict[str, Path]:
         """Save every dictionary with ``save_pretrained`` under ``out_dir/<name>``."""
-        from sparsedict.train.distributed import is_main
+        from sparsedict.distributed import is_main
 
         paths = {}
         for m in self.members:

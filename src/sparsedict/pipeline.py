@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from sparsedict import distributed
 from sparsedict.dictionaries import Dictionary, build
-from sparsedict.train import distributed
 from sparsedict.train.recipe import Recipe
 from sparsedict.train.trainer import Trainer, source_key
 
@@ -45,8 +45,8 @@ def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary]:
 def evaluate_heldout(paths: dict[str, Path], recipe: Recipe, max_rows: int | None = None) -> dict[str, dict]:
     """Reload every saved dictionary and measure FVU/L0/dead% on the held-out cache (one pass)."""
     from sparsedict.cache import ActivationStore, cache_activations
-    from sparsedict.eval.metrics import reconstruction_stats
-    from sparsedict.hub import from_pretrained
+    from sparsedict.formats.native import from_pretrained
+    from sparsedict.metrics import reconstruction_stats
 
     eval_dir = cache_activations(recipe.eval_cache)
     results = {}

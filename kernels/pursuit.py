@@ -19,9 +19,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor
-
 from sparsedict.kernels.topk_cpu import numba_available
+from torch import Tensor
 
 __all__ = ["numba_available", "pursuit_backward", "pursuit_forward"]
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sparsedict import distributed as dist
 from sparsedict.dictionaries.base import Dictionary, SparseCode, build
 from sparsedict.dictionaries.topk import TopK
 from sparsedict.kernels import sparse_decode, topk_encode
-from sparsedict.train import distributed as dist
 from sparsedict.train.config import TrainConfig
 
 

@@ -11,7 +11,7 @@ open, runs the dictionary on every forward pass at its hookpoint through
 An SAE reads and writes its ``hookpoint``. A transcoder reads ``hookpoint`` (captured by an identity replace) and
 writes ``target``: its output substitutes the target activation of the same forward pass. Activations
 ``[B, T, d]`` are flattened to ``[B·T, d]`` for the dictionary, cast to its dtype/device, and the result is cast
-back; the dictionary computation is the evaluator's (:func:`sparsedict.eval.metrics.reconstruct`, which
+back; the dictionary computation is the evaluator's (:func:`sparsedict.metrics.reconstruct`, which
 honours an unfolded input scale). A width that does not match the dictionary (a checkpoint for another model or hookpoint) raises a clear
 error from inside the forward pass.
 """
@@ -46,10 +46,10 @@ def reconstruct(dictionary: Dictionary, x: Tensor, y: Tensor | None = None) -> t
     """Run ``dictionary`` on activations ``x [..., d_in]`` (target ``y [..., d_out]`` for a transcoder).
 
     Returns ``(ŷ [..., d_out] in x's dtype and device, code over the N = prod(...) rows)``. The computation is
-    the evaluator's (:func:`sparsedict.eval.metrics.reconstruct`): a dictionary still holding an input scale
+    the evaluator's (:func:`sparsedict.metrics.reconstruct`): a dictionary still holding an input scale
     c ≠ 1 is fed ``c·x`` and its output divided by c.
     """
-    from sparsedict.eval.metrics import reconstruct as eval_reconstruct
+    from sparsedict.metrics import reconstruct as eval_reconstruct
 
     dev = dictionary.W_dec.device
     flat = x.reshape(-1, x.shape[-1]).to(dev)

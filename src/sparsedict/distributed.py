@@ -7,7 +7,7 @@ is a no-op in a single process, and every rank must call every collective helper
 times in the same order.
 
 Two layouts (METHODS.md §2.6): data parallel (every rank holds the whole dictionary, reads its own rows,
-gradients averaged by :func:`all_reduce_grads`) and latent parallel (``sparsedict.train.sharded``: each
+gradients averaged by :func:`all_reduce_grads`) and latent parallel (``sparsedict.dictionaries.sharded``: each
 rank owns a slice of the latents and sees the same rows; its collectives are :func:`all_gather`,
 :func:`all_reduce_sum`).
 """

@@ -9,7 +9,7 @@ from sparsedict.kernels.topk_encode import topk_encode_ref
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.hub import from_pretrained
+from sparsedict.formats.native import from_pretrained
 
 RECOVERY_THRESHOLD = 0.95  # mean over true atoms of the best (signed) cosine with a learned decoder row
 
