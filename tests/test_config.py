@@ -41,7 +41,7 @@ def test_valid_recipe_parses_and_fills_hookpoint():
     [
         (_with(train__batchsize=3), "unknown key 'train.batchsize'.*did you mean 'batch_size'"),
         (_with(dict__kk=3), r"unknown key 'dictionaries\[0\].kk'.*did you mean 'k'"),
-        (_with(dict__architecture="topkk"), "Did you mean 'topk'"),
+        (_with(dict__architecture="topkk"), "did you mean 'topk'"),
         (_with(cache__max_tokenz=5), "did you mean 'max_tokens'"),
         (_with(train__optimizer="sgd"), "optimizer must be 'adam' or 'signum_sf'"),
         (_with(dict__hookpoint="resid_post.7"), "not cached"),

@@ -29,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        import difflib
+        from sparsedict.util import did_you_mean
 
-        near = difflib.get_close_matches(cmd, COMMANDS, n=1)
-        print(f"sparsedict: unknown command {cmd!r}" + (f"; did you mean {near[0]!r}?" if near else ""), file=sys.stderr)
+        print(f"sparsedict: unknown command {cmd!r}{did_you_mean(cmd, COMMANDS)}", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])

@@ -9,13 +9,14 @@ through simple_parsing, whose ``--help`` shows the field docstrings).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from sparsedict.util import did_you_mean
 
 T = TypeVar("T")
 
@@ -54,8 +55,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            near = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = did_you_mean(key, fields) or "."
             raise ConfigError(
                 f"unknown key {where + key!r} for {cls.__name__}{hint} Valid keys: {', '.join(fields)}"
             )
@@ -71,11 +71,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}{' at ' + where.rstrip('.') if where else ''}: {err}") from err
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Dataclass -> plain JSON/YAML-serialisable dict."""
-    return dataclasses.asdict(obj)
 
 
 def parse_cli(cls: type[T], argv: list[str] | None, prog: str, description: str = "") -> T:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from sparsedict.cache.manifest import CacheError, fsync_dir
+from sparsedict.cache.manifest import CacheError
+from sparsedict.util import fsync_dir
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
               "I64": torch.int64, "BOOL": torch.bool, "U8": torch.uint8, "I16": torch.int16}  # fmt: skip
@@ -114,7 +115,3 @@ def check_shard(
 def st_dtype(dtype: torch.dtype) -> str:
     """safetensors dtype code of a torch dtype."""
     return next(k for k, v in _ST_DTYPES.items() if v == dtype)
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    return _ST_DTYPES[code]

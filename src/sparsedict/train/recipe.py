@@ -20,13 +20,14 @@ An unknown key anywhere is an error naming the nearest valid key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sparsedict.config import ConfigError, from_dict, load_yaml
 from sparsedict.dictionaries import DictionaryConfig, lookup
 from sparsedict.train.config import TrainConfig
+from sparsedict.util import did_you_mean
 
 SECTIONS = ("cache", "eval_cache", "train", "dictionaries")
 
@@ -40,7 +41,6 @@ class Recipe:
     eval_cache: Any = None
     """CacheConfig of held-out activations for the final evaluation (optional)."""
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_dictionary(entry: dict[str, Any], where: str) -> DictionaryConfig:
@@ -54,12 +54,9 @@ def parse_dictionary(entry: dict[str, Any], where: str) -> DictionaryConfig:
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
-    import difflib
-
     for key in data:
         if key not in SECTIONS:
-            near = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = did_you_mean(key, SECTIONS) or "."
             raise ConfigError(f"{source}: unknown section {key!r}{hint} Sections: {', '.join(SECTIONS)}")
     from sparsedict.cache import CacheConfig
     from sparsedict.cache.hooks import split_head
