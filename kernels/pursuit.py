@@ -1,6 +1,6 @@
 """Matching-pursuit forward/backward kernels: a numba CPU kernel and a batched torch fallback.
 
-Both compute the same thing (see :mod:`sparsedict.dictionaries.mp` for the maths):
+Both compute the same thing (the maths is in :mod:`sparsedict.dictionaries.mp`, which calls these):
 
 - ``pursuit_forward(r0 [B,d], D [n,d], c [B,n], G [n,n], T, absolute, use_numba)`` ->
   ``(a [B,T], idx [B,T], first [B,T], rT [B,d])``. ``c`` holds ``r0 Dᵀ`` on entry and the final
@@ -19,10 +19,17 @@ from __future__ import annotations
 import functools
 
 import torch
-from sparsedict.kernels.topk_cpu import numba_available
+from sparsedict.kernels.topk_cpu import numba_available, numba_threads
 from torch import Tensor
 
-__all__ = ["numba_available", "pursuit_backward", "pursuit_forward"]
+__all__ = ["first_occurrence", "numba_available", "pursuit_backward", "pursuit_forward"]
+
+
+def first_occurrence(idx: Tensor) -> Tensor:
+    """``first[b, t]`` = the smallest s with ``idx[b, s] == idx[b, t]`` (``[B, T]``, int64)."""
+    T = idx.shape[1]
+    eq = idx[:, :, None] == idx[:, None, :]  # [B, T, T]: eq[b, t, s]
+    return eq.to(torch.uint8).argmax(-1) if T > 1 else torch.zeros_like(idx)
 
 
 @functools.cache
@@ -139,14 +146,6 @@ def _kernels():
     return forward, backward
 
 
-def _numba_threads() -> int:
-    import numba
-
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
-
-
 @torch.no_grad()
 def pursuit_forward(
     r0: Tensor, D: Tensor, c: Tensor, G: Tensor, T: int, absolute: bool, use_numba: bool
@@ -155,7 +154,7 @@ def pursuit_forward(
     B, d = r0.shape
     if use_numba:
         fwd, _ = _kernels()
-        _numba_threads()
+        numba_threads()
         a = torch.empty(B, T, dtype=r0.dtype)
         idx = torch.empty(B, T, dtype=torch.long)
         first = torch.empty(B, T, dtype=torch.long)
@@ -186,8 +185,6 @@ def pursuit_forward(
         a_list.append(at)
         idx_list.append(j)
     a, idx = torch.stack(a_list, 1), torch.stack(idx_list, 1)
-    from sparsedict.dictionaries.mp import first_occurrence
-
     return a, idx, first_occurrence(idx), r
 
 
@@ -202,7 +199,7 @@ def pursuit_backward(
     grad_a, a, rT = grad_a.to(dtype).contiguous(), a.to(dtype).contiguous(), rT.to(dtype).contiguous()
     if use_numba:
         _, bwd = _kernels()
-        parts = min(_numba_threads(), 16, max(1, B))
+        parts = min(numba_threads(), 16, max(1, B))
         d_r0 = torch.empty(B, d, dtype=dtype)
         d_D_parts = torch.zeros(parts, n, d, dtype=dtype)
         bwd(

@@ -13,7 +13,7 @@ import torch
 from helpers import identity_dict, make_dict
 from safetensors.torch import save_file
 
-from sparsedict.formats.native import from_pretrained
+from sparsedict.dictionaries import from_pretrained
 
 LAYER = 3
 TEXT = "The tables are stored in the database, and the planner chooses an index scan."

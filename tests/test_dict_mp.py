@@ -6,9 +6,8 @@ import pytest
 import torch
 from helpers import mean_max_cosine, planted_data
 
-from sparsedict.dictionaries import build
+from sparsedict.dictionaries import build, from_pretrained
 from sparsedict.dictionaries.mp import MPConfig
-from sparsedict.formats.native import from_pretrained
 
 BACKENDS = ["torch", "numba"]
 

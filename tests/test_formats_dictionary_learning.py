@@ -1,7 +1,7 @@
 """dictionary_learning format: ``ae.pt`` state dicts written here from the class definitions, loaded with
 ``weights_only=True``, compared with a hand-written forward of each class.
 
-Format (saprmarks/dictionary_learning, METHODS.md §5): ``<dir>/ae.pt`` = ``torch.save(ae.state_dict())`` and
+Format (saprmarks/dictionary_learning): ``<dir>/ae.pt`` = ``torch.save(ae.state_dict())`` and
 ``<dir>/config.json`` = {"trainer": {dict_class, activation_dim, dict_size, k, lm_name, layer, submodule_name},
 "buffer": {...}}. ``nn.Linear`` weights are ``[out, in]``: ``encoder.weight [n, d]``, ``decoder.weight [d, n]``.
 """
@@ -14,15 +14,10 @@ import json
 import pytest
 import torch
 
-from sparsedict.dictionaries import available
+from sparsedict.dictionaries import from_pretrained
 from sparsedict.formats import FormatError, detect_format
-from sparsedict.formats.native import from_pretrained
 
 D, N, K, B = 10, 40, 5, 64
-
-
-def needs(arch: str):
-    return pytest.mark.skipif(arch not in available(), reason=f"architecture {arch!r} is not registered")
 
 
 def g(seed=0):
@@ -73,7 +68,6 @@ def lin(x, sd, prefix):
     return torch.nn.functional.linear(x, sd[f"{prefix}.weight"], sd.get(f"{prefix}.bias"))
 
 
-@needs("relu")
 def test_autoencoder(tmp_path):
     sd = {**linear_sd(), "bias": torch.randn(D, generator=g(1))}
     model = from_pretrained(write(tmp_path / "ae", "AutoEncoder", sd))
@@ -85,7 +79,6 @@ def test_autoencoder(tmp_path):
     check(model, x, f, lin(f, sd, "decoder") + sd["bias"])  # decode: decoder(f) + bias
 
 
-@needs("relu")
 def test_autoencoder_new(tmp_path):
     sd = {**linear_sd(), "decoder.bias": torch.randn(D, generator=g(1))}
     model = from_pretrained(write(tmp_path / "ae", "AutoEncoderNew", sd))
@@ -132,7 +125,6 @@ def test_batchtopk_family_uses_threshold(tmp_path, cls):
         from_pretrained(write(tmp_path / "unset", cls, sd, k=K))
 
 
-@needs("jumprelu")
 def test_jumprelu_autoencoder_folds_decoder_norms(tmp_path):
     sd = param_sd()
     sd["threshold"] = torch.rand(N, generator=g(2)) * 0.5
@@ -144,7 +136,6 @@ def test_jumprelu_autoencoder_folds_decoder_norms(tmp_path):
     check(model, x, f, (f / s) @ sd["W_dec"] + sd["b_dec"])
 
 
-@needs("gated")
 def test_gated_autoencoder(tmp_path):
     r = g(3)
     sd = {k: v for k, v in linear_sd().items() if k != "encoder.bias"}

@@ -1,7 +1,7 @@
 """SAELens format: checkpoints written here from the format description, loaded, compared with a hand-written
 SAELens forward pass; export back to SAELens and (when sae_lens is installed) through its own loader.
 
-Format (SAELens ≥ 6.0, METHODS.md §5): ``cfg.json`` {architecture, d_in, d_sae, dtype, apply_b_dec_to_input,
+Format (SAELens ≥ 6.0): ``cfg.json`` {architecture, d_in, d_sae, dtype, apply_b_dec_to_input,
 normalize_activations, metadata{model_name, hook_name, sae_lens_version}, k (topk), d_out (transcoders)};
 ``sae_weights.safetensors``: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``,
 ``b_dec [d_out]``, jumprelu ``threshold [d_sae]``, gated ``b_gate, b_mag, r_mag [d_sae]`` (no b_enc),
@@ -17,16 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sparsedict.dictionaries import available
+from sparsedict.dictionaries import from_pretrained
 from sparsedict.formats import FormatError, detect_format
-from sparsedict.formats.native import from_pretrained
 from sparsedict.formats.saelens import save_saelens
 
 D, N, D_OUT, B = 12, 40, 9, 64
-
-
-def needs(arch: str):
-    return pytest.mark.skipif(arch not in available(), reason=f"architecture {arch!r} is not registered")
 
 
 def write(path, arch: str, tensors: dict, **cfg_extra):
@@ -109,7 +104,6 @@ def check(model, w, f_ref, x, atol=1e-5):
 
 
 # --- tests ------------------------------------------------------------------------------------------------------
-@needs("relu")
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 def test_standard(tmp_path, apply_b_dec):
     w = rand_weights()
@@ -146,7 +140,6 @@ def test_topk_rescale_acts_by_decoder_norm_is_folded(tmp_path):
     torch.testing.assert_close(model.decode(code), x_hat, atol=1e-5, rtol=1e-5)
 
 
-@needs("jumprelu")
 @pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "matryoshka_batchtopk"])
 def test_jumprelu(tmp_path, arch):
     w = rand_weights()
@@ -158,7 +151,6 @@ def test_jumprelu(tmp_path, arch):
     check(model, w, ref_jumprelu(w, x), x)
 
 
-@needs("gated")
 def test_gated(tmp_path):
     w = rand_weights()
     del w["b_enc"]
@@ -171,7 +163,6 @@ def test_gated(tmp_path):
     check(model, w, ref_gated(w, x), x)
 
 
-@needs("relu")
 @pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder"])
 def test_transcoders(tmp_path, arch):
     w = rand_weights(d_out=D_OUT)
@@ -207,7 +198,6 @@ def test_export_roundtrip_topk(tmp_path):
     check(back, w, ref_topk(w, x, 6), x)
 
 
-@needs("jumprelu")
 def test_export_batchtopk_as_jumprelu(tmp_path):
     from sparsedict.dictionaries import build, lookup
 

@@ -1,7 +1,7 @@
 """sparsify format: per-hookpoint directories written here from the format description, loaded, compared with a
 hand-written sparsify forward pass (``SparseCoder.encode/decode``).
 
-Format (EleutherAI/sparsify v1.x, METHODS.md §5): ``<run>/<hookpoint>/cfg.json`` {activation "topk",
+Format (EleutherAI/sparsify v1.x): ``<run>/<hookpoint>/cfg.json`` {activation "topk",
 expansion_factor, normalize_decoder, num_latents (0 -> d_in·expansion), k, multi_topk, skip_connection, transcode,
 d_in} + ``sae.safetensors``: ``encoder.weight [n, d_in]`` (nn.Linear: out × in), ``encoder.bias [n]``,
 ``W_dec [n, d_in]`` (NOT transposed), ``b_dec [d_in]``, optional ``W_skip [d_in, d_in]`` applied as ``x W_skipᵀ``.
@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sparsedict.dictionaries import from_pretrained
 from sparsedict.formats import FormatError, detect_format
-from sparsedict.formats.native import from_pretrained
 
 D, N, K, B = 10, 48, 6, 64
 

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsedict.convert import main as convert_main
-from sparsedict.dictionaries import build, lookup
+from sparsedict.dictionaries import build, from_pretrained, lookup, save_pretrained
 from sparsedict.formats import FormatError
-from sparsedict.formats.native import from_pretrained, push_to_hub, save_pretrained
+from sparsedict.hub import push_to_hub
 
 D, N, K = 16, 64, 4
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

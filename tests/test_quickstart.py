@@ -13,7 +13,7 @@ import torch
 
 from sparsedict import quickstart
 from sparsedict.cache import ActivationStore
-from sparsedict.formats.native import from_pretrained
+from sparsedict.dictionaries import from_pretrained
 
 FVU_BOUND = 0.5  # a TopK SAE (k=32) after ~100 steps on ~4k tokens: far below 1 (predicting the mean)
 

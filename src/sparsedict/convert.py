@@ -64,7 +64,7 @@ def verify(src_model, dst_model, n: int, seed: int = 0) -> float:
 
 def convert(cfg: ConvertConfig) -> Path:
     """Load ``cfg.src``, write it to ``cfg.dst`` in format ``cfg.to``, reload and verify; returns dst."""
-    from sparsedict.formats.native import from_pretrained, save_pretrained
+    from sparsedict.dictionaries import from_pretrained, save_pretrained
 
     if cfg.to not in TARGETS:
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}, not {cfg.to!r}")

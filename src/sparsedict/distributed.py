@@ -1,4 +1,7 @@
-"""The only module that touches ``torch.distributed``.
+"""The only module that touches ``torch.distributed``: process group, collectives, differentiable reductions.
+
+It sits at the bottom of the package (it imports nothing of ours) because the cache's torchrun mode, the
+dictionaries' cross-rank statistics (BatchTopK's threshold, latent sharding) and the trainer all use it.
 
 Launched by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK in the environment): :func:`init` creates the
 process group (NCCL on CUDA, gloo on CPU) with a finite timeout so a dead or stuck rank turns into an
@@ -6,10 +9,10 @@ error, not a hang; torchrun (default ``--max-restarts 0``) then tears the whole 
 is a no-op in a single process, and every rank must call every collective helper the same number of
 times in the same order.
 
-Two layouts (METHODS.md §2.6): data parallel (every rank holds the whole dictionary, reads its own rows,
+Two layouts: data parallel (every rank holds the whole dictionary, reads its own rows,
 gradients averaged by :func:`all_reduce_grads`) and latent parallel (``sparsedict.dictionaries.sharded``: each
 rank owns a slice of the latents and sees the same rows; its collectives are :func:`all_gather`,
-:func:`all_reduce_sum`).
+:func:`all_reduce_sum` and the autograd pair :class:`CopyToShards` / :class:`ReduceFromShards`).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def all_reduce_grads(model: nn.Module) -> None:
 
     Latent-sharded dictionaries (``model.latent_sharded``) already hold complete gradients: skipped.
     """
-    if not is_dist() or getattr(model, "latent_sharded", False):
+    if not is_dist() or model.latent_sharded:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
@@ -129,7 +132,7 @@ def broadcast_model(model: nn.Module) -> None:
     """
     if not is_dist():
         return
-    if getattr(model, "latent_sharded", False):
+    if model.latent_sharded:
         tensors = list(model.replicated_tensors())
     else:
         tensors = [p.data for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
@@ -166,12 +169,43 @@ def all_gather(t: Tensor) -> Tensor:
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum ``t`` over ranks into a new tensor (not differentiable; see ``sharded.ReduceFromShards``)."""
+    """Sum ``t`` over ranks into a new tensor (not differentiable; see :class:`ReduceFromShards`)."""
     if not is_dist():
         return t
     out = t.contiguous().clone()
     _collective("all_reduce", lambda: dist.all_reduce(out))
     return out
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean of ``t`` over ranks into a new tensor (identity in one process)."""
+    if not is_dist():
+        return t
+    return all_reduce_sum(t) / dist.get_world_size()
+
+
+class CopyToShards(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ranks (a replicated input used by every shard)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return all_reduce_sum(g)
+
+
+class ReduceFromShards(torch.autograd.Function):
+    """Forward sums per-shard partial results over ranks; backward passes the (replicated) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return all_reduce_sum(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
 
 
 def destroy() -> None:

@@ -2,7 +2,7 @@
 
 Rank ``r`` holds latents ``[r·n/R, (r+1)·n/R)``: those columns of ``W_enc``, that slice of ``b_enc`` and
 those rows of ``W_dec``; ``b_dec`` and ``input_scale`` are replicated, and every rank sees the same
-batch ``x [B, d]`` (METHODS.md §2.6). One forward:
+batch ``x [B, d]``. One forward:
 
 1. local pre-activations and local top-k (``k' = k``, the fused kernel on CUDA) ``[B, k]``;
 2. all-gather candidate values and global indices ``[R, B, k]``; every rank selects the same global
@@ -13,7 +13,7 @@ batch ``x [B, d]`` (METHODS.md §2.6). One forward:
 With ``k' = k`` the selection is exact (every global winner is in its shard's local top-k), so training
 matches the unsharded dictionary up to floating-point summation order. Gradients: ``W_enc``/``b_enc``/
 ``W_dec`` gradients are local and complete; the encoder input ``x − b_dec`` passes through
-:class:`CopyToShards` (identity forward, all-reduce of the gradient backward), so ``b_dec``'s gradient
+:class:`~sparsedict.distributed.CopyToShards` (identity forward, all-reduce of the gradient backward), so ``b_dec``'s gradient
 is complete and identical on every rank. The loss is replicated, so no gradient averaging is needed
 (``latent_sharded = True`` makes ``all_reduce_grads`` skip these models). AuxK uses the same
 gather/select/partial-decode scheme over the dead latents.
@@ -26,33 +26,9 @@ from torch import Tensor, nn
 
 from sparsedict import distributed as dist
 from sparsedict.dictionaries.base import Dictionary, SparseCode, build
-from sparsedict.dictionaries.topk import TopK
+from sparsedict.dictionaries.topk import TopK, residual_variance
+from sparsedict.distributed import CopyToShards, ReduceFromShards
 from sparsedict.kernels import sparse_decode, topk_encode
-from sparsedict.train.config import TrainConfig
-
-
-class CopyToShards(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over ranks (a replicated input used by every shard)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        return dist.all_reduce_sum(g)
-
-
-class ReduceFromShards(torch.autograd.Function):
-    """Forward sums per-shard partial results over ranks; backward passes the (replicated) gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return dist.all_reduce_sum(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        return g
 
 
 def global_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -77,10 +53,13 @@ class ShardedTopK(TopK):
     """This rank's slice of a :class:`TopK` dictionary; ``cfg`` (and ``n_latents``) describe the whole one."""
 
     latent_sharded = True
+    supports_latent_sharding = False  # already a slice
 
     def __init__(self, full: TopK, rank: int, world: int):
         nn.Module.__init__(self)
         self.cfg = full.cfg
+        self.meta = full.meta
+        self._dead_mask = None
         n, k = full.n_latents, full.cfg.k
         if n % world:
             raise ValueError(
@@ -126,7 +105,7 @@ class ShardedTopK(TopK):
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
         """AuxK over the dead latents of all shards (same maths as ``topk.auxk_loss``)."""
-        dead = getattr(self, "_dead_mask", None)
+        dead = self._dead_mask
         alpha = self.cfg.aux_alpha
         if not self.training or alpha <= 0 or dead is None or not bool(dead.any()):
             return {}
@@ -146,8 +125,7 @@ class ShardedTopK(TopK):
         _, local = self._owned(top_i)
         e_hat = ReduceFromShards.apply(sparse_decode(local, vals.to(self.W_dec.dtype), self.W_dec))
         residual = (y - x_hat).detach().float()
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        loss = (e_hat.float() - residual).pow(2).sum(-1).mean() / denom
+        loss = (e_hat.float() - residual).pow(2).sum(-1).mean() / residual_variance(residual)
         return {"auxk": alpha * loss}
 
     @torch.no_grad()
@@ -167,24 +145,11 @@ class ShardedTopK(TopK):
         return full.cpu()
 
 
-def shard_dictionaries(dictionaries: dict[str, Dictionary], cfg: TrainConfig) -> dict[str, Dictionary]:
-    """Replace every dictionary by this rank's :class:`ShardedTopK` slice (``TrainConfig.shard_latents``).
-
-    Each rank keeps only its own slice of the freshly built dictionary; the slices need not agree on
-    anything (their initialisations are independent), while ``b_dec`` and ``input_scale`` are set from
-    data and broadcast from rank 0 in ``Trainer.initialise``.
-    """
-    if cfg.grad_clip > 0:
+def shard(model: Dictionary, rank: int, world: int) -> Dictionary:
+    """Rank ``rank``'s slice of ``model`` among ``world`` ranks (architectures with ``supports_latent_sharding``)."""
+    if not type(model).supports_latent_sharding:
         raise ValueError(
-            "grad_clip with shard_latents would clip each shard by its own norm; set grad_clip: 0"
+            f"shard_latents supports 'topk' dictionaries only; this one is {model.architecture!r}: "
+            "train it data-parallel (without shard_latents)"
         )
-    rank, world = dist.rank(), dist.world_size()
-    out = {}
-    for name, model in dictionaries.items():
-        if type(model) is not TopK:
-            raise ValueError(
-                f"shard_latents supports 'topk' dictionaries only; {name!r} is {model.architecture!r}: "
-                f"train it data-parallel (without --shard-latents)"
-            )
-        out[name] = ShardedTopK(model, rank, world)
-    return out
+    return ShardedTopK(model, rank, world)

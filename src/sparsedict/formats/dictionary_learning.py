@@ -1,7 +1,7 @@
 """saprmarks/dictionary_learning checkpoints: ``ae.pt`` (a torch state dict) + ``config.json``.
 
 ``ae.pt`` is read with ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
-containers (no arbitrary pickle code runs). Classes and their state dicts (METHODS.md §5); ``nn.Linear``
+containers (no arbitrary pickle code runs). Classes and their state dicts; ``nn.Linear``
 weights are ``[out, in]``, so ``encoder.weight [n, d]`` and ``decoder.weight [d, n]`` are both transposed
 into our layout:
 
@@ -26,7 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsedict.formats import FormatError, build_dictionary, load_state, parse_dtype, require, set_threshold
+from sparsedict.formats.common import (
+    Architectures,
+    FormatError,
+    build_dictionary,
+    load_state,
+    parse_dtype,
+    require,
+    set_threshold,
+)
 
 _KEYS = {
     "AutoEncoder": ["bias", "encoder.weight", "encoder.bias", "decoder.weight"],
@@ -61,16 +69,12 @@ def _guess_class(t: dict[str, Tensor]) -> str:
     raise FormatError(f"cannot tell the dictionary_learning class from the tensors {sorted(t)}")
 
 
-def _batchtopk_arch(cls: str, t: dict[str, Tensor]) -> str:
+def _batchtopk_arch(cls: str, registry: Architectures) -> str:
     """Our architecture for a BatchTopK-family checkpoint: matryoshka when registered and it has groups."""
-    from sparsedict.dictionaries import available
-
-    if cls == "MatryoshkaBatchTopKSAE" and "matryoshka" in available():
+    if cls == "MatryoshkaBatchTopKSAE" and "matryoshka" in registry.available():
         from dataclasses import fields
 
-        from sparsedict.dictionaries import lookup
-
-        if "group_sizes" in {f.name for f in fields(lookup("matryoshka")[1])}:
+        if "group_sizes" in {f.name for f in fields(registry.lookup("matryoshka")[1])}:
             return "matryoshka"
     return "batchtopk"
 
@@ -96,7 +100,7 @@ def _fold(w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, *extra: Tensor) -> tuple[
     return tuple(out)
 
 
-def load_dictionary_learning(path: str | Path):
+def load_dictionary_learning(path: str | Path, registry: Architectures):
     """Load ``ae.pt`` + ``config.json`` into the matching sparsedict architecture."""
     path = Path(path)
     where = str(path / "ae.pt")
@@ -159,7 +163,7 @@ def load_dictionary_learning(path: str | Path):
                 f"{where}: threshold is unset ({float(theta)}): the inference threshold was never estimated "
                 "(training stopped before threshold_start_step), so this checkpoint has no per-token encoder"
             )
-        arch, b_dec = _batchtopk_arch(cls, t), t["b_dec"]
+        arch, b_dec = _batchtopk_arch(cls, registry), t["b_dec"]
         fields.update(apply_b_dec_to_input=True, k=int(t["k"]))
         if arch == "matryoshka":
             fields["group_sizes"] = [int(g) for g in t["group_sizes"].tolist()]
@@ -175,12 +179,10 @@ def load_dictionary_learning(path: str | Path):
     if tuple(b_dec.shape) != (d,):
         raise FormatError(f"{where}: decoder bias has shape {list(b_dec.shape)}, expected {[d]}")
     state.update(W_enc=w_enc, W_dec=w_dec, b_dec=b_dec)
-    model = build_dictionary(arch, fields, where)
+    model = build_dictionary(registry, arch, fields, where)
     expected = model.state_dict()
     if b_enc is not None:
         state["b_enc"] = b_enc
-    elif "b_enc" in expected:  # our gated keeps an unused b_enc
-        state["b_enc"] = torch.zeros_like(expected["b_enc"])
     if theta is not None:
         set_threshold(state, expected, theta, n)
     meta = {

@@ -1,6 +1,6 @@
 """SAELens (≥ 6.0) checkpoints: ``cfg.json`` + ``sae_weights.safetensors``, read and written.
 
-Layout (METHODS.md §5) is ours: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``,
+Layout is ours: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``,
 ``b_dec [d_out]``; jumprelu ``threshold [d_sae]``; gated ``b_gate, b_mag, r_mag [d_sae]`` (no ``b_enc``);
 skip transcoders ``W_skip [d_out, d_in]`` (used as ``x W_skipᵀ``). SAELens encodes
 ``z = (x − apply_b_dec_to_input·b_dec) W_enc + b_enc`` and decodes ``f W_dec + b_dec``.
@@ -15,14 +15,14 @@ A topk ``rescale_acts_by_decoder_norm`` checkpoint is folded (``W_enc[:, i]``, `
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsedict.formats import (
+from sparsedict.formats.common import (
+    Architectures,
     FormatError,
     build_dictionary,
     check_shape,
@@ -32,6 +32,7 @@ from sparsedict.formats import (
     require,
     set_threshold,
 )
+from sparsedict.util import atomic_write, write_json_atomic
 
 SAE_LENS_VERSION = "6.0.0"
 """Written into ``metadata.sae_lens_version``: SAELens treats a config without it as pre-6.0 (legacy converter)."""
@@ -59,7 +60,7 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_saelens(path: str | Path):
+def load_saelens(path: str | Path, registry: Architectures):
     """Load a SAELens directory into the matching sparsedict architecture (see module docstring)."""
     path = Path(path)
     where = str(path / "sae_weights.safetensors")
@@ -137,7 +138,7 @@ def load_saelens(path: str | Path):
         "normalize_activations": norm,
     }
     meta.update({k: meta_in[k] for k in ("context_size", "dataset_path", "sae_lens_version") if k in meta_in})
-    model = build_dictionary(arch, fields, where)
+    model = build_dictionary(registry, arch, fields, where)
     expected = model.state_dict()
     if arch == "jumprelu":
         require(t, ["threshold"], where)
@@ -147,8 +148,6 @@ def load_saelens(path: str | Path):
         for name in ("b_gate", "b_mag", "r_mag"):
             check_shape(t[name], (n,), name, where, hint)
             state[name] = t[name]
-        if "b_enc" in expected:  # our gated keeps an unused b_enc
-            state["b_enc"] = torch.zeros_like(expected["b_enc"])
     return load_state(model, state, where, meta)
 
 
@@ -160,30 +159,29 @@ def _missing(path: Path, key: str):
 
 
 def saelens_architecture(model) -> str:
-    """The SAELens architecture name for our dictionary, or a FormatError when SAELens has none."""
-    arch, cfg = model.architecture, model.cfg
+    """The SAELens architecture name for our dictionary (its class's ``saelens_architecture`` and the config's
+    transcoder/skip variant), or a FormatError when SAELens has none."""
+    arch, cfg, base = model.architecture, model.cfg, type(model).saelens_architecture
     transcoder = cfg.is_transcoder or model.d_out != model.d_in
-    if arch == "relu":
+    if base == "standard":
         if cfg.skip:
             return "skip_transcoder"
         return "transcoder" if transcoder else "standard"
-    if cfg.skip:
+    if cfg.skip and base is not None:
         raise FormatError(f"SAELens has no skip-connection variant of {arch!r}; only relu (skip_transcoder)")
-    if arch == "jumprelu" or arch in ("batchtopk", "matryoshka"):
+    if base == "jumprelu":
         return "jumprelu_transcoder" if transcoder else "jumprelu"
-    if arch in ("topk", "gated") and not transcoder:
-        return arch
+    if base is not None and not transcoder:
+        return base
     raise FormatError(
         f"architecture {arch!r}{' (transcoder)' if transcoder else ''} has no SAELens equivalent; "
-        "SAELens supports relu (standard/transcoder/skip_transcoder), topk, jumprelu, gated, batchtopk, matryoshka"
+        "SAELens has standard/transcoder/skip_transcoder, topk, jumprelu and jumprelu_transcoder, gated"
     )
 
 
 def inference_threshold(model) -> torch.Tensor:
     """Per-latent θ ``[n]`` of a jumprelu, or the inference threshold of batchtopk/matryoshka."""
     sd = model.state_dict()
-    if "log_threshold" in sd:
-        return sd["log_threshold"].float().exp()
     if "threshold" in sd:
         th = sd["threshold"].float().reshape(-1)
         if th.numel() == 1 and float(th) < 0:
@@ -236,8 +234,8 @@ def save_saelens(model, path: str | Path, meta: dict[str, Any] | None = None) ->
         cfg["d_out"] = model.d_out
         cfg["metadata"]["hook_name_out"] = model.cfg.target
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "sae_weights.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "sae_weights.safetensors")
-    (path / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    atomic_write(
+        path / "sae_weights.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+    )
+    write_json_atomic(path / "cfg.json", cfg, indent=2)
     return path
