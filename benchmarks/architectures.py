@@ -30,7 +30,7 @@ import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
 from sparsedict.dictionaries import build, lookup
-from sparsedict.metrics import reconstruction_stats
+from sparsedict.eval.heldout import reconstruction_stats
 from sparsedict.train import TrainConfig, Trainer
 
 HOOK = "resid_post.6"
@@ -114,7 +114,7 @@ def run_one(
     trainer.fit(resume=False)
     seconds = time.perf_counter() - t0
     path = trainer.save()[name]
-    from sparsedict.formats.native import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
 
     loaded = from_pretrained(path, device=args.device)  # evaluate what was saved (scale folded)
     store = ActivationStore(test_dir, HOOK, batch_size=4096, loop=False, drop_last=False)

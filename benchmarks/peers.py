@@ -84,7 +84,7 @@ def train_sparsedict(job: dict[str, Any]) -> dict[str, Any]:
     """sparsedict's Trainer (TrainConfig defaults, ``--optimizer``) on the same store and batch order."""
     from throughput import fit_dictionary
 
-    from sparsedict.metrics import reconstruct
+    from sparsedict.dictionaries import reconstruct
 
     model, timing = fit_dictionary({**job, "arch": "topk", "fields": {"k": job["k"]}, "steps": 0})
     return {

@@ -83,11 +83,11 @@ def test_sharded_topk_single_rank_equals_topk():
 
 
 def test_shard_latents_rejects_unsupported():
-    from sparsedict.dictionaries.sharded import shard_dictionaries
     from sparsedict.train import TrainConfig
+    from sparsedict.train.trainer import shard_dictionaries
 
     full = build(TopKConfig(d_in=16, n_latents=64, k=4).resolved(16))
     with pytest.raises(ValueError, match="grad_clip"):
-        shard_dictionaries({"a": full}, TrainConfig(shard_latents=True, grad_clip=1.0))
+        shard_dictionaries({"a": full}, TrainConfig(shard_latents=True, grad_clip=1.0), 1)
     with pytest.raises(ValueError, match="k=40"):
         ShardedTopK(build(TopKConfig(d_in=16, n_latents=64, k=40).resolved(16)), 0, 2)

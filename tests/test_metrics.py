@@ -176,9 +176,9 @@ def test_reconstruct_compares_at_activation_scale():
     """A dictionary with input_scale c and its folded copy give the same ŷ on raw activations."""
     import copy
 
-    from sparsedict.dictionaries import build
+    from sparsedict.dictionaries import build, reconstruct
     from sparsedict.dictionaries.topk import TopKConfig
-    from sparsedict.metrics import reconstruct, reconstruction_stats
+    from sparsedict.eval import reconstruction_stats
 
     torch.manual_seed(0)
     model = build(TopKConfig(d_in=12, n_latents=40, k=5).resolved(12))

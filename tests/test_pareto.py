@@ -25,11 +25,11 @@ def test_parse_sweep_and_errors():
         parse_sweep("topk")
 
 
+@pytest.mark.usefixtures("one_thread")  # shared 2-core machine: one thread is much faster under contention
 def test_pareto_end_to_end(tmp_path):
     from sparsedict.cache import ActivationStore
-    from sparsedict.formats.native import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
 
-    torch.set_num_threads(1)  # shared 2-core machine: one thread is much faster under contention
     out = tmp_path / "pareto"
     argv = ["pareto", "--hookpoint", "resid_post.3", "--dataset", "embedded-sample", "--max_tokens", "2000",
             "--context_length", "64", "--sweep", "topk:k=4,16", "relu:l1_coefficient=1,10", "--expansion", "2",

@@ -1,7 +1,8 @@
-"""Every reconstruction and sparsity metric, defined once (METHODS.md §3).
+"""Every reconstruction and sparsity metric, defined once: the evaluator and the trainer's logs use these.
 
 All metrics are ratios of streaming sums accumulated in fp64, so they do not depend on how the
-evaluated tokens were split into batches and merge exactly across batches and ranks:
+evaluated tokens were split into batches and merge exactly across batches and ranks (``merge``, or
+``packed``/``from_packed`` around a sum all-reduce):
 
 - ``S_res = Σ_t ‖y_t − ŷ_t‖²``, ``S_1 = Σ_t y_t`` ``[d]``, ``S_2 = Σ_t ‖y_t‖²``, ``T`` tokens.
 - **FVU** ``= S_res / Σ_t ‖y_t − μ‖²`` with the per-dimension mean ``μ = S_1 / T`` of the same tokens,
@@ -36,14 +37,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sparsedict.dictionaries.base import SparseCode
-
 
 def fvu(y: Tensor, y_hat: Tensor) -> float:
     """Fraction of variance unexplained of ``y_hat`` for ``y`` ``[T, d]`` (per-dimension mean of y)."""
     stats = ReconstructionStats()
     stats.update(y, y_hat)
     return stats.fvu
+
+
+UPDATE_ELEMENTS = 1 << 24
+"""``ReconstructionStats.update`` converts at most this many entries of ``y`` (and ``ŷ``) to fp64 at a time."""
+_SUMS = ("tokens", "s_res", "s_2", "s_cross", "s_hat2", "s_cos", "s_l0", "s_l0sq", "s_norm", "s_norm_hat")
+_TENSOR_SUMS = ("s_1", "fired", "l0_hist")
 
 
 @dataclass
@@ -67,9 +72,17 @@ class ReconstructionStats:
     l0_hist: Tensor | None = field(default=None)
 
     @torch.no_grad()
-    def update(self, y: Tensor, y_hat: Tensor, code: SparseCode | None = None) -> None:
+    def update(self, y: Tensor, y_hat: Tensor, code=None) -> None:
+        """Add a batch: targets ``y [B, d]``, reconstructions ``y_hat [B, d]``, their ``SparseCode`` (optional)."""
         if y.shape != y_hat.shape:
             raise ValueError(f"y {list(y.shape)} and y_hat {list(y_hat.shape)} must have the same shape")
+        rows = max(1, UPDATE_ELEMENTS // max(1, y.shape[-1]))
+        for a in range(0, y.shape[0], rows):  # fp64 copies of at most UPDATE_ELEMENTS entries at a time
+            self._add(y[a : a + rows], y_hat[a : a + rows])
+        if code is not None:
+            self._add_code(code)
+
+    def _add(self, y: Tensor, y_hat: Tensor) -> None:
         y, y_hat = y.double(), y_hat.double()
         self.tokens += y.shape[0]
         self.s_res += float((y - y_hat).pow(2).sum())
@@ -82,35 +95,44 @@ class ReconstructionStats:
         self.s_norm_hat += float(y_hat.norm(dim=-1).sum())
         s1 = y.sum(0)
         self.s_1 = s1 if self.s_1 is None else self.s_1 + s1
-        if code is not None:
-            n = code.n_latents
-            self.n_latents = n
-            l0 = code.l0()
-            self.s_l0 += float(l0.sum())
-            self.s_l0sq += float(l0.double().pow(2).sum())
-            hist = torch.bincount(l0.cpu(), minlength=n + 1)[: n + 1]
-            self.l0_hist = hist if self.l0_hist is None else self.l0_hist + hist
-            active = code.active().cpu()
-            self.fired = active if self.fired is None else self.fired + active
+
+    def _add_code(self, code) -> None:
+        n = code.n_latents
+        self.n_latents = n
+        l0 = code.l0()
+        self.s_l0 += float(l0.sum())
+        self.s_l0sq += float(l0.double().pow(2).sum())
+        hist = torch.bincount(l0.cpu(), minlength=n + 1)[: n + 1]
+        self.l0_hist = hist if self.l0_hist is None else self.l0_hist + hist
+        active = code.active().cpu()
+        self.fired = active if self.fired is None else self.fired + active
 
     def merge(self, other: ReconstructionStats) -> ReconstructionStats:
         out = ReconstructionStats(self.n_latents or other.n_latents, self.dense_threshold)
-        for name in (
-            "tokens",
-            "s_res",
-            "s_2",
-            "s_cross",
-            "s_hat2",
-            "s_cos",
-            "s_l0",
-            "s_l0sq",
-            "s_norm",
-            "s_norm_hat",
-        ):
+        for name in _SUMS:
             setattr(out, name, getattr(self, name) + getattr(other, name))
-        for name in ("s_1", "fired", "l0_hist"):
+        for name in _TENSOR_SUMS:
             a, b = getattr(self, name), getattr(other, name)
             setattr(out, name, a if b is None else b if a is None else a + b)
+        return out
+
+    def packed(self) -> Tensor:
+        """Every sum in one fp64 vector (for a sum all-reduce over ranks); needs at least one update with a code."""
+        parts = [torch.tensor([float(getattr(self, n)) for n in _SUMS], dtype=torch.float64)]
+        parts += [getattr(self, n).double().cpu() for n in _TENSOR_SUMS]
+        return torch.cat(parts)
+
+    def from_packed(self, vec: Tensor) -> ReconstructionStats:
+        """The statistics whose sums are ``vec`` (the :meth:`packed` layout of these statistics)."""
+        out = ReconstructionStats(self.n_latents, self.dense_threshold)
+        vec = vec.double().cpu()
+        for i, name in enumerate(_SUMS):
+            setattr(out, name, int(vec[i]) if name == "tokens" else float(vec[i]))
+        at = len(_SUMS)
+        for name in _TENSOR_SUMS:
+            like = getattr(self, name)
+            setattr(out, name, vec[at : at + like.numel()].to(like.dtype))
+            at += like.numel()
         return out
 
     @property
@@ -317,43 +339,3 @@ class SpliceStats:
             out.update(ce_mean_ablation=self._mean(self.ce_mean), kl_mean_ablation=self._mean(self.kl_mean),
                        ce_recovered_mean_ablation=self.ce_recovered_mean_ablation)  # fmt: skip
         return out
-
-
-@torch.no_grad()
-def reconstruction_stats(
-    model, batches, max_rows: int | None = None, device: str | torch.device = "cpu"
-) -> ReconstructionStats:
-    """Accumulate :class:`ReconstructionStats` of ``model`` over an iterable of ``(x, y)`` batches.
-
-    ``y`` None means the target is ``x`` (an SAE). Stops after ``max_rows`` rows when given.
-    """
-    stats = ReconstructionStats(model.n_latents)
-    was_training = model.training
-    model.eval()
-    for x, y in batches:
-        x = x.to(device, torch.float32)
-        y = x if y is None else y.to(device, torch.float32)
-        if max_rows is not None and stats.tokens + x.shape[0] > max_rows:
-            keep = max_rows - stats.tokens
-            x, y = x[:keep], y[:keep]
-        y_hat, code = reconstruct(model, x, y)
-        stats.update(y, y_hat, code)
-        if max_rows is not None and stats.tokens >= max_rows:
-            break
-    model.train(was_training)
-    return stats
-
-
-@torch.no_grad()
-def reconstruct(model, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, SparseCode]:
-    """``(ŷ [B, d_out], code)`` of ``model`` on raw activations ``x [B, d_in]``, through ``forward``.
-
-    An in-memory dictionary with ``input_scale`` c ≠ 1 (trained on ``c·x``) is fed ``c·x`` and its
-    output divided by c, so metrics always compare ``y`` and ``ŷ`` at the activations' own scale.
-    """
-    c = float(model.input_scale) if hasattr(model, "input_scale") else 1.0
-    p = next(model.parameters())
-    xs = x.to(p.device, p.dtype) * c
-    ys = None if y is None else y.to(p.device, p.dtype) * c
-    out = model(xs, ys)
-    return out.x_hat.float() / c, out.code

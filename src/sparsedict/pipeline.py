@@ -1,71 +1,69 @@
 """Run a recipe end to end: cache (or resume caching) -> train -> save -> evaluate held-out.
 
 This is what ``sparsedict train`` and ``torchrun -m sparsedict train`` execute. Every stage reads the
-previous stage's output from disk, so an interrupted run restarts where it stopped.
+previous stage's output from disk, so an interrupted run restarts where it stopped. It is a top-level module
+(above ``train`` and ``eval``) because it runs both.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sparsedict import distributed
+from sparsedict.cache import ActivationStore, cache_activations
 from sparsedict.dictionaries import Dictionary, build
+from sparsedict.eval.heldout import evaluate_heldout
+from sparsedict.train.logging import RunLogger
 from sparsedict.train.recipe import Recipe
-from sparsedict.train.trainer import Trainer, source_key
+from sparsedict.train.trainer import Trainer
+
+__all__ = ["build_dictionaries", "evaluate_heldout", "open_sources", "run"]
 
 
 def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: int, world: int) -> dict:
     """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries."""
-    from sparsedict.cache import ActivationStore
-
     sources = {}
     for cfg in recipe.dictionaries:
-        key = (cfg.hookpoint, cfg.target if cfg.is_transcoder else "")
+        key = cfg.source_key
         if key not in sources:
             sources[key] = ActivationStore(
-                cache_dir, cfg.hookpoint, target=key[1] or None, batch_size=batch_size,
-                seed=recipe.train.seed, rank=rank, world_size=world,
+                cache_dir,
+                cfg.hookpoint,
+                target=key[1] or None,
+                batch_size=batch_size,
+                seed=recipe.train.seed,
+                rank=rank,
+                world_size=world,
             )
     return sources
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (what wandb records as the run's config)."""
+    return {
+        "train": dataclasses.asdict(recipe.train),
+        "dictionaries": [cfg.to_dict() for cfg in recipe.dictionaries],
+        "cache": dataclasses.asdict(recipe.cache) if recipe.cache is not None else None,
+        "eval_cache": dataclasses.asdict(recipe.eval_cache) if recipe.eval_cache is not None else None,
+        "source": recipe.source,
+    }
 
 
 def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary]:
     torch.manual_seed(recipe.train.seed)
     models = {}
     for cfg in recipe.dictionaries:
-        src = sources[(cfg.hookpoint, cfg.target if cfg.is_transcoder else "")]
+        src = sources[cfg.source_key]
         models[cfg.name] = build(cfg.resolved(src.d_in, src.d_out))
     return models
 
 
-def evaluate_heldout(paths: dict[str, Path], recipe: Recipe, max_rows: int | None = None) -> dict[str, dict]:
-    """Reload every saved dictionary and measure FVU/L0/dead% on the held-out cache (one pass)."""
-    from sparsedict.cache import ActivationStore, cache_activations
-    from sparsedict.formats.native import from_pretrained
-    from sparsedict.metrics import reconstruction_stats
-
-    eval_dir = cache_activations(recipe.eval_cache)
-    results = {}
-    for name, path in paths.items():
-        model = from_pretrained(path)
-        key = source_key(model)
-        store = ActivationStore(eval_dir, key[0], target=key[1] or None, batch_size=4096, loop=False, drop_last=False)
-        stats = reconstruction_stats(model, store, max_rows=max_rows)
-        results[name] = stats.summary()
-        config = json.loads((path / "config.json").read_text())
-        config["meta"]["eval"] = {**results[name], "cache": str(eval_dir)}
-        (path / "config.json").write_text(json.dumps(config, indent=2))
-    return results
-
-
 def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     """Cache, train, save and (with an eval_cache) evaluate; returns paths and held-out metrics."""
-    from sparsedict.cache import cache_activations
-
     cfg = recipe.train
     rank, world, device = distributed.init(cfg.device, cfg.dist_timeout_min)
     cfg.device = device
@@ -81,7 +79,7 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     else:  # data parallel: each rank reads its own part of every global batch
         sources = open_sources(recipe, cache_dir, cfg.batch_size // world, rank, world)
     models = build_dictionaries(recipe, sources)
-    trainer = Trainer(models, sources, cfg)
+    trainer = Trainer(models, sources, cfg, logger=RunLogger(cfg, run_config=recipe_dict(recipe)))
     trainer.fit(resume=resume)
     paths = trainer.save({"cache": str(cache_dir)})
     distributed.barrier()

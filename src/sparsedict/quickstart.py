@@ -29,7 +29,7 @@ def _recipe_path(arg: str | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from sparsedict.cache import ActivationStore, cache_activations
     from sparsedict.config import load_yaml
-    from sparsedict.formats.native import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
     from sparsedict.pipeline import build_dictionaries, evaluate_heldout, open_sources
     from sparsedict.train.recipe import parse_recipe
     from sparsedict.train.trainer import Trainer

@@ -90,23 +90,6 @@ def parse_sweep(entry: str) -> list[tuple[str, dict[str, Any]]]:
     return [(arch.strip(), {key.strip(): yaml.safe_load(v), **extra}) for v in values.split(",") if v.strip()]
 
 
-class _Source:
-    """An ActivationStore whose ``sample`` always returns ``(x, y | None)`` (the trainer's source interface)."""
-
-    def __init__(self, store) -> None:
-        self.store = store
-
-    def __getattr__(self, name: str):
-        return getattr(self.store, name)
-
-    def __iter__(self):
-        return iter(self.store)
-
-    def sample(self, n_rows: int, seed: int = 0):
-        out = self.store.sample(n_rows, seed=seed)
-        return out if isinstance(out, tuple) else (out, None)
-
-
 def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
     """Cache (if needed), train every sweep point in one pass, evaluate, write pareto.json and pareto.png."""
     import torch
@@ -130,7 +113,7 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
         context_length=cfg.context_length, out_dir=str(out / "cache"), device=cfg.device,
         num_threads=cfg.threads or None, progress=False))  # fmt: skip
     manifest = read_manifest(cache)
-    store = _Source(ActivationStore(cache, cfg.hookpoint, batch_size=cfg.batch_size, seed=cfg.seed))
+    store = ActivationStore(cache, cfg.hookpoint, batch_size=cfg.batch_size, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     dictionaries, params = {}, {}
     for arch, values in points:
