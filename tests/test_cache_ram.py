@@ -22,7 +22,7 @@ ROWS, D, BOUND, BATCH = 65_536, 576, 64_000_000, 1024
 
 READER = r"""
 import json, sys, torch
-pytestmark = pytest.mark.usefixtures("one_thread")
+torch.set_num_threads(1)
 from sparsedict.cache import ActivationStore
 
 def status(key):
