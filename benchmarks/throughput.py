@@ -66,10 +66,10 @@ def sparsity_fields(arch: str, k: int) -> dict[str, Any]:
     """The config overrides that give an architecture about ``k`` active latents (where it has such a knob)."""
     from sparsedict.dictionaries import lookup
 
-    fields = lookup(arch)[1].__dataclass_fields__
-    if "k" in fields:
+    knobs = lookup(arch)[0].sparsity_fields
+    if "k" in knobs:
         return {"k": k}
-    if arch == "mp" and "steps" in fields:
+    if "steps" in knobs:  # matching pursuit: one latent per step
         return {"steps": k}
     return {}
 

@@ -21,6 +21,7 @@ from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
 from sparsedict.cache.source import EpochIterator
 from sparsedict.cache.tokens import plan_shards
+from sparsedict.lm import load_model
 
 
 class LiveSource(EpochIterator):
@@ -40,8 +41,6 @@ class LiveSource(EpochIterator):
         self.hookpoint = hookpoint or cfg.hookpoints[0]
         self.target = target
         if model is None:
-            from sparsedict.lm import load_model
-
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
         self.model, self.tok = model, tokenizer
         self._hps = [

@@ -23,6 +23,9 @@ import torch
 
 from sparsedict.formats import native
 from sparsedict.formats.common import Architectures, FormatError
+from sparsedict.formats.dictionary_learning import load_dictionary_learning
+from sparsedict.formats.saelens import load_saelens
+from sparsedict.formats.sparsify import load_sparsify
 
 EXPECTED_FILES = {
     "sparsedict": "config.json (with 'sparsedict_version') + model.safetensors",
@@ -91,12 +94,7 @@ def load_dir(path: str | Path, registry: Architectures, device: str | torch.devi
             f"{path} is a sparsify run directory with {len(hooks)} dictionaries; choose one with "
             f"subfolder=<name>, one of: {', '.join(hooks)}"
         )
-    if fmt == "saelens":
-        from sparsedict.formats.saelens import load_saelens as loader
-    elif fmt == "sparsify":
-        from sparsedict.formats.sparsify import load_sparsify as loader
-    else:
-        from sparsedict.formats.dictionary_learning import load_dictionary_learning as loader
+    loader = {"saelens": load_saelens, "sparsify": load_sparsify}.get(fmt, load_dictionary_learning)
     model = loader(path, registry)
     model.to(device=device)
     if dtype is not None:
