@@ -207,15 +207,14 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
 
 def cache_contexts(root: Path, max_tokens: int | None) -> Contexts:
     """The stored contexts of a cache (token ids, attention mask, kept positions), first ``max_tokens``."""
-    from safetensors.torch import load_file
-
     from sparsedict.cache.manifest import read_manifest
+    from sparsedict.cache.store import read_tokens
 
     manifest = read_manifest(root)
     parts: dict[str, list[torch.Tensor]] = {}
     kept = 0
-    for shard in manifest["shards"]:
-        data = load_file(str(Path(root) / shard["files"]["tokens"]["file"]))
+    for i in range(len(manifest["shards"])):
+        data = read_tokens(root, manifest, i)
         for key in ("token_ids", "attention_mask", "keep"):
             parts.setdefault(key, []).append(data[key])
         kept += int(data["keep"].sum())
