@@ -6,8 +6,11 @@ slower (``sparsedict cache verify DIR --repair`` adds ``xxh3_128`` to them). Mea
 benchmarks/RESULTS_cache.md.
 
 Rule: a shard file is hashed in full before the first byte of it is served, however little of it a reader
-wants (one window, ``rows(0, 10)``, one tokens shard). Files are hashed through read-only memory maps of
-``WINDOW`` bytes at a time (one window is resident at once, so a reader's RAM bound holds). A process
+wants (one window, ``rows(0, 10)``, one tokens shard). Files are hashed in ``WINDOW``-byte positioned reads
+into one buffer, so a check adds that buffer to a reader's RAM and nothing else. The digest covers the whole
+file and a store visits a shard's blocks in random order across a whole epoch, so hashing blocks as they are
+read could only vouch for them after they were served; the whole-file pass costs one extra sequential read of
+each shard a process touches (from the page cache when the cache fits in RAM). A process
 remembers the files that passed, by path, device, inode, size, mtime and ctime, and hashes each once: a
 second store on the same cache, a new epoch or ``sample`` after iteration read nothing twice, and a
 rewritten file (new inode or times) is hashed again.
@@ -16,7 +19,6 @@ rewritten file (new inode or times) is hashed again.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import warnings
 from collections.abc import Iterable
@@ -30,8 +32,8 @@ ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 """Digests a file entry may record, the preferred first; a file is checked against the first one present."""
 WRITTEN = "xxh3_128"
 """The digest new shards record."""
-WINDOW = 4 << 20
-"""Bytes of a shard mapped at once while it is hashed."""
+WINDOW = 1 << 20
+"""Bytes of a shard read (and held) at once while it is hashed."""
 
 _passed: set[tuple] = set()
 _noted: set[str] = set()
@@ -52,6 +54,9 @@ class ShardError(CacheError):
         self.path, self.problem = Path(path), problem
         super().__init__(f"{problem}; fix: {repair_hint(cache_root(self.path))}")
 
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)
+
 
 def cache_root(path: Path) -> Path:
     """The cache directory holding the shard file ``path`` (``<root>/shards/<kind>/<i>.safetensors``)."""
@@ -67,16 +72,22 @@ def hash_views(views: Iterable, algorithms: Iterable[str]) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
-def _windows(fd: int, size: int):
-    """Read-only maps of ``WINDOW`` bytes covering ``[0, size)`` of ``fd``, each unmapped before the next."""
-    for pos in range(0, size, WINDOW):
-        with mmap.mmap(fd, min(WINDOW, size - pos), access=mmap.ACCESS_READ, offset=pos) as window:
-            yield window
+def _windows(path: Path, fd: int, size: int):
+    """``[0, size)`` of ``fd`` in consecutive views of one ``WINDOW``-byte buffer (each valid until the next)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
+    view, pos = memoryview(bytearray(min(WINDOW, size))), 0
+    while pos < size:
+        n = os.preadv(fd, [view[: min(WINDOW, size - pos)]], pos)
+        if n == 0:
+            raise ShardError(path, f"shard {path} is truncated: it ends at byte {pos}, its stat said {size}")
+        yield view[:n]
+        pos += n
 
 
-def hash_file(fd: int, size: int, algorithms: Iterable[str]) -> dict[str, str]:
-    """Hex digests of the first ``size`` bytes of the open file ``fd``."""
-    return hash_views(_windows(fd, size), algorithms)
+def hash_file(path: Path, fd: int, size: int, algorithms: Iterable[str]) -> dict[str, str]:
+    """Hex digests of the first ``size`` bytes of the open file ``fd`` (at ``path``)."""
+    return hash_views(_windows(path, fd, size), algorithms)
 
 
 def recorded(entry: dict) -> str:
@@ -125,7 +136,7 @@ def verify_fd(
     name = recorded(entry)
     if name == "sha256":
         _note_sha256(cache_root(path))
-    got = hash_file(fd, st.st_size, dict.fromkeys([name, *also]))
+    got = hash_file(path, fd, st.st_size, dict.fromkeys([name, *also]))
     _compare(path, entry, got)
     _passed.add(key)
     return got

@@ -67,8 +67,8 @@ class ActivationStore:
     for a window of one batch is an error). Peak RSS above the process before the store stays under the
     bound for float32 and bfloat16 caches larger than it (measured in tests/test_cache_ram.py).
 
-    ``verify=True`` (default): a shard is hashed in full (``digest.WINDOW`` bytes mapped at a time, counted in
-    the bound) and checked against the manifest the first time this process reads any of it; a mismatch,
+    ``verify=True`` (default): a shard is hashed in full (read through one ``digest.WINDOW``-byte buffer, counted
+    in the bound) and checked against the manifest the first time this process reads any of it; a mismatch,
     truncation or missing file raises :class:`~sparsedict.cache.digest.ShardError` naming the shard and the fix.
     """
 
