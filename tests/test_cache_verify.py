@@ -139,6 +139,18 @@ def test_flipped_byte_in_tokens(copy):
         cache_contexts(copy, None)
 
 
+def test_truncated_tokens_shard(copy):
+    """Eval's splicing reads tokens shards whole (safetensors): a short one is named, not a parser traceback."""
+    from sparsedict.eval.evaluate import cache_contexts
+
+    path = _file(copy, "tokens", 0)
+    _truncate(path)
+    with pytest.raises(ShardError, match=_truncated(copy, path)):
+        cache_contexts(copy, 40)
+    with pytest.raises(ShardError, match=_truncated(copy, path)):
+        ActivationStore(copy, HP).tokens([0])
+
+
 def _train(root: Path, out: Path) -> None:
     from sparsedict.dictionaries import build
     from sparsedict.dictionaries.topk import TopKConfig
@@ -178,7 +190,8 @@ def test_eval_cli_exits_with_the_named_error(copy, reference, tmp_path, capsys, 
     from sparsedict.eval.cli import main as eval_main
 
     ckpt = _checkpoint(reference, tmp_path / "ck")
-    path = _file(copy, "tokens", 0) if fault == "flip-tokens" else _file(copy, HP, 1)  # splicing reads shard 0
+    # splicing 40 tokens reads tokens shard 0 only
+    path = _file(copy, "tokens", 0) if fault == "flip-tokens" else _file(copy, HP, 1)
     (_truncate if fault == "truncate" else _flip)(path)
     want = _truncated(copy, path) if fault == "truncate" else _mismatch(copy, path)
     splice = "40" if fault == "flip-tokens" else "0"
@@ -208,10 +221,10 @@ def test_truncated_shard_is_named_on_every_path(copy):
 
 
 def test_cache_verify_cli(copy, reference, capsys):
-    size = sum(p.stat().st_size for p in reference.glob("shards/*/*.safetensors")) / 1e9
+    size = sum(p.stat().st_size for p in reference.glob("shards/*/*.safetensors")) / 1e6
     assert cache_main(["verify", str(reference)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out == [f"{reference}: OK, 9 files ({size:.2f} GB) in 3 shards, digests xxh3_128: 9"]
+    assert out == [f"{reference}: OK, 9 files ({size:.1f} MB) in 3 shards, digests xxh3_128: 9"]
     tokens0, hp1, y2 = _file(copy, "tokens", 0), _file(copy, HP, 1), _file(copy, Y, 2)
     _flip(tokens0)
     _flip(hp1)

@@ -45,7 +45,7 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> str:
-        checked = (f"{self.files} files ({self.bytes / 1e9:.2f} GB) in {self.n_shards} shards, digests "
+        checked = (f"{self.files} files ({self.bytes / 1e6:.1f} MB) in {self.n_shards} shards, digests "
                    + ", ".join(f"{k}: {v}" for k, v in sorted(self.digests.items())))  # fmt: skip
         if self.ok:
             return f"{self.root}: OK, {checked}"
