@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import small_cache
 
-from sparsedict.cache import ActivationStore
+from sparsedict.cache import ActivationStore, digest
 from sparsedict.cache.store import RAM_FIXED
 
 N_TOKENS = 1500
@@ -39,7 +39,7 @@ def test_manifest_records_everything(cache):
     assert dropped["bos"] == dropped["first_n"] == m["n_contexts"]
     assert m["n_tokens_seen"] == N_TOKENS + dropped["bos"] + dropped["first_n"] + dropped["special"]
     for s in m["shards"]:
-        assert len(s["files"]["tokens"]["sha256"]) == 64 and s["status"] == "complete"
+        assert len(s["files"]["tokens"]["xxh3_128"]) == 32 and s["status"] == "complete"
 
 
 def test_values_equal_direct_forward(cache, smollm2):
@@ -113,7 +113,8 @@ def test_resume_exact(cache):
 def test_ram_bound_sets_window(cache, monkeypatch):
     """The bound sizes the window (the served rows are unchanged); a bound below one batch is refused.
     Peak RSS under the bound is measured in test_cache_ram.py."""
-    bound = RAM_FIXED + 1_500_000  # leaves ~300 rows of window after the fixed and batch-sized allowances
+    # leaves ~300 rows of window after the fixed, digest-window and batch-sized allowances
+    bound = RAM_FIXED + digest.WINDOW + 1_500_000
     store = ActivationStore(cache, "resid_post.5", batch_size=32, max_ram_bytes=bound, loop=False)
     assert 32 <= store.shuffle_buffer_rows < 400
     sizes = []

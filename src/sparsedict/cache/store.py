@@ -15,6 +15,10 @@ Rows are read with positioned reads (``os.preadv``) of contiguous block ranges s
 window buffer rather than through long-lived memory maps, whose resident file pages would count
 against the process's RSS and grow with the cache size. ``state_dict()`` holds (epoch, batch, seed):
 resuming replays nothing but the window that holds the next batch.
+
+Every read path (iteration, ``sample``, ``rows``, ``tokens``, ``norm_stats``) checks each shard's digest the
+first time the process touches that shard, before any of its rows are served (``verify=False`` skips it; the
+rule and its cost are in :mod:`sparsedict.cache.digest`).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsedict.cache import digest
 from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest
 from sparsedict.cache.source import EpochIterator
-from sparsedict.cache.writer import check_shard
+from sparsedict.cache.writer import expected_tensors, load_shard
 from sparsedict.util import write_json_atomic
 
 RAM_SLACK = 1.1
@@ -62,12 +67,16 @@ class ActivationStore(EpochIterator):
     ``RAM_SLACK · buffer + RAM_BATCHES batch-sized blocks + RAM_FIXED <= max_ram_bytes`` (a bound too small
     for a window of one batch is an error). Peak RSS above the process before the store stays under the
     bound for float32 and bfloat16 caches larger than it (measured in tests/test_cache_ram.py).
+
+    ``verify=True`` (default): a shard is hashed in full (read through one ``digest.WINDOW``-byte buffer, counted
+    in the bound) and checked against the manifest the first time this process reads any of it; a mismatch,
+    truncation or missing file raises :class:`~sparsedict.cache.digest.ShardError` naming the shard and the fix.
     """
 
     def __init__(self, path: str | Path, hookpoint: str, target: str | None = None, batch_size: int = 4096,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int = 262_144,
                  max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
-                 block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = False,
+                 block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = True,
                  device: str | torch.device = "cpu") -> None:  # fmt: skip
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
@@ -113,6 +122,7 @@ class ActivationStore(EpochIterator):
         # extension, plus those the allocator keeps after they are freed (measured: <= RAM_BATCHES in all)
         batch = self.batch_size * sum(c.d * (RAM_BATCHES * out + 2 * c.np_dtype.itemsize) for c in cols)
         fixed = RAM_FIXED + batch + SCRATCH_BYTES * sum(c.head is not None for c in cols)
+        fixed += digest.WINDOW if self._x.verify else 0
         rows = int((max_ram_bytes - fixed) // per_row)
         if rows < self.batch_size:
             need = int(fixed + self.batch_size * per_row)
@@ -333,15 +343,20 @@ class ActivationStore(EpochIterator):
         """
         out: dict[str, list[torch.Tensor]] = {}
         for s in shards if shards is not None else range(len(self.manifest["shards"])):
-            for key, value in load_tokens(self.root, self.manifest, s).items():
+            for key, value in read_tokens(self.root, self.manifest, s, self._x.verify).items():
                 out.setdefault(key, []).append(value)
         return {k: torch.cat(v) for k, v in out.items()}
 
     def verify(self) -> None:
-        """Check every shard of this store's hookpoints against its sha256 (reads all the data)."""
+        """Hash every shard of this store's hookpoints and its tokens now and check them (reads all the data)."""
         for col in (self._x, self._y):
             if col is not None:
-                Column(self.root, self.manifest, col.name, verify=True)
+                for path, entry in zip(col.files, col.entries):
+                    digest.verify_file(path, entry, fresh=True)
+        for shard in self.manifest["shards"]:
+            if TOKENS in shard["files"]:
+                entry = shard["files"][TOKENS]
+                digest.verify_file(self.root / entry["file"], entry, fresh=True)
 
     # ----------------------------------------------------------------- statistics
     def norm_stats(self, hookpoint: str | None = None) -> dict:
@@ -373,7 +388,7 @@ class ActivationStore(EpochIterator):
         for col in (self._x, self._y):
             if col is not None and (col.name, col.head) == (base, head):
                 return col
-        return Column(self.root, self.manifest, base, verify=False, head=head)
+        return Column(self.root, self.manifest, base, verify=self._x.verify, head=head)
 
     def close(self) -> None:
         self._x.close()
@@ -385,13 +400,12 @@ class ActivationStore(EpochIterator):
             self.close()
 
 
-def load_tokens(root: Path, manifest: dict, shard: int) -> dict[str, torch.Tensor]:
-    """The token file of shard ``shard`` (``token_ids``, ``attention_mask``, ``keep``, ``row_context``, ...)."""
-    from safetensors.torch import load_file
+def read_tokens(root: str | Path, manifest: dict, shard: int, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tokens file of shard ``shard`` (``token_ids``, ``attention_mask``, ``keep``, ``row_context``,
+    ``row_position``, ``doc_index``), read once and checked against its digest (once a process)."""
+    info = manifest["shards"][shard]
+    entry = info["files"][TOKENS]
+    return load_shard(Path(root) / entry["file"], entry, expected_tensors(manifest, info, TOKENS), verify)
 
-    entry = manifest["shards"][shard]["files"][TOKENS]
-    check_shard(root / entry["file"], entry, {}, checksum=False)
-    return load_file(root / entry["file"])
 
-
-__all__ = ["ActivationStore", "load_tokens"]
+__all__ = ["ActivationStore", "read_tokens"]

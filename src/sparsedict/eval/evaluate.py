@@ -23,7 +23,7 @@ import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
 from sparsedict.cache.manifest import read_manifest
-from sparsedict.cache.store import load_tokens
+from sparsedict.cache.store import read_tokens
 from sparsedict.config import from_dict
 from sparsedict.dictionaries import Dictionary, from_pretrained
 from sparsedict.eval.heldout import reconstruction_stats
@@ -205,7 +205,7 @@ def cache_contexts(root: Path, max_tokens: int | None) -> Contexts:
     parts: dict[str, list[torch.Tensor]] = {}
     kept = 0
     for index in range(len(manifest["shards"])):
-        data = load_tokens(Path(root), manifest, index)
+        data = read_tokens(root, manifest, index)
         for key in ("token_ids", "attention_mask", "keep"):
             parts.setdefault(key, []).append(data[key])
         kept += int(data["keep"].sum())
