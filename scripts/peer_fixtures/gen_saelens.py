@@ -50,10 +50,19 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 D, N, D_OUT = 16, 48, 12
 LIB = "saelens"
-RESID = {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post", "model_class_name": "HookedTransformer",
-         "model_from_pretrained_kwargs": {"center_writing_weights": False}}  # fmt: skip
-MLP = {"model_name": "gpt2", "hook_name": "blocks.2.ln2.hook_normalized", "hook_name_out": "blocks.2.hook_mlp_out",
-       "model_class_name": "HookedTransformer", "model_from_pretrained_kwargs": {"center_writing_weights": False}}  # fmt: skip
+RESID = {
+    "model_name": "gpt2",
+    "hook_name": "blocks.3.hook_resid_post",
+    "model_class_name": "HookedTransformer",
+    "model_from_pretrained_kwargs": {"center_writing_weights": False},
+}
+MLP = {
+    "model_name": "gpt2",
+    "hook_name": "blocks.2.ln2.hook_normalized",
+    "hook_name_out": "blocks.2.hook_mlp_out",
+    "model_class_name": "HookedTransformer",
+    "model_from_pretrained_kwargs": {"center_writing_weights": False},
+}
 
 
 def set_meta(cfg, meta: dict) -> None:
@@ -97,8 +106,17 @@ def inference_fixture(name: str, cfg, seed: int, how: str, x_scale: float = 2.0)
     x = inputs(cfg.d_in, seed + 2, scale=x_scale, offset=0.5)
     out = outputs(back, x)
     assert out["out"].shape[-1] == d_out
-    write(path, "sae-lens", {"class": type(back).__name__, "architecture": cfg.architecture(), "how": how,
-                             "made_by": "scripts/peer_fixtures/gen_saelens.py"}, out)  # fmt: skip
+    write(
+        path,
+        "sae-lens",
+        {
+            "class": type(back).__name__,
+            "architecture": cfg.architecture(),
+            "how": how,
+            "made_by": "scripts/peer_fixtures/gen_saelens.py",
+        },
+        out,
+    )
 
 
 def provider(d: int, seed: int, batch: int):
@@ -123,17 +141,28 @@ def training_fixtures(stem: str, cfg, seed: int) -> None:
     sae = TrainingSAE.from_dict(cfg.to_dict())
     batch, steps = 64, 12
     with tempfile.TemporaryDirectory() as tmp:
-        tcfg = SAETrainerConfig(total_training_samples=batch * steps, train_batch_size_samples=batch, lr=3e-3, lr_end=3e-3,
-                                n_checkpoints=1, checkpoint_path=tmp, save_final_checkpoint=True,
-                                n_batches_for_norm_estimate=8, feature_sampling_window=4, dead_feature_window=4)  # fmt: skip
+        tcfg = SAETrainerConfig(
+            total_training_samples=batch * steps,
+            train_batch_size_samples=batch,
+            lr=3e-3,
+            lr_end=3e-3,
+            n_checkpoints=1,
+            checkpoint_path=tmp,
+            save_final_checkpoint=True,
+            n_batches_for_norm_estimate=8,
+            feature_sampling_window=4,
+            dead_feature_window=4,
+        )
         trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=provider(cfg.d_in, seed, batch))
         final = trainer.fit()
         ckpts = sorted(p for p in Path(tmp).iterdir() if p.is_dir())
         mid = next(p for p in ckpts if not p.name.startswith("final"))
         last = next(p for p in ckpts if p.name.startswith("final"))
         x = next(provider(cfg.d_in, seed + 100, 32))
-        how = (f"SAETrainer, {steps} steps of {batch} synthetic activations (norm ~25), n_checkpoints=1, "
-               "save_final_checkpoint=True; trainer_state.pt (optimizer pickle, never read) removed")  # fmt: skip
+        how = (
+            f"SAETrainer, {steps} steps of {batch} synthetic activations (norm ~25), n_checkpoints=1, "
+            "save_final_checkpoint=True; trainer_state.pt (optimizer pickle, never read) removed"
+        )
         # intermediate: unfolded weights + activation_scaler.json
         path = fresh_dir(LIB, f"{stem}_intermediate")
         for f in mid.iterdir():
@@ -157,10 +186,19 @@ def training_fixtures(stem: str, cfg, seed: int) -> None:
         out = outputs(inference_view(train_sae), x)
         if "batchtopk" not in cfg.architecture():  # batch selection in training, threshold at inference
             torch.testing.assert_close(out["out"], out_train, atol=1e-4, rtol=1e-4)
-        write(path, "sae-lens", {"class": type(train_sae).__name__, "architecture": cfg.architecture(),
-                                 "scaling_factor": scaler.scaling_factor, "whitening": scaler.whitening is not None, "made_by": "scripts/peer_fixtures/gen_saelens.py",
-                                 "how": how + f"; this is the intermediate checkpoint {mid.name}"},
-              {**out, "acts_train": acts_train, "out_train": out_train})  # fmt: skip
+        write(
+            path,
+            "sae-lens",
+            {
+                "class": type(train_sae).__name__,
+                "architecture": cfg.architecture(),
+                "scaling_factor": scaler.scaling_factor,
+                "whitening": scaler.whitening is not None,
+                "made_by": "scripts/peer_fixtures/gen_saelens.py",
+                "how": how + f"; this is the intermediate checkpoint {mid.name}",
+            },
+            {**out, "acts_train": acts_train, "out_train": out_train},
+        )
         # final: folded by SAELens, training-format config (as the trainer saves it)
         path = fresh_dir(LIB, f"{stem}_final")
         (path / "checkpoint").mkdir()
@@ -168,57 +206,113 @@ def training_fixtures(stem: str, cfg, seed: int) -> None:
             if f.name != "trainer_state.pt":
                 (path / "checkpoint" / f.name).write_bytes(f.read_bytes())
         back = TrainingSAE.load_from_disk(last, device="cpu")
-        write(path, "sae-lens", {"class": type(back).__name__, "architecture": cfg.architecture(),
-                                 "made_by": "scripts/peer_fixtures/gen_saelens.py",
-                                 "how": how + f"; this is the final checkpoint {last.name} (factor folded)"},
-              outputs(inference_view(back), x))  # fmt: skip
+        write(
+            path,
+            "sae-lens",
+            {
+                "class": type(back).__name__,
+                "architecture": cfg.architecture(),
+                "made_by": "scripts/peer_fixtures/gen_saelens.py",
+                "how": how + f"; this is the final checkpoint {last.name} (factor folded)",
+            },
+            outputs(inference_view(back), x),
+        )
         # the inference export of the final SAE (what LanguageModelSAETrainingRunner writes at the end)
         path = fresh_dir(LIB, f"{stem}_inference")
         final.save_inference_model(path / "checkpoint")
         back = SAE.load_from_disk(path / "checkpoint", device="cpu")
-        write(path, "sae-lens", {"class": type(back).__name__, "architecture": back.cfg.architecture(),
-                                 "training_architecture": cfg.architecture(), "made_by": "scripts/peer_fixtures/gen_saelens.py",
-                                 "how": how + "; final SAE written with save_inference_model"}, outputs(back, x))  # fmt: skip
+        write(
+            path,
+            "sae-lens",
+            {
+                "class": type(back).__name__,
+                "architecture": back.cfg.architecture(),
+                "training_architecture": cfg.architecture(),
+                "made_by": "scripts/peer_fixtures/gen_saelens.py",
+                "how": how + "; final SAE written with save_inference_model",
+            },
+            outputs(back, x),
+        )
 
 
 def main() -> None:
     print(f"sae_lens {sae_lens.__version__}, torch {torch.__version__}")
     plain = "inference class, seeded random parameters, save_model; outputs after SAE.load_from_disk"
     inference_fixture("standard", StandardSAEConfig(d_in=D, d_sae=N, metadata=_m(RESID)), 10, plain)
-    inference_fixture("standard_no_b_dec_in", StandardSAEConfig(d_in=D, d_sae=N, apply_b_dec_to_input=False,
-                      metadata=_m(RESID)), 11, plain)  # fmt: skip
+    inference_fixture(
+        "standard_no_b_dec_in",
+        StandardSAEConfig(d_in=D, d_sae=N, apply_b_dec_to_input=False, metadata=_m(RESID)),
+        11,
+        plain,
+    )
     inference_fixture("topk", TopKSAEConfig(d_in=D, d_sae=N, k=6, metadata=_m(RESID)), 12, plain)
-    inference_fixture("topk_rescale", TopKSAEConfig(d_in=D, d_sae=N, k=6, rescale_acts_by_decoder_norm=True,
-                      metadata=_m(RESID)), 13, plain)  # fmt: skip
-    inference_fixture("jumprelu", JumpReLUSAEConfig(d_in=D, d_sae=N, apply_b_dec_to_input=False, metadata=_m(RESID)),
-                      14, plain)  # fmt: skip
+    inference_fixture(
+        "topk_rescale",
+        TopKSAEConfig(d_in=D, d_sae=N, k=6, rescale_acts_by_decoder_norm=True, metadata=_m(RESID)),
+        13,
+        plain,
+    )
+    inference_fixture(
+        "jumprelu",
+        JumpReLUSAEConfig(d_in=D, d_sae=N, apply_b_dec_to_input=False, metadata=_m(RESID)),
+        14,
+        plain,
+    )
     inference_fixture("gated", GatedSAEConfig(d_in=D, d_sae=N, metadata=_m(RESID)), 15, plain)
-    inference_fixture("transcoder", TranscoderConfig(d_in=D, d_sae=N, d_out=D_OUT, apply_b_dec_to_input=False,
-                      metadata=_m(MLP)), 16, plain)  # fmt: skip
-    inference_fixture("skip_transcoder", SkipTranscoderConfig(d_in=D, d_sae=N, d_out=D_OUT,
-                      apply_b_dec_to_input=False, metadata=_m(MLP)), 17, plain)  # fmt: skip
-    inference_fixture("jumprelu_transcoder", JumpReLUTranscoderConfig(d_in=D, d_sae=N, d_out=D_OUT,
-                      apply_b_dec_to_input=False, metadata=_m(MLP)), 18, plain)  # fmt: skip
-    inference_fixture("jumprelu_skip_transcoder", JumpReLUSkipTranscoderConfig(d_in=D, d_sae=N, d_out=D_OUT,
-                      apply_b_dec_to_input=False, metadata=_m(MLP)), 19, plain)  # fmt: skip
+    inference_fixture(
+        "transcoder",
+        TranscoderConfig(d_in=D, d_sae=N, d_out=D_OUT, apply_b_dec_to_input=False, metadata=_m(MLP)),
+        16,
+        plain,
+    )
+    inference_fixture(
+        "skip_transcoder",
+        SkipTranscoderConfig(d_in=D, d_sae=N, d_out=D_OUT, apply_b_dec_to_input=False, metadata=_m(MLP)),
+        17,
+        plain,
+    )
+    inference_fixture(
+        "jumprelu_transcoder",
+        JumpReLUTranscoderConfig(d_in=D, d_sae=N, d_out=D_OUT, apply_b_dec_to_input=False, metadata=_m(MLP)),
+        18,
+        plain,
+    )
+    inference_fixture(
+        "jumprelu_skip_transcoder",
+        JumpReLUSkipTranscoderConfig(
+            d_in=D, d_sae=N, d_out=D_OUT, apply_b_dec_to_input=False, metadata=_m(MLP)
+        ),
+        19,
+        plain,
+    )
     inference_fixture("abstopk", AbsTopKSAEConfig(d_in=D, d_sae=N, k=6, metadata=_m(RESID)), 20, plain)
     inference_fixture(
         "matching_pursuit", MatchingPursuitSAEConfig(d_in=D, d_sae=N, metadata=_m(RESID)), 21, plain
     )
     processed = dict(RESID, model_from_pretrained_kwargs={"fold_ln": True, "center_writing_weights": True})
-    inference_fixture("standard_tl_processed", StandardSAEConfig(d_in=D, d_sae=N, metadata=_m(processed)), 22,
-                      plain + "; metadata.model_from_pretrained_kwargs asks for fold_ln and center_writing_weights")  # fmt: skip
+    inference_fixture(
+        "standard_tl_processed",
+        StandardSAEConfig(d_in=D, d_sae=N, metadata=_m(processed)),
+        22,
+        plain + "; metadata.model_from_pretrained_kwargs asks for fold_ln and center_writing_weights",
+    )
     scaled = {"normalize_activations": "expected_average_only_in"}
     training_fixtures(
         "train_standard", StandardTrainingSAEConfig(d_in=D, d_sae=N, l1_coefficient=1.0, **scaled), 30
     )
     training_fixtures("train_topk", TopKTrainingSAEConfig(d_in=D, d_sae=N, k=6, **scaled), 31)
     training_fixtures("train_jumprelu", JumpReLUTrainingSAEConfig(d_in=D, d_sae=N, **scaled), 34)
-    training_fixtures("train_standard_whitened", StandardTrainingSAEConfig(d_in=D, d_sae=N,
-                      normalize_activations="covariance_whitening"), 35)  # fmt: skip
+    training_fixtures(
+        "train_standard_whitened",
+        StandardTrainingSAEConfig(d_in=D, d_sae=N, normalize_activations="covariance_whitening"),
+        35,
+    )
     training_fixtures("train_batchtopk", BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=6.0, **scaled), 32)
-    training_fixtures("train_matryoshka_batchtopk", MatryoshkaBatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=6.0,
-                      matryoshka_widths=[8, 24, N], **scaled), 33)  # fmt: skip
+    training_fixtures(
+        "train_matryoshka_batchtopk",
+        MatryoshkaBatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=6.0, matryoshka_widths=[8, 24, N], **scaled),
+        33,
+    )
 
 
 def _m(meta: dict):
