@@ -42,7 +42,7 @@ def inputs(d: int, seed: int, scale: float = 1.0, offset: float = 0.0) -> torch.
 
 def write(path: Path, package: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Write ``expected.safetensors`` and ``fixture.json`` (library name and version read from the venv)."""
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().float().cpu().clone() for k, v in tensors.items()}
     save_file(tensors, str(path / "expected.safetensors"))
     info = {
         "library": package,
