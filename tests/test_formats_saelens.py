@@ -157,6 +157,18 @@ def test_jumprelu(tmp_path, arch):
     check(model, w, ref_jumprelu(w, x), x)
 
 
+@needs("jumprelu")
+def test_jumprelu_log_threshold(tmp_path):
+    """Older JumpReLU training checkpoints store ``log_threshold``; SAELens loads them as ``threshold = exp(·)``."""
+    w = rand_weights()
+    theta = torch.rand(N, generator=torch.Generator().manual_seed(3)) * 0.8 + 0.05
+    model = from_pretrained(
+        write(tmp_path / "sae", "jumprelu", dict(w, log_threshold=theta.log()), apply_b_dec_to_input=False)
+    )
+    x = inputs()
+    check(model, w, ref_jumprelu(dict(w, threshold=theta), x), x)
+
+
 @needs("gated")
 def test_gated(tmp_path):
     w = rand_weights()

@@ -46,6 +46,21 @@ def config(kind: str, inp: str, out: str) -> dict:
     }
 
 
+def finish(path, cls: str, kind: str, jumprelu: bool, skip: bool, how: str, tensors: dict) -> None:
+    meta = {
+        "class": cls,
+        "model_kind": kind,
+        "n_layers": L,
+        "d_model": D,
+        "d_transcoder": F_,
+        "activation": "jumprelu" if jumprelu else "relu",
+        "skip": skip,
+        "how": how,
+        "made_by": "scripts/peer_fixtures/gen_circuit_tracer.py",
+    }
+    write(path, "circuit-tracer", meta, tensors)
+
+
 def plt_set(name: str, seed: int, jumprelu: bool, skip: bool) -> None:
     g = torch.Generator().manual_seed(seed)
     layers = {}
@@ -85,18 +100,8 @@ def plt_set(name: str, seed: int, jumprelu: bool, skip: bool) -> None:
         "SingleLayerTranscoder per layer (seeded random parameters) in a TranscoderSet, to_safetensors + "
         "config.yaml; outputs after load_transcoder_set(lazy_encoder=True, lazy_decoder=True)"
     )
-    meta = {
-        "class": "TranscoderSet",
-        "model_kind": "transcoder_set",
-        "n_layers": L,
-        "d_model": D,
-        "d_transcoder": F_,
-        "activation": "jumprelu" if jumprelu else "relu",
-        "skip": skip,
-        "how": how,
-        "made_by": "scripts/peer_fixtures/gen_circuit_tracer.py",
-    }
-    write(path, "circuit-tracer", meta, {"x": x, "acts": acts, "out": out, "decoded": decoded, **per_layer})
+    tensors = {"x": x, "acts": acts, "out": out, "decoded": decoded, **per_layer}
+    finish(path, "TranscoderSet", "transcoder_set", jumprelu, skip, how, tensors)
 
 
 def clt(name: str, seed: int, jumprelu: bool) -> None:
@@ -142,18 +147,8 @@ def clt(name: str, seed: int, jumprelu: bool) -> None:
         "CrossLayerTranscoder (seeded random parameters), to_safetensors + config.yaml; outputs after "
         "load_clt(lazy_encoder=True, lazy_decoder=True)"
     )
-    meta = {
-        "class": "CrossLayerTranscoder",
-        "model_kind": "cross_layer_transcoder",
-        "n_layers": L,
-        "d_model": D,
-        "d_transcoder": F_,
-        "activation": "jumprelu" if jumprelu else "relu",
-        "skip": False,
-        "how": how,
-        "made_by": "scripts/peer_fixtures/gen_circuit_tracer.py",
-    }
-    write(path, "circuit-tracer", meta, {"x": x, "acts": acts, "out": out, "decoded": out, **per_layer})
+    tensors = {"x": x, "acts": acts, "out": out, "decoded": out, **per_layer}
+    finish(path, "CrossLayerTranscoder", "cross_layer_transcoder", jumprelu, False, how, tensors)
 
 
 def main() -> None:

@@ -94,6 +94,16 @@ def outputs(cls: str, ckpt: Path, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"x": x, "acts": acts, "decoded": ae.decode(acts), "out": ae(x)}
 
 
+def finish(path: Path, cls: str, trainer_cls: type, how: str, x: torch.Tensor) -> None:
+    meta = {
+        "class": cls,
+        "trainer": trainer_cls.__name__,
+        "how": how,
+        "made_by": "scripts/peer_fixtures/gen_dictionary_learning.py",
+    }
+    write(path, "dictionary-learning", meta, outputs(cls, path / "checkpoint", x))
+
+
 def trained(cls: str, seed: int) -> None:
     trainer_cls, dict_cls, extra = CLASSES[cls]
     torch.manual_seed(seed)
@@ -113,13 +123,7 @@ def trained(cls: str, seed: int) -> None:
         f"normalize_activations={normalize} (True unless the class lacks scale_biases), "
         "device='cpu'); outputs of the class's from_pretrained(ae.pt)"
     )
-    meta = {
-        "class": cls,
-        "trainer": trainer_cls.__name__,
-        "how": how,
-        "made_by": "scripts/peer_fixtures/gen_dictionary_learning.py",
-    }
-    write(path, "dictionary-learning", meta, outputs(cls, path / "checkpoint", x))
+    finish(path, cls, trainer_cls, how, x)
 
 
 def random(cls: str, seed: int) -> None:
@@ -166,13 +170,7 @@ def random(cls: str, seed: int) -> None:
         f"{cls} from {trainer_cls.__name__}(...).ae, seeded random parameters with decoder norms in [0.5, 1.5), "
         "torch.save(state_dict) + the config.json trainSAE writes; outputs of the class's from_pretrained(ae.pt)"
     )
-    meta = {
-        "class": cls,
-        "trainer": trainer_cls.__name__,
-        "how": how,
-        "made_by": "scripts/peer_fixtures/gen_dictionary_learning.py",
-    }
-    write(path, "dictionary-learning", meta, outputs(cls, path / "checkpoint", x))
+    finish(path, cls, trainer_cls, how, x)
 
 
 def main() -> None:

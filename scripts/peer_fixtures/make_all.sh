@@ -3,8 +3,8 @@
 #   bash scripts/peer_fixtures/make_all.sh            # all peers
 #   bash scripts/peer_fixtures/make_all.sh saelens    # one (saelens | sparsify | dictionary_learning | circuit_tracer)
 # Venvs live in $PEER_VENVS (default /tmp/peer-venvs); the CPU torch wheel is installed first in each, so no
-# peer pulls a CUDA build. Fixtures are deterministic (fixed seeds, CPU, one thread): rerunning rewrites
-# identical files. Nothing from the peers is copied into the repository except what they write as checkpoints.
+# peer pulls a CUDA build. Fixtures are deterministic (fixed seeds, CPU, one thread, PYTHONHASHSEED=0, which
+# fixes the key order of SAELens' inference cfg.json): rerunning rewrites identical files. Nothing from the peers is copied into the repository except what they write as checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENVS=${PEER_VENVS:-/tmp/peer-venvs}
@@ -25,7 +25,9 @@ for peer in "${@:-saelens sparsify dictionary_learning circuit_tracer}"; do
     venv="$VENVS/$p"
     if [ ! -x "$venv/bin/python" ]; then "$PY" -m venv "$venv"; fi
     if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then "$venv/bin/python" -m pip install -q "$TORCH"; fi
-    "$venv/bin/python" -m pip install -q "${PIN[$p]}"
+    name=${PIN[$p]%%==*} want=${PIN[$p]##*==}
+    have=$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)
+    if [ "$have" != "$want" ]; then "$venv/bin/python" -m pip install -q "${PIN[$p]}"; fi
     echo "== $p (${PIN[$p]}) in $venv"
     "$venv/bin/python" "gen_${p}.py"
   done
