@@ -40,7 +40,11 @@ class ConvertConfig:
 
 
 def verify(src_model, dst_model, n: int, seed: int = 0) -> float:
-    """Max abs difference of reconstructions (and identical active sets) on ``n`` random inputs ``[n, d_in]``."""
+    """Max abs difference of reconstructions on ``n`` random inputs ``[n, d_in]``, checked against tolerances.
+
+    Raises ``RuntimeError`` when the active sets differ, when a code differs by more than
+    ``1e-4·(1 + max|code|)`` or when a reconstruction differs by more than ``1e-4·(1 + max|x̂|)``.
+    """
     g = torch.Generator().manual_seed(seed)
     scale = float(src_model.W_dec.detach().float().norm(dim=1).mean()) or 1.0
     x = torch.randn(n, src_model.d_in, generator=g) * scale
@@ -55,10 +59,17 @@ def verify(src_model, dst_model, n: int, seed: int = 0) -> float:
                 "conversion changed which latents are active on random inputs: refusing the result"
             )
         code_err = float((da - db).abs().max())
-        err = float((a.decode(ca, x) - b.decode(cb, x)).abs().max())
+        xa = a.decode(ca, x)
+        err = float((xa - b.decode(cb, x)).abs().max())
     tol = 1e-4 * (1 + float(da.abs().max()))
     if code_err > tol:
         raise RuntimeError(f"conversion changed the codes by up to {code_err:.3g} on random inputs")
+    tol_x = 1e-4 * (1 + float(xa.abs().max()))
+    if not err <= tol_x:  # also catches NaN
+        raise RuntimeError(
+            f"conversion changed the reconstruction by up to {err:.3g} on random inputs (tolerance {tol_x:.3g}): "
+            "refusing the result"
+        )
     return err
 
 

@@ -7,14 +7,31 @@ skip transcoders ``W_skip [d_out, d_in]`` (used as ``x W_skipᵀ``). SAELens enc
 
 Architecture map (SAELens -> ours): standard -> relu, topk -> topk, jumprelu -> jumprelu, gated -> gated,
 transcoder -> relu with a target, skip_transcoder -> relu with ``skip``, jumprelu_transcoder -> jumprelu with a
-target. ``batchtopk``/``matryoshka_batchtopk`` are training-only in SAELens and are saved as ``jumprelu``.
-A topk ``rescale_acts_by_decoder_norm`` checkpoint is folded (``W_enc[:, i]``, ``b_enc[i]`` times ‖W_dec[i]‖,
-``W_dec[i]`` divided by it), which leaves both the codes and the reconstruction unchanged.
+target, jumprelu_skip_transcoder -> jumprelu with a target and ``skip``. ``batchtopk``/``matryoshka_batchtopk``
+are training-only in SAELens: its inference export is a ``jumprelu``, and a training checkpoint of theirs
+(``topk_threshold``, no ``threshold``) is read the way that export writes it (θ = ``topk_threshold`` for every
+latent). A ``rescale_acts_by_decoder_norm`` checkpoint (topk and the batchtopk family) is folded (``W_enc[:, i]``,
+``b_enc[i]`` times ‖W_dec[i]‖, ``W_dec[i]`` divided by it), which leaves both the codes and the reconstruction
+unchanged.
+
+``normalize_activations = "expected_average_only_in"``: SAELens trains on ``c·x`` (``c = √d_in / E‖x‖``) and
+folds c into the weights only at the end of training (``W_enc·c``, ``W_dec/c``, ``b_dec/c``, and
+``topk_threshold/c`` for a rescaled batchtopk), where it also sets ``normalize_activations`` to ``"none"``. A
+directory that still says ``expected_average_only_in`` holds unfolded weights: c is read from its
+``activation_scaler.json`` and folded the same way; without that file it is refused.
+
+A checkpoint trained on a TransformerLens model loaded with weight processing (``fold_ln``,
+``center_writing_weights``, ``fold_value_biases``, ``refactor_factored_attn_matrices`` in
+``metadata.model_from_pretrained_kwargs``; SAELens loads ``HookedTransformer`` models with
+``from_pretrained_no_processing`` plus those kwargs) saw activations that differ from the raw Hugging Face
+model's; loading it warns.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +54,9 @@ from sparsedict.util import atomic_write, write_json_atomic
 SAE_LENS_VERSION = "6.0.0"
 """Written into ``metadata.sae_lens_version``: SAELens treats a config without it as pre-6.0 (legacy converter)."""
 
-_TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder"}
+_TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
+_SKIP = {"skip_transcoder", "jumprelu_skip_transcoder"}
+_BATCHTOPK = {"batchtopk", "matryoshka_batchtopk"}
 _ARCH = {
     "standard": "relu",
     "topk": "topk",
@@ -46,7 +65,19 @@ _ARCH = {
     "transcoder": "relu",
     "skip_transcoder": "relu",
     "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
+    "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
 }
+_UNSUPPORTED = {
+    "abstopk": "it keeps the k largest |pre-activations| with their sign (no ReLU), which no sparsedict "
+    "architecture computes",
+    "matching_pursuit": "its pursuit stops on a residual-norm threshold or a repeated support, while sparsedict's "
+    "'mp' runs a fixed number of steps",
+    "temporal": "its encoder attends over previous tokens; sparsedict dictionaries encode each token alone",
+}
+_TL_PROCESSING = ("fold_ln", "center_writing_weights", "fold_value_biases", "refactor_factored_attn_matrices")
+"""TransformerLens ``from_pretrained`` flags that change hooked activations (``center_unembed`` only changes logits)."""
 
 
 def _read_cfg(path: Path) -> dict[str, Any]:
@@ -71,8 +102,10 @@ def load_saelens(path: str | Path, registry: Architectures):
         if key in cfg and key not in meta_in:
             meta_in[key] = cfg[key]
     arch_in = cfg.get("architecture", "standard")
-    if arch_in in ("batchtopk", "matryoshka_batchtopk"):
-        arch_in = "jumprelu"  # SAELens saves these as jumprelu with the estimated threshold
+    if arch_in in _UNSUPPORTED:
+        raise FormatError(
+            f"{path / 'cfg.json'}: SAELens architecture {arch_in!r} cannot be loaded: {_UNSUPPORTED[arch_in]}"
+        )
     if arch_in not in _ARCH:
         raise FormatError(
             f"{path / 'cfg.json'}: SAELens architecture {arch_in!r} is not supported; supported: {sorted(_ARCH)}"
@@ -81,13 +114,24 @@ def load_saelens(path: str | Path, registry: Architectures):
     if norm in ("constant_norm_rescale", "layer_norm"):
         raise FormatError(
             f"{path / 'cfg.json'}: normalize_activations={norm!r} rescales every token at run time, which no "
-            "sparsedict architecture does; only 'none' and 'expected_average_only_in' (a constant that SAELens "
-            "does not apply at inference) can be loaded"
+            "sparsedict architecture does; only 'none' and 'expected_average_only_in' (with its "
+            "activation_scaler.json) can be loaded"
         )
-    if (cfg.get("reshape_activations") or "none") != "none" or cfg.get("hook_head_index") is not None:
+    if norm == "covariance_whitening":
+        raise FormatError(
+            f"{path / 'cfg.json'}: normalize_activations='covariance_whitening' means unfolded weights trained on "
+            "whitened activations (an intermediate SAELens checkpoint); load it with SAELens, call "
+            "sae.fold_activation_whitening(...) with the statistics in activation_whitening.safetensors, save it "
+            "with normalize_activations='none' and load that"
+        )
+    if norm not in ("none", "expected_average_only_in"):
+        raise FormatError(f"{path / 'cfg.json'}: unknown normalize_activations={norm!r}")
+    scale = _scaling_factor(path) if norm == "expected_average_only_in" else 1.0
+    head = cfg.get("hook_head_index", meta_in.get("hook_head_index"))
+    if (cfg.get("reshape_activations") or "none") != "none" or head is not None:
         raise FormatError(
             f"{path / 'cfg.json'}: per-head SAEs (reshape_activations={cfg.get('reshape_activations')!r}, "
-            f"hook_head_index={cfg.get('hook_head_index')!r}) are not supported; flatten heads into hook_z"
+            f"hook_head_index={head!r}) are not supported; flatten heads into hook_z"
         )
     d_in, n = int(cfg["d_in"]), int(cfg["d_sae"])
     d_out = int(cfg.get("d_out") or d_in)
@@ -97,6 +141,19 @@ def load_saelens(path: str | Path, registry: Architectures):
     t = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in t.items()}
     gated = arch == "gated"
     require(t, ["W_enc", "W_dec", "b_dec"] + (["b_gate", "b_mag", "r_mag"] if gated else ["b_enc"]), where)
+    if (
+        arch_in in _BATCHTOPK and "threshold" not in t
+    ):  # a training checkpoint: θ is the running topk_threshold
+        require(t, ["topk_threshold"], where)
+        t["threshold"] = t["topk_threshold"].reshape(-1).expand(int(cfg["d_sae"])).clone()
+    if (
+        arch == "jumprelu" and "threshold" not in t and "log_threshold" in t
+    ):  # older JumpReLU training checkpoints
+        t["threshold"] = t["log_threshold"].exp()
+    if scale != 1.0:
+        t = _fold_input_scale(
+            t, scale, rescaled=arch_in in _BATCHTOPK and bool(cfg.get("rescale_acts_by_decoder_norm"))
+        )
     hint = f"cfg.json (d_in={d_in}, d_sae={n}, d_out={d_out})"
     check_shape(t["W_enc"], (d_in, n), "W_enc", where, hint)
     check_shape(t["W_dec"], (n, d_out), "W_dec", where, hint)
@@ -110,21 +167,20 @@ def load_saelens(path: str | Path, registry: Architectures):
         "d_in": d_in,
         "d_out": d_out,
         "n_latents": n,
-        "skip": arch_in == "skip_transcoder",
+        "skip": arch_in in _SKIP,
         "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", not transcoder)) and not transcoder,
         "dtype": parse_dtype(cfg.get("dtype"), str(path / "cfg.json")),
     }
     state = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if not gated:
+        state["b_enc"] = t["b_enc"]
     if arch == "topk":
         fields["k"] = int(cfg.get("k", 0)) or _missing(path, "k")
-        state["b_enc"] = t["b_enc"]
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            s = t["W_dec"].float().norm(dim=1)
-            state["W_enc"] = (t["W_enc"].float() * s).to(t["W_enc"].dtype)
-            state["b_enc"] = (t["b_enc"].float() * s).to(t["b_enc"].dtype)
-            state["W_dec"] = (t["W_dec"].float() / s[:, None]).to(t["W_dec"].dtype)
-    elif not gated:
-        state["b_enc"] = t["b_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm") and (arch == "topk" or arch_in in _BATCHTOPK):
+        s = t["W_dec"].float().norm(dim=1)
+        state["W_enc"] = (t["W_enc"].float() * s).to(t["W_enc"].dtype)
+        state["b_enc"] = (t["b_enc"].float() * s).to(t["b_enc"].dtype)
+        state["W_dec"] = (t["W_dec"].float() / s[:, None]).to(t["W_dec"].dtype)
     if fields["skip"]:
         require(t, ["W_skip"], where)
         check_shape(t["W_skip"], (d_out, d_in), "W_skip", where, hint)
@@ -137,6 +193,19 @@ def load_saelens(path: str | Path, registry: Architectures):
         "hookpoint": fields["hookpoint"],
         "normalize_activations": norm,
     }
+    if scale != 1.0:
+        meta["input_scale_folded"] = scale
+    processing = _tl_processing(meta_in)
+    if processing:
+        meta["transformerlens_processing"] = processing
+        warnings.warn(
+            f"{path}: this SAE was trained on {meta_in.get('model_name') or 'a model'} loaded by TransformerLens "
+            f"with {', '.join(f'{k}=True' for k in processing)} (metadata.model_from_pretrained_kwargs), so its "
+            "activations differ from the raw Hugging Face model's that sparsedict hooks; encode activations of "
+            "a model processed the same way, or expect worse reconstructions",
+            UserWarning,
+            stacklevel=3,
+        )
     meta.update({k: meta_in[k] for k in ("context_size", "dataset_path", "sae_lens_version") if k in meta_in})
     model = build_dictionary(registry, arch, fields, where)
     expected = model.state_dict()
@@ -149,6 +218,52 @@ def load_saelens(path: str | Path, registry: Architectures):
             check_shape(t[name], (n,), name, where, hint)
             state[name] = t[name]
     return load_state(model, state, where, meta)
+
+
+def _scaling_factor(path: Path) -> float:
+    """The factor c of an unfolded ``expected_average_only_in`` checkpoint, from its ``activation_scaler.json``."""
+    file = path / "activation_scaler.json"
+    fix = (
+        f"{path / 'cfg.json'}: normalize_activations='expected_average_only_in' means unfolded weights trained on "
+        "c·x (c = √d_in / mean ‖x‖), but"
+    )
+    how = (
+        'write {"scaling_factor": c} to activation_scaler.json next to cfg.json (SAELens\' pretrained_saes.yaml '
+        "lists norm_scaling_factor for registry releases), or load it with SAELens, call "
+        "sae.fold_activation_norm_scaling_factor(c) and save it"
+    )
+    if not file.exists():
+        raise FormatError(f"{fix} {file.name} is missing, so c is unknown: {how}")
+    try:
+        c = json.loads(file.read_text()).get("scaling_factor")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise FormatError(f"{file} is not a JSON object with 'scaling_factor' ({err})") from err
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c <= 0:
+        raise FormatError(f"{fix} {file} gives scaling_factor={c!r}, not a positive number: {how}")
+    return float(c)
+
+
+def _fold_input_scale(t: dict[str, torch.Tensor], c: float, rescaled: bool) -> dict[str, torch.Tensor]:
+    """SAELens ``fold_activation_norm_scaling_factor``: ``W_enc·c``, ``W_dec/c``, ``b_dec/c`` (same codes on raw x).
+
+    A rescaled batchtopk compares ``z·‖W_dec[i]‖`` with its threshold, so that threshold is divided by c too.
+    """
+    out = dict(t)
+    for name, op in (("W_enc", c), ("W_dec", 1 / c), ("b_dec", 1 / c)):
+        out[name] = (t[name].float() * op).to(t[name].dtype)
+    if rescaled:
+        out["threshold"] = (t["threshold"].float() / c).to(t["threshold"].dtype)
+    return out
+
+
+def _tl_processing(meta: dict[str, Any]) -> list[str]:
+    """TransformerLens weight-processing flags a SAELens config asks for when it loads its model."""
+    if (meta.get("model_class_name") or "HookedTransformer") != "HookedTransformer":
+        return []
+    kwargs = meta.get("model_from_pretrained_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return []
+    return [k for k in _TL_PROCESSING if kwargs.get(k)]
 
 
 def _missing(path: Path, key: str):
