@@ -79,11 +79,10 @@ def fit_dictionary(job: dict[str, Any]):
     from sparsedict.cache import ActivationStore
     from sparsedict.config import from_dict
     from sparsedict.dictionaries import build, lookup
-    from sparsedict.eval.bench import _Source
     from sparsedict.train import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    store = _Source(ActivationStore(job["cache"], HOOKPOINT, batch_size=job["batch"], seed=0))
+    store = ActivationStore(job["cache"], HOOKPOINT, batch_size=job["batch"], seed=0)
     _, cfg_cls = lookup(job["arch"])
     dcfg = from_dict(cfg_cls, {"hookpoint": HOOKPOINT, "n_latents": job["width"], **job["fields"]})
     model = build(dcfg.resolved(store.d_in))

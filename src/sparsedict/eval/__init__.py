@@ -1,5 +1,5 @@
 """Evaluation: metrics defined once (:mod:`metrics`), model splicing (:mod:`splice`), the evaluator
-(:mod:`evaluate`, ``sparsedict eval``) and the Pareto benchmark (:mod:`bench`, ``sparsedict bench pareto``)."""
+(:mod:`evaluate`, ``sparsedict eval``) and the Pareto plot (:mod:`plot`; the sweep is :mod:`sparsedict.sweep`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ _LAZY = {
     "evaluate_splicing": "sparsedict.eval.splice",
     "EvalConfig": "sparsedict.eval.evaluate",
     "evaluate": "sparsedict.eval.evaluate",
-    "ParetoConfig": "sparsedict.eval.bench",
-    "run_pareto": "sparsedict.eval.bench",
 }
 
 __all__ = ["ReconstructionStats", "SpliceStats", "fvu", "reconstruct", *_LAZY]

@@ -184,7 +184,7 @@ def shard_dictionaries(dictionaries: dict[str, Dictionary], cfg: TrainConfig) ->
         if type(model) is not TopK:
             raise ValueError(
                 f"shard_latents supports 'topk' dictionaries only; {name!r} is {model.architecture!r}: "
-                f"train it data-parallel (without --shard-latents)"
+                f"train it data-parallel (train.shard_latents: false)"
             )
         out[name] = ShardedTopK(model, rank, world)
     return out
