@@ -54,6 +54,10 @@ ERRORS = {  # name: (argv, fragments the one stderr line must hold)
     "unparsable value": (["train", QUICKSTART, "--train.lr", "fast"], ["--train.lr", "invalid float value: 'fast'"]),
     "refused value": (["cache", "--max-tokens", "0"], ["sparsedict cache:", "max_tokens must be >= 1"]),
     "unknown command": (["trian"], ["unknown command 'trian'", "did you mean 'train'"]),
+    # the real CLI reads a YAML list and dashed flags: the refusal quotes the parsed list back
+    "list and dashes": (["train", QUICKSTART, "--cache.max-tokens", "500", "--cache.hookpoints",
+                         "[resid_post.6, mlp_out.6]", "--dictionaries.0.hookpoint", "mlp_out.7"],
+                        ["'mlp_out.7' is not cached; cache.hookpoints = ['resid_post.6', 'mlp_out.6']"]),
 }  # fmt: skip
 
 
