@@ -39,14 +39,27 @@ RUN_DIRS = {"cache": "cache-train", "eval_cache": "cache-test", "train": "train"
 _ARCH_FLAG = re.compile(r"^--dictionaries\.(\d+)\.architecture(?:=(.*))?$")
 
 
-def _architecture_flags(argv: Sequence[str]) -> dict[int, str]:
-    """``--dictionaries.N.architecture NAME`` flags, read before the others (they pick the config class)."""
-    found = {}
+def _dictionaries(data: dict[str, Any], argv: Sequence[str], source: str) -> list:
+    """The recipe's dictionary configs, after the ``--dictionaries.N.architecture NAME`` flags (read
+    before the others: they pick each entry's config class; N = len adds an entry)."""
+    entries = data.get("dictionaries") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: 'dictionaries' must be a list of mappings, one per dictionary")
+    entries = list(entries)
     for i, arg in enumerate(argv):
         m = _ARCH_FLAG.match(arg)
-        if m and (m[2] is not None or i + 1 < len(argv)):
-            found[int(m[1])] = m[2] if m[2] is not None else argv[i + 1]
-    return found
+        if m is None or (m[2] is None and i + 1 == len(argv)):
+            continue
+        n, arch = int(m[1]), m[2] if m[2] is not None else argv[i + 1]
+        if n > len(entries):
+            raise ConfigError(f"--dictionaries.{n}.architecture: the entries are numbered 0..{len(entries) - 1}; "
+                              f"add entry {len(entries)} first")  # fmt: skip
+        if n == len(entries):
+            entries.append({})
+        entries[n] = {**entries[n], "architecture": arch} if isinstance(entries[n], dict) else entries[n]
+    if not entries and {"-h", "--help"} & set(argv):  # show an entry's flags (at the default architecture)
+        entries = [{"architecture": "topk"}]
+    return [parse_dictionary(e, f"dictionaries[{i}]") for i, e in enumerate(entries)]
 
 
 def _section_flagged(argv: Sequence[str], section: str) -> bool:
@@ -64,7 +77,7 @@ def parse_run(
     data = load_yaml(path) if path else {}
     check_sections(data, source)
 
-    opts_parser = FlagParser(prog)
+    opts_parser = FlagParser(prog)  # --out_dir first: it moves the sections' default out_dir values
     opts_parser.add_config(RunOptions, "run", flat=True)
     opts = opts_parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].run
     sections: dict[str, Any] = {}
@@ -73,22 +86,7 @@ def parse_run(
         if opts.out_dir:
             section["out_dir"] = str(Path(opts.out_dir) / RUN_DIRS[name])
         sections[name] = from_dict(cls, section, where=f"{name}.")
-
-    entries = data.get("dictionaries") or []
-    if not isinstance(entries, list):
-        raise ConfigError(f"{source}: 'dictionaries' must be a list of mappings, one per dictionary")
-    entries = list(entries)
-    for i, arch in sorted(_architecture_flags(argv).items()):
-        if i > len(entries):
-            raise ConfigError(f"--dictionaries.{i}.architecture: the entries are numbered 0..{len(entries) - 1}; "
-                              f"add entry {len(entries)} first")  # fmt: skip
-        if i == len(entries):
-            entries.append({"architecture": arch})
-        else:
-            entries[i] = {**entries[i], "architecture": arch} if isinstance(entries[i], dict) else entries[i]
-    dicts = [parse_dictionary(e, f"dictionaries[{i}]") for i, e in enumerate(entries)]
-    if not dicts and {"-h", "--help"} & set(argv):  # show an entry's flags (at the default architecture)
-        dicts = [parse_dictionary({"architecture": "topk"}, "dictionaries[0]")]
+    dicts = _dictionaries(data, argv, source)
 
     parser = FlagParser(prog, doc)
     parser.add_config(opts, "run", flat=True)
@@ -99,10 +97,10 @@ def parse_run(
     configs, _ = parser.parse(argv)
     parsed: dict[str, Any] = {"train": dataclasses.asdict(configs["train"])}
     for name in ("cache", "eval_cache"):
-        if name in data or _section_flagged(argv, name):
+        if data.get(name) or _section_flagged(argv, name):
             parsed[name] = dataclasses.asdict(configs[name])
     parsed["dictionaries"] = [dataclasses.asdict(configs[f"dictionaries.{i}"]) for i in range(len(dicts))]
-    if not parsed["dictionaries"]:
+    if not dicts:
         raise ConfigError(f"{source}: no dictionaries: give a recipe with a 'dictionaries' list, or "
                           "--dictionaries.0.architecture NAME")  # fmt: skip
     return parse_recipe(parsed, source=source), configs["run"]
