@@ -119,7 +119,7 @@ class FlagParser(ArgumentParser):
             add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
         )
         self._dests: dict[str, str] = {}
-        self._escaped: set[int] = set()
+        self._shown: set[int] = set()
 
     def add_config(self, config: Any, name: str, flat: bool = False) -> None:
         """Flags for the dataclass ``config`` (a class, or an instance giving the defaults): ``--name.field``,
@@ -188,10 +188,16 @@ class FlagParser(ArgumentParser):
                 group.title = f"{m[1]}: --{prefix}.FIELD" if prefix else m[1]
                 if re.match(rf"^{m[1]}\(.*\)$", group.description or "", re.DOTALL):  # dataclass's auto doc
                     group.description = None
-        for action in self._actions:  # docstrings may hold a literal '%', which argparse would format
-            if action.help and id(action) not in self._escaped:
+        for action in self._actions:
+            if id(action) in self._shown:
+                continue
+            self._shown.add(id(action))
+            if action.help:  # docstrings may hold a literal '%', which argparse would format
                 action.help = re.sub(r"%(?!\()", "%%", action.help)
-                self._escaped.add(id(action))
+            # simple_parsing negates a bool field `no_x` as --nono_x too: shown, it only confuses
+            action.option_strings = [
+                o for o in action.option_strings if ".nono" not in o and "--nono" not in o
+            ]
         return super().format_help()
 
     def error(self, message: str):
