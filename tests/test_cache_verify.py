@@ -17,7 +17,7 @@ import xxhash
 from safetensors.torch import load_file
 
 from sparsedict.cache import ActivationStore, CacheConfig, ShardError, cache_activations, digest
-from sparsedict.cache.cli import main as cache_main
+from sparsedict.cli import main as cli_main
 
 HP, Y = "resid_post.1", "mlp_out.1"
 KINDS = (HP, Y, "tokens")
@@ -187,15 +187,13 @@ def _checkpoint(reference: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("fault", ["flip", "truncate", "flip-tokens"])
 def test_eval_cli_exits_with_the_named_error(copy, reference, tmp_path, capsys, fault):
-    from sparsedict.eval.cli import main as eval_main
-
     ckpt = _checkpoint(reference, tmp_path / "ck")
     # splicing 40 tokens reads tokens shard 0 only
     path = _file(copy, "tokens", 0) if fault == "flip-tokens" else _file(copy, HP, 1)
     (_truncate if fault == "truncate" else _flip)(path)
     want = _truncated(copy, path) if fault == "truncate" else _mismatch(copy, path)
     splice = "40" if fault == "flip-tokens" else "0"
-    rc = eval_main([str(ckpt), "--cache", str(copy), "--splice_tokens", splice, "--threads", "1"])
+    rc = cli_main(["eval", str(ckpt), "--cache", str(copy), "--splice_tokens", splice, "--threads", "1"])
     assert rc == 2
     err = capsys.readouterr().err
     assert re.search("sparsedict eval: " + want, err), err
@@ -222,14 +220,14 @@ def test_truncated_shard_is_named_on_every_path(copy):
 
 def test_cache_verify_cli(copy, reference, capsys):
     size = sum(p.stat().st_size for p in reference.glob("shards/*/*.safetensors")) / 1e6
-    assert cache_main(["verify", str(reference)]) == 0
+    assert cli_main(["cache", "verify", str(reference)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [f"{reference}: OK, 9 files ({size:.1f} MB) in 3 shards, digests xxh3_128: 9"]
     tokens0, hp1, y2 = _file(copy, "tokens", 0), _file(copy, HP, 1), _file(copy, Y, 2)
     _flip(tokens0)
     _flip(hp1)
     _truncate(y2)
-    assert cache_main(["verify", str(copy)]) == 1
+    assert cli_main(["cache", "verify", str(copy)]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4, lines
     assert re.fullmatch(_problem(copy, tokens0), lines[0]), lines[0]
@@ -239,7 +237,7 @@ def test_cache_verify_cli(copy, reference, capsys):
     assert lines[3].endswith(f"Fix: run `sparsedict cache verify {copy} --repair` to recompute the bad shards from "
                              "the config recorded in the cache (re-running the `sparsedict cache` command that made "
                              "it does the same)")  # fmt: skip
-    assert cache_main(["verify", str(copy / "nowhere")]) == 1
+    assert cli_main(["cache", "verify", str(copy / "nowhere")]) == 1
     assert "not an activation cache" in capsys.readouterr().out
 
 
@@ -255,7 +253,7 @@ def _same_files(a: Path, b: Path) -> None:
 def test_repair_recomputes_bad_shards(copy, reference, capsys):
     _flip(_file(copy, HP, 1))
     _truncate(_file(copy, "tokens", 2))
-    assert cache_main(["verify", str(copy), "--repair"]) == 0
+    assert cli_main(["cache", "verify", str(copy), "--repair"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1].startswith(f"{copy}: OK, 9 files")
     assert re.search(r"fails its xxh3_128 check.*recomputing shard 1", captured.err)
@@ -296,10 +294,10 @@ def test_sha256_only_cache_loads_verifies_and_upgrades(copy, reference, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the note is given once a process
         ActivationStore(copy, HP).sample(50)
-    assert cache_main(["verify", str(copy)]) == 0
+    assert cli_main(["cache", "verify", str(copy)]) == 0
     assert capsys.readouterr().out.strip().endswith("digests sha256: 9")
     # the upgrade: --repair adds xxh3_128 (checked against sha256 in the same pass) to manifest and receipts
-    assert cache_main(["verify", str(copy), "--repair"]) == 0
+    assert cli_main(["cache", "verify", str(copy), "--repair"]) == 0
     m = _manifest(copy)
     for s in m["shards"]:
         receipt = json.loads((copy / "shards" / "_receipts" / f"{s['index']:06d}.json").read_text())
@@ -307,7 +305,7 @@ def test_sha256_only_cache_loads_verifies_and_upgrades(copy, reference, capsys):
             entry = s["files"][kind]
             assert entry["xxh3_128"] == xxhash.xxh3_128_hexdigest((copy / entry["file"]).read_bytes())
             assert receipt["files"][kind] == entry
-    assert cache_main(["verify", str(copy)]) == 0
+    assert cli_main(["cache", "verify", str(copy)]) == 0
     assert capsys.readouterr().out.strip().endswith("digests xxh3_128: 9")
 
 

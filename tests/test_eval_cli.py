@@ -11,9 +11,9 @@ import torch
 from helpers import identity_dict, small_cache
 
 from sparsedict.cache import ActivationStore
+from sparsedict.cli import main
 from sparsedict.dictionaries import available, build, lookup
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.eval.cli import main
 from sparsedict.eval.evaluate import EvalConfig, evaluate
 
 HP, MLP_IN, MLP_OUT = "resid_post.2", "mlp_in.2", "mlp_out.2"
@@ -46,7 +46,7 @@ def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
         tc.b_dec.copy_(store.rows()[1].mean(0))
     tc.save_pretrained(tmp_path / "tc", {"cache": str(caches["train"])})
     out = tmp_path / "eval.json"
-    rc = main([str(tmp_path / "ident"), str(tmp_path / "tc"), "--cache", str(caches["test"]), "--max_tokens", "5000",
+    rc = main(["eval", str(tmp_path / "ident"), str(tmp_path / "tc"), "--cache", str(caches["test"]), "--max_tokens", "5000",
                "--splice_tokens", "150", "--threads", "1", "--json_out", str(out)])  # fmt: skip
     assert rc == 0
     table = capsys.readouterr().out
@@ -78,7 +78,7 @@ def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
 
 def test_eval_refuses_other_exclusion_rules(caches, tmp_path, capsys):
     identity_dict(576, HP).save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
-    rc = main([str(tmp_path / "ident"), "--cache", str(caches["other"]), "--splice_tokens", "0"])
+    rc = main(["eval", str(tmp_path / "ident"), "--cache", str(caches["other"]), "--splice_tokens", "0"])
     assert rc == 2
     assert "exclusion rules" in capsys.readouterr().err
 

@@ -11,7 +11,7 @@ from helpers import identity_dict
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
 from sparsedict.cache.tokens import ContextBuilder
-from sparsedict.corpus import SAMPLE_PATH
+from sparsedict.data import CORPUS_SAMPLE
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.eval.splice import Contexts, ablate, evaluate_splicing, splice
@@ -32,7 +32,7 @@ def contexts(lm) -> Contexts:
     _, tok = lm
     cfg = CacheConfig(context_length=24, exclude_first_n=2)
     builder = ContextBuilder(cfg, tok)
-    docs = [json.loads(line)["text"] for line in SAMPLE_PATH.read_text().splitlines()[:3]]
+    docs = [json.loads(line)["text"] for line in CORPUS_SAMPLE.read_text().splitlines()[:3]]
     ctx = []
     for text in docs:
         ctx += builder.contexts(tok(text, add_special_tokens=False)["input_ids"])[:1]

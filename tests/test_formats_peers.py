@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparsedict.convert import main as convert_main
+from sparsedict.cli.convert import main as convert_main
 from sparsedict.convert import verify
 from sparsedict.dictionaries import from_pretrained
 from sparsedict.formats import FormatError

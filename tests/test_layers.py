@@ -27,10 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval", ("sparsedict.eval",)),
     ("inspect", ("sparsedict.inspect",)),
     # commands and end-to-end pipelines: may import anything
-    ("top", ("sparsedict", "sparsedict.__main__", "sparsedict.cli", "sparsedict.quickstart",
-             "sparsedict.pipeline", "sparsedict.sweep", "sparsedict.convert",
-             # stage CLIs not yet moved into sparsedict.cli
-             "sparsedict.cache.cli", "sparsedict.train.cli", "sparsedict.eval.cli")),
+    ("top", ("sparsedict", "sparsedict.__main__", "sparsedict.cli", "sparsedict.pipeline", "sparsedict.sweep",
+             "sparsedict.convert")),
 ]  # fmt: skip
 
 

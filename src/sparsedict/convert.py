@@ -8,13 +8,10 @@ and reconstruction), so a conversion that changes numbers fails loudly instead o
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from sparsedict.config import parse_cli
 
 TARGETS = ("sparsedict", "saelens")
 
@@ -96,18 +93,3 @@ def convert(cfg: ConvertConfig) -> Path:
         err = verify(model, back, cfg.check_tokens)
         print(f"verified on {cfg.check_tokens} random inputs: max |x̂_src − x̂_dst| = {err:.3g}")
     return dst
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(ConvertConfig, argv, prog="sparsedict convert", description=__doc__ or "")
-    try:
-        dst = convert(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"sparsedict convert: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {cfg.to} checkpoint to {dst}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

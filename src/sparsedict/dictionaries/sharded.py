@@ -150,6 +150,6 @@ def shard(model: Dictionary, rank: int, world: int) -> Dictionary:
     if not type(model).supports_latent_sharding:
         raise ValueError(
             f"shard_latents supports 'topk' dictionaries only; this one is {model.architecture!r}: "
-            "train it data-parallel (without shard_latents)"
+            "train it data-parallel (train.shard_latents: false)"
         )
     return ShardedTopK(model, rank, world)

@@ -1,6 +1,7 @@
-"""Evaluation: held-out reconstruction metrics (:mod:`heldout`), model splicing (:mod:`splice`) and the
-evaluator (:mod:`evaluate`, ``sparsedict eval``). The metrics themselves are defined once in
-:mod:`sparsedict.metrics`, which the trainer's logs use too."""
+"""Evaluation: held-out reconstruction metrics (:mod:`heldout`), model splicing (:mod:`splice`), the
+evaluator (:mod:`evaluate`, ``sparsedict eval``) and the Pareto plot (:mod:`plot`; the sweep is
+:mod:`sparsedict.sweep`). The metrics themselves are defined once in :mod:`sparsedict.metrics`, which the
+trainer's logs use too."""
 
 from __future__ import annotations
 
