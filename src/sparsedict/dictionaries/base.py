@@ -332,6 +332,14 @@ class Dictionary(nn.Module):
     def after_step(self, out: Output) -> None:
         """Called by the trainer after each optimiser step with that step's output (threshold estimates)."""
 
+    def train_state(self) -> dict[str, Any]:
+        """Python-side training state a checkpoint must restore for an exact resume (a steered coefficient);
+        tensors and JSON values only. Empty unless an architecture keeps such state."""
+        return {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`train_state` returned."""
+
     def set_dead_mask(self, dead: Tensor | None) -> None:
         """The trainer hands over the current dead-latent mask ``[n]`` (for AuxK)."""
         self._dead_mask = dead

@@ -28,22 +28,25 @@ typical. Unlike the ReLU SAE, the magnitudes are not shrunk by λ.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
+from sparsedict.dictionaries.control import L0TargetFields
 from sparsedict.dictionaries.relu import warmup_factor
 
 
 @dataclass
-class GatedConfig(DictionaryConfig):
+class GatedConfig(L0TargetFields, DictionaryConfig):
     architecture: str = "gated"
     """Registered architecture name."""
     l1_coefficient: float = 2.0
     """λ of the L1 penalty on the gate pre-activations ReLU(π + b_gate) (for normalise_inputs='sqrt_d')."""
     l1_warmup_steps: int = -1
-    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup."""
+    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup (not used
+    with ``l0_target``: the steered λ starts at ``l1_coefficient``)."""
     encoder_init_norm: float = 0.1
     """Norm of the encoder columns at init (``W_enc = encoder_init_norm · W_dec^T``); 1 is the plain transpose."""
 
@@ -53,7 +56,7 @@ class Gated(Dictionary):
     cfg: GatedConfig
     input_normalisation = "sqrt_d"
     saelens_architecture = "gated"
-    sparsity_fields = ("l1_coefficient",)
+    sparsity_fields = ("l1_coefficient", "l0_target")
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
@@ -65,6 +68,8 @@ class Gated(Dictionary):
         self.b_mag = nn.Parameter(torch.zeros(n, dtype=dtype))
         self.r_mag = nn.Parameter(torch.zeros(n, dtype=dtype))
         self.l1_current = cfg.l1_coefficient
+        self.l0_controller = cfg.controller(cfg.l1_coefficient)
+        self._step, self._total = 0, 0
 
     def _init_encoder(self, w_dec: Tensor) -> None:
         """``W_enc`` (the paper's W_gate) without ``b_enc``: the gate and magnitude have their own biases."""
@@ -88,7 +93,24 @@ class Gated(Dictionary):
         return SparseCode(self._code(self.pi(x)), None, self.n_latents)
 
     def on_step(self, step: int, total_steps: int) -> None:
-        self.l1_current = self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_steps)
+        self._step, self._total = step, total_steps
+        if self.l0_controller is not None:
+            self.l1_current = self.l0_controller.coefficient
+        else:
+            self.l1_current = self.cfg.l1_coefficient * warmup_factor(
+                step, total_steps, self.cfg.l1_warmup_steps
+            )
+
+    def after_step(self, out: Output) -> None:
+        if self.l0_controller is not None and self.training:
+            self.l0_controller.update(out.code.values, self._step, self._total)
+
+    def train_state(self) -> dict[str, Any]:
+        return {} if self.l0_controller is None else {"l0_controller": self.l0_controller.state_dict()}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        if self.l0_controller is not None and "l0_controller" in state:
+            self.l0_controller.load_state_dict(state["l0_controller"])
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)

@@ -14,21 +14,24 @@ well below twice the typical coefficient ``≈ √(d / L0)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, SparseCode, register
+from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, register
+from sparsedict.dictionaries.control import L0TargetFields
 
 
 @dataclass
-class ReLUConfig(DictionaryConfig):
+class ReLUConfig(L0TargetFields, DictionaryConfig):
     architecture: str = "relu"
     """Registered architecture name."""
     l1_coefficient: float = 5.0
     """λ of the decoder-norm-weighted L1 penalty (tuned for normalise_inputs='sqrt_d')."""
     l1_warmup_steps: int = -1
-    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup."""
+    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup (not used
+    with ``l0_target``: the steered λ starts at ``l1_coefficient``)."""
     decoder_init_norm: float = 0.1
     """Norm of the randomly oriented decoder rows at initialisation."""
 
@@ -47,7 +50,7 @@ class ReLU(Dictionary):
     unit_norm_decoder = False
     input_normalisation = "sqrt_d"
     saelens_architecture = "standard"
-    sparsity_fields = ("l1_coefficient",)
+    sparsity_fields = ("l1_coefficient", "l0_target")
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
@@ -57,13 +60,32 @@ class ReLU(Dictionary):
                 self.W_enc.copy_(self.W_dec.T)
         # The coefficient in force for the current step (set by on_step; full λ outside training).
         self.l1_current = cfg.l1_coefficient
+        self.l0_controller = cfg.controller(cfg.l1_coefficient)
+        self._step, self._total = 0, 0
 
     def encode(self, x: Tensor) -> SparseCode:
         """``f = ReLU(pre_acts(x))`` as a dense code ``values [B, n]``."""
         return SparseCode(self.pre_acts(x).relu(), None, self.n_latents)
 
     def on_step(self, step: int, total_steps: int) -> None:
-        self.l1_current = self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_steps)
+        self._step, self._total = step, total_steps
+        if self.l0_controller is not None:
+            self.l1_current = self.l0_controller.coefficient
+        else:
+            self.l1_current = self.cfg.l1_coefficient * warmup_factor(
+                step, total_steps, self.cfg.l1_warmup_steps
+            )
+
+    def after_step(self, out: Output) -> None:
+        if self.l0_controller is not None and self.training:
+            self.l0_controller.update(out.code.values, self._step, self._total)
+
+    def train_state(self) -> dict[str, Any]:
+        return {} if self.l0_controller is None else {"l0_controller": self.l0_controller.state_dict()}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        if self.l0_controller is not None and "l0_controller" in state:
+            self.l0_controller.load_state_dict(state["l0_controller"])
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
         """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32)."""

@@ -232,6 +232,7 @@ class Trainer:
                     "model": m.model.state_dict(),
                     "opt": m.opt.state_dict() if m.opt is not None else {},
                     "dead": m.dead.state_dict(),
+                    "train_state": m.model.train_state(),
                 }
                 for m in self.members
             },
@@ -248,6 +249,7 @@ class Trainer:
             if m.opt is not None:
                 m.opt.load_state_dict(ms["opt"])
             m.dead.load_state_dict(ms["dead"])
+            m.model.load_train_state(ms.get("train_state") or {})
 
     def save_checkpoint(self) -> None:
         """Collective: each rank writes its RNG + data positions; dictionaries from rank 0 (or every shard)."""
@@ -267,6 +269,8 @@ class Trainer:
                 info.update(
                     training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation
                 )
+                if model.train_state():  # e.g. the coefficient a controller steered to, as the run ended
+                    info["train_state"] = model.train_state()
                 model.save_pretrained(path, info)
             paths[m.name] = path
         return paths
