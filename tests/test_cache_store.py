@@ -150,3 +150,36 @@ def test_sample_rows_come_from_cache(cache):
     idx = [ids[r.numpy().tobytes()] for r in x]
     assert len(set(idx)) == 200 and torch.equal(ys[idx], y)
     assert torch.equal(store.sample(200, seed=1)[0], x)
+
+
+def test_default_window_follows_host_memory(cache, monkeypatch):
+    """With no bound given, the window is the largest under half the host's available memory shared by the local
+    ranks and the stores a rank opens (the same window an explicit bound of that size gives), at most
+    DEFAULT_WINDOW_ROWS; a share below MIN_WINDOW_BATCHES batches is refused, naming the fix."""
+    import types
+
+    import psutil
+
+    from sparsedict.cache.store import DEFAULT_WINDOW_ROWS, MIN_WINDOW_BATCHES
+
+    def host(available: int, ranks: int) -> None:
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+
+    kw = dict(batch_size=32, loop=False)
+    host(1 << 40, 1)  # 1 TiB: the cap
+    big = ActivationStore(cache, "resid_post.5", **kw)
+    assert big.shuffle_buffer_rows == DEFAULT_WINDOW_ROWS and "the default cap" in big.window_summary()
+    assert f"shuffle window {N_TOKENS:,} rows" in big.window_summary()  # never more than the rank's rows
+    share = RAM_FIXED + digest.WINDOW + 12_000_000  # about 4,400 rows of d = 576 after the allowances
+    explicit = ActivationStore(cache, "resid_post.5", max_ram_bytes=share, **kw).shuffle_buffer_rows
+    assert MIN_WINDOW_BATCHES * 32 <= explicit < DEFAULT_WINDOW_ROWS
+    for available, ranks, sources in [(2 * share, 1, 1), (8 * share, 4, 1), (4 * share, 1, 2)]:
+        host(available, ranks)
+        store = ActivationStore(cache, "resid_post.5", ram_sources=sources, **kw)
+        assert store.shuffle_buffer_rows == explicit, (available, ranks, sources)
+        assert f"{ranks} local rank(s)" in store.window_summary()
+    assert sum(len(x) for x, _ in store) == (N_TOKENS // 32) * 32
+    host(2 * (RAM_FIXED + digest.WINDOW + 1_500_000), 1)  # ~300 rows: under 16 batches of 32
+    with pytest.raises(ValueError, match="below the floor of 16 batches of 32: free host memory"):
+        ActivationStore(cache, "resid_post.5", **kw)

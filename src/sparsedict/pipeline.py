@@ -8,6 +8,7 @@ previous stage's output from disk, so an interrupted run restarts where it stopp
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +26,22 @@ __all__ = ["build_dictionaries", "evaluate_heldout", "open_sources", "run"]
 
 
 def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: int, world: int) -> dict:
-    """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries."""
+    """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries.
+
+    The stores share ``train.shuffle_ram_gib`` (0: the automatic bound) equally; each prints its window on
+    rank 0.
+    """
+    keys = list(dict.fromkeys(cfg.source_key for cfg in recipe.dictionaries))
+    gib = recipe.train.shuffle_ram_gib
+    ram = int(gib * 2**30 / len(keys)) if gib else None
     sources = {}
-    for cfg in recipe.dictionaries:
-        key = cfg.source_key
-        if key not in sources:
-            sources[key] = ActivationStore(
-                cache_dir,
-                cfg.hookpoint,
-                target=key[1] or None,
-                batch_size=batch_size,
-                seed=recipe.train.seed,
-                rank=rank,
-                world_size=world,
-            )
+    for hookpoint, target in keys:
+        sources[(hookpoint, target)] = ActivationStore(
+            cache_dir, hookpoint, target=target or None, batch_size=batch_size, seed=recipe.train.seed,
+            rank=rank, world_size=world, max_ram_bytes=ram, ram_sources=len(keys),
+        )  # fmt: skip
+        if distributed.is_main():
+            print(sources[(hookpoint, target)].window_summary(), file=sys.stderr, flush=True)
     return sources
 
 

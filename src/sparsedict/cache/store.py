@@ -9,7 +9,8 @@ Shuffling, per epoch ``e`` (all randomness from ``seed`` and ``e``, so runs are 
    ranks within an epoch, and every rank gets the same number of batches.
 3. A rank reads its part in windows of ``shuffle_buffer_rows`` rows (many blocks from all over the
    cache) into one reusable buffer, permutes each window's rows and gathers batches from it in that
-   order. RAM is bounded by the window size, which ``max_ram_bytes`` sets.
+   order. RAM is bounded by the window size, which ``max_ram_bytes`` sets; by default the bound is a share
+   of the host's available memory (:func:`auto_ram_bytes`) and the window at most ``DEFAULT_WINDOW_ROWS``.
 
 Rows are read with positioned reads (``os.preadv``) of contiguous block ranges straight into the
 window buffer rather than through long-lived memory maps, whose resident file pages would count
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +48,33 @@ RAM_BATCHES = 8
 tail, and freed blocks the allocator has not yet handed back (glibc keeps several; measured)."""
 RAM_FIXED = 20 << 20
 """Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
+DEFAULT_WINDOW_ROWS = 262_144
+"""Rows of the default shuffle window when the RAM bound allows (1024 blocks of 256 rows from all over the
+cache: a batch of 4096 takes about 4 rows from each block it touches)."""
+MIN_WINDOW_BATCHES = 16
+"""Floor on the shuffle quality of a default window: it holds at least this many batches (or the whole part of
+the cache a rank reads), so a batch takes on average at most ``block_rows / 16`` rows (16 at 256) from any one
+block of consecutive tokens. A RAM bound that cannot hold it is an error naming the fix, never a worse shuffle."""
+AUTO_RAM_FRACTION = 0.5
+"""Share of the host's available memory that the default bounds of all shuffle windows together may take."""
+
+
+def local_ranks() -> int:
+    """Processes of this job on this host (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def auto_ram_bytes(sources: int = 1) -> tuple[int, str]:
+    """Default RAM bound of one store's window and how it was derived: ``AUTO_RAM_FRACTION`` of the host's
+    available memory (``psutil.virtual_memory().available``), divided among the local ranks and ``sources``
+    (the stores each rank opens)."""
+    import psutil
+
+    available, ranks = psutil.virtual_memory().available, local_ranks()
+    bound = int(AUTO_RAM_FRACTION * available / (ranks * max(1, sources)))
+    how = (f"{AUTO_RAM_FRACTION:.0%} of {available / 2**30:.1f} GiB available / {ranks} local rank(s)"
+           + (f" / {sources} sources" if sources > 1 else ""))  # fmt: skip
+    return bound, how
 
 
 class ActivationStore(EpochIterator):
@@ -66,7 +95,10 @@ class ActivationStore(EpochIterator):
     window). ``max_ram_bytes`` sets ``shuffle_buffer_rows`` to the largest window with
     ``RAM_SLACK · buffer + RAM_BATCHES batch-sized blocks + RAM_FIXED <= max_ram_bytes`` (a bound too small
     for a window of one batch is an error). Peak RSS above the process before the store stays under the
-    bound for float32 and bfloat16 caches larger than it (measured in tests/test_cache_ram.py).
+    bound for float32 and bfloat16 caches larger than it (measured in tests/test_cache_ram.py). With neither
+    given, the bound is :func:`auto_ram_bytes` and the window the largest under it up to
+    ``DEFAULT_WINDOW_ROWS``, never below ``MIN_WINDOW_BATCHES`` batches (``ram_sources``: the stores a rank
+    opens together, which share that bound); :meth:`window_summary` says which.
 
     ``verify=True`` (default): a shard is hashed in full (read through one ``digest.WINDOW``-byte buffer, counted
     in the bound) and checked against the manifest the first time this process reads any of it; a mismatch,
@@ -74,10 +106,10 @@ class ActivationStore(EpochIterator):
     """
 
     def __init__(self, path: str | Path, hookpoint: str, target: str | None = None, batch_size: int = 4096,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int = 262_144,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int | None = None,
                  max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
                  block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = True,
-                 device: str | torch.device = "cpu") -> None:  # fmt: skip
+                 device: str | torch.device = "cpu", ram_sources: int = 1) -> None:  # fmt: skip
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         if self.manifest["status"] != "complete":
@@ -103,18 +135,47 @@ class ActivationStore(EpochIterator):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.block_rows, self.drop_last, self.loop = block_rows, drop_last, loop
         self.dtype, self.device = dtype, torch.device(device)
+        self.rows_per_rank = self.n_rows // world_size
         if max_ram_bytes is not None:
             shuffle_buffer_rows = self._window_rows(max_ram_bytes)
+            self._window_how = f"the largest under max_ram_bytes={max_ram_bytes / 2**30:.2f} GiB"
+        elif shuffle_buffer_rows is not None:
+            self._window_how = "set by shuffle_buffer_rows"
+        else:
+            shuffle_buffer_rows = self._auto_window(ram_sources)
         self.shuffle_buffer_rows = max(1, int(shuffle_buffer_rows))
-        self.rows_per_rank = self.n_rows // world_size
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch, self._batch = 0, 0
         self.meta: dict = {}
         """Provenance recorded in the checkpoints trained on this store (none by default)."""
 
-    def _window_rows(self, max_ram_bytes: int) -> int:
-        """Largest window with ``RAM_SLACK · buffer + batch allowance + RAM_FIXED <= max_ram_bytes``."""
+    def _auto_window(self, sources: int) -> int:
+        """The default window: the largest under :func:`auto_ram_bytes`, at most ``DEFAULT_WINDOW_ROWS`` rows."""
+        bound, how = auto_ram_bytes(sources)
+        floor = min(MIN_WINDOW_BATCHES * self.batch_size, self.rows_per_rank)
+        rows = min(DEFAULT_WINDOW_ROWS, self._fit_rows(bound)[0])
+        if rows < floor:
+            raise ValueError(
+                f"the default shuffle window of {self.root} would hold {max(rows, 0)} rows under its RAM bound of "
+                f"{bound / 2**30:.2f} GiB ({how}), below the floor of {MIN_WINDOW_BATCHES} batches of "
+                f"{self.batch_size}: free host memory, lower the batch size, or set the bound explicitly "
+                "(train.shuffle_ram_gib, or ActivationStore(max_ram_bytes=...))"
+            )
+        cap = "the default cap" if rows == DEFAULT_WINDOW_ROWS else "the largest under the bound"
+        self._window_how = f"{cap}; RAM bound {bound / 2**30:.2f} GiB = {how}"
+        return rows
+
+    def window_summary(self) -> str:
+        """One line: the shuffle window's rows and bytes, and how they were chosen."""
+        rows = min(self.shuffle_buffer_rows, self.rows_per_rank)
+        cols = [c for c in (self._x, self._y) if c is not None]
+        nbytes = rows * sum(c.d * c.np_dtype.itemsize for c in cols)
+        return (f"{self.hookpoint}{' -> ' + self.target if self.target else ''}: shuffle window {rows:,} rows "
+                f"({nbytes / 2**30:.2f} GiB; {self._window_how})")  # fmt: skip
+
+    def _fit_rows(self, max_ram_bytes: int) -> tuple[int, int, float]:
+        """``(rows, fixed bytes, bytes per row)``: the largest window under ``max_ram_bytes``."""
         out = torch.empty((), dtype=self.dtype).element_size()
         cols = [c for c in (self._x, self._y) if c is not None]
         per_row = RAM_SLACK * sum(c.d * c.np_dtype.itemsize for c in cols)  # the window's read buffer
@@ -123,12 +184,17 @@ class ActivationStore(EpochIterator):
         batch = self.batch_size * sum(c.d * (RAM_BATCHES * out + 2 * c.np_dtype.itemsize) for c in cols)
         fixed = RAM_FIXED + batch + SCRATCH_BYTES * sum(c.head is not None for c in cols)
         fixed += digest.WINDOW if self._x.verify else 0
-        rows = int((max_ram_bytes - fixed) // per_row)
+        return int((max_ram_bytes - fixed) // per_row), fixed, per_row
+
+    def _window_rows(self, max_ram_bytes: int) -> int:
+        """Largest window with ``RAM_SLACK · buffer + batch allowance + RAM_FIXED <= max_ram_bytes``."""
+        rows, fixed, per_row = self._fit_rows(max_ram_bytes)
         if rows < self.batch_size:
             need = int(fixed + self.batch_size * per_row)
+            d = sum(c.d for c in (self._x, self._y) if c is not None)
             raise ValueError(
                 f"max_ram_bytes={max_ram_bytes} is too small for batch_size={self.batch_size} "
-                f"(d={sum(c.d for c in cols)}): a window of one batch needs about {need} bytes; raise "
+                f"(d={d}): a window of one batch needs about {need} bytes; raise "
                 "max_ram_bytes or lower batch_size"
             )
         return rows

@@ -36,9 +36,15 @@ class TrainConfig:
     """Linear LR decay to 0 over this final fraction of steps (Adam; 0 disables)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0: off)."""
-    normalise_inputs: str = "none"
+    normalise_inputs: str = "auto"
     """'none', 'sqrt_d' (E‖x‖ = √d, SAELens/Anthropic), 'unit_msn' (E‖x‖² = 1, Gemma Scope) or 'auto' (each
-    architecture's ``input_normalisation``, the one its defaults assume). Folded on export."""
+    architecture's ``input_normalisation``, the one its default coefficients assume: none for the k-sparse
+    architectures, sqrt_d for ReLU and Gated, unit_msn for JumpReLU). Folded on export."""
+    shuffle_ram_gib: float = 0.0
+    """Host RAM per rank for the shuffle windows of the training data sources together, in GiB (each cached
+    source gets an equal share; its window is the largest that fits). 0: half of the host's available memory
+    divided among the local ranks, each window at most 262,144 rows and at least 16 batches (the chosen
+    window is printed when training starts)."""
     init_rows: int = 32768
     """Rows sampled from the store to initialise b_dec and normalisation constants."""
     dead_tokens: int = 10_000_000
@@ -73,6 +79,8 @@ class TrainConfig:
             )
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be 'none' or 'bf16', not {self.autocast!r}")
+        if self.shuffle_ram_gib < 0:
+            raise ValueError(f"shuffle_ram_gib must be >= 0 (0: automatic), got {self.shuffle_ram_gib}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.betas is not None:
