@@ -222,7 +222,8 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     topk = DictionaryOptimizer(_topk(), TrainConfig(), 200)
     assert topk.name == "adam" and not topk.schedule_free and isinstance(topk.opt, torch.optim.Adam)
     assert topk.base_lr == pytest.approx(budget_lr(96, 200)) == pytest.approx(0.0209 / (200 ** (1 / 3) * (96 / 2**14) ** 0.5))
-    assert topk.warmup_steps == 20  # min(warmup_steps=100, 10 % of 200 steps)
+    assert topk.warmup_steps == 20  # the default 100 steps, at most 10 % of 200 steps
+    assert DictionaryOptimizer(_topk(), TrainConfig(warmup_steps=100), 200).warmup_steps == 100  # explicit wins
     assert {g["betas"] for g in topk.opt.param_groups} == {(0.8, 0.99)}
     topk.set_step(50)
     lrs = {n: g["lr"] for (n, _), g in zip(_topk().named_parameters(), topk.opt.param_groups)}
@@ -233,8 +234,14 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     assert {g["betas"] for g in own.opt.param_groups} == {(0.9, 0.999)}
     own.set_step(50)
     assert {g["lr"] for g in own.opt.param_groups} == {1e-3}
+    # the line printed when training starts states what each optimiser uses
+    said = topk.describe()
+    assert f"lr {topk.base_lr:.3g} (run-length rule (n=96, 200 steps))" in said and "W_dec lr x 2" in said
+    assert "betas (0.8, 0.99)" in said and "warmup 20 steps" in said and "'auto' preset" in said
+    said = own.describe()
+    assert "lr 0.001 (explicit)" in said and "betas (0.9, 0.999)" in said and "warmup 5 steps" in said
     relu = DictionaryOptimizer(build(ReLUConfig(d_in=24, n_latents=96).resolved(24)), TrainConfig(), 10)
-    assert relu.name == "adam" and relu.base_lr == pytest.approx(width_lr(96, "adam")) and relu.warmup_steps == 100
+    assert relu.name == "adam" and relu.base_lr == pytest.approx(width_lr(96, "adam")) and relu.warmup_steps == 1
     assert {g["betas"] for g in relu.opt.param_groups} == {(0.9, 0.999)}
     explicit = DictionaryOptimizer(_topk(), TrainConfig(optimizer="adam"), 10)
     assert explicit.base_lr == pytest.approx(width_lr(96, "adam"))

@@ -15,13 +15,13 @@ class TrainConfig:
     """Stop after this many steps (0: determined by epochs)."""
     optimizer: str = "auto"
     """'adam', 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper) or 'auto': Adam with the
-    architecture's tuned preset (``Dictionary.auto_train``; TopK: betas (0.8, 0.99), run-length LR rule,
-    decoder LR x2, warmup <= 10 % of the run, the benchmark winner in benchmarks/RESULTS_training.md);
-    plain Adam with the width rule for architectures without a preset."""
+    architecture's preset (``Dictionary.auto_train``: betas, LR rule and multiplier, W_dec's LR multiplier,
+    warmup fraction; chosen by measurement, see each class). The settings a run gets are printed when
+    training starts."""
     lr: float = 0.0
-    """Learning rate; 0 uses the architecture's rule: under 'auto' with a 'budget' preset
-    0.0209 / (steps^(1/3) sqrt(n/2^14)); otherwise the width rule adam 2e-4/sqrt(n/2^14),
-    signum_sf 5e-3/sqrt(n/2^14)."""
+    """Learning rate; 0 uses the rule: under 'auto' the preset's (the run-length rule
+    ``sparsedict.train.schedule.budget_lr`` times the preset's multiplier, or the width rule); otherwise
+    the width rule adam 2e-4/sqrt(n/2^14), signum_sf 5e-3/sqrt(n/2^14). An explicit value is used as given."""
     betas: tuple[float, float] | None = None
     """Adam betas (None: the 'auto' preset's, else (0.9, 0.999))."""
     lr_dec_scale: float = 0.0
@@ -30,8 +30,9 @@ class TrainConfig:
     """Adam epsilon."""
     momentum: float = 0.95
     """Schedule-free momentum for 'signum_sf'."""
-    warmup_steps: int = 100
-    """Linear LR warmup steps (Adam); an 'auto' preset may cap it to a fraction of the run."""
+    warmup_steps: int = -1
+    """Linear LR warmup steps (Adam). -1: 100 steps, at most a fraction of the run (the 'auto' preset's
+    ``warmup_fraction``, else 10 %); an explicit value is used as given."""
     decay_fraction: float = 0.2
     """Linear LR decay to 0 over this final fraction of steps (Adam; 0 disables)."""
     grad_clip: float = 0.0

@@ -59,6 +59,11 @@ class RunLogger:
         finally:
             bar.close()
 
+    def info(self, text: str) -> None:
+        """Print ``text`` to stderr (rank 0 only)."""
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
     def log(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return

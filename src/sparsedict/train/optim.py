@@ -5,8 +5,9 @@ remove the gradient component parallel to each decoder row (unit-norm architectu
 renormalise the decoder rows. Two optimisers: Adam (bias-corrected), and sign-SGD with momentum under
 the ``schedulefree`` wrapper (sparsify's default), whose evaluation point must be swapped in with
 :meth:`DictionaryOptimizer.eval` before measuring or exporting. ``optimizer='auto'`` is Adam with the
-architecture's preset (:func:`auto_preset`: betas, a run-length LR rule, W_dec's LR multiplier, a warmup
-cap); each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
+architecture's preset (:func:`auto_preset`: betas, an LR rule and multiplier, W_dec's LR multiplier, the
+warmup fraction); an explicit TrainConfig value always wins, and :meth:`DictionaryOptimizer.describe` says
+what a run gets. Each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
 applies to the scheduled LR.
 
 Fused decoder update: with Adam, a unit-norm decoder and Triton usable for ``W_dec`` (CUDA), the
@@ -68,10 +69,16 @@ def auto_preset(model: nn.Module, name: str) -> dict:
     """The training preset that ``optimizer='auto'`` applies: ``type(model).auto_train`` (empty otherwise).
 
     Keys: ``betas``, ``lr_rule`` ('budget': :func:`~sparsedict.train.schedule.budget_lr`; else the width
-    rule), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
-    fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale) take precedence.
+    rule), ``lr_scale`` (multiplier on the rule's LR), ``lr_dec_scale`` (W_dec's LR multiplier) and
+    ``warmup_fraction`` (the default warmup is at most this fraction of the run). Explicit TrainConfig
+    values (lr, betas, lr_dec_scale, warmup_steps) take precedence.
     """
     return dict(type(model).auto_train) if name == "auto" else {}
+
+
+DEFAULT_WARMUP_STEPS = 100
+"""Warmup of ``warmup_steps=-1``, capped to a fraction of the run (``DEFAULT_WARMUP_FRACTION`` or the preset's)."""
+DEFAULT_WARMUP_FRACTION = 0.1
 
 
 class DictionaryOptimizer:
@@ -87,17 +94,27 @@ class DictionaryOptimizer:
         self.total_steps = total_steps
         self.name = "adam" if cfg.optimizer == "auto" else cfg.optimizer  # 'auto': Adam with the preset
         preset = auto_preset(model, cfg.optimizer)
+        n = model.n_latents
         if cfg.lr:
-            self.base_lr = cfg.lr
+            self.base_lr, self.lr_source = cfg.lr, "explicit"
         elif preset.get("lr_rule") == "budget":
-            self.base_lr = budget_lr(model.n_latents, total_steps)
+            scale = preset.get("lr_scale", 1.0)
+            self.base_lr = scale * budget_lr(n, total_steps)
+            self.lr_source = (
+                f"run-length rule{f' x {scale:g}' if scale != 1 else ''} (n={n}, {total_steps} steps)"
+            )
         else:
-            self.base_lr = width_lr(model.n_latents, self.name)
-        self.warmup_steps = cfg.warmup_steps
-        if "warmup_fraction" in preset:
-            self.warmup_steps = min(cfg.warmup_steps, math.ceil(preset["warmup_fraction"] * total_steps))
-        betas = cfg.betas or preset.get("betas", (0.9, 0.999))
+            scale = preset.get("lr_scale", 1.0)
+            self.base_lr = scale * width_lr(n, self.name)
+            self.lr_source = f"width rule{f' x {scale:g}' if scale != 1 else ''} (n={n})"
+        if cfg.warmup_steps >= 0:
+            self.warmup_steps = cfg.warmup_steps
+        else:
+            fraction = preset.get("warmup_fraction", DEFAULT_WARMUP_FRACTION)
+            self.warmup_steps = min(DEFAULT_WARMUP_STEPS, math.ceil(fraction * total_steps))
+        betas = tuple(cfg.betas or preset.get("betas", (0.9, 0.999)))
         dec_scale = cfg.lr_dec_scale or preset.get("lr_dec_scale", 1.0)
+        self.betas, self.dec_scale = betas, dec_scale
         # one param group per parameter with its LR multiplier (W_dec: lr_dec_scale), so set_step can scale
         params = [
             {"params": [p], "lr_scale": dec_scale if name == "W_dec" else 1.0}
@@ -111,6 +128,19 @@ class DictionaryOptimizer:
             self.opt.train()
         self.schedule_free = self.name != "adam"
         self.fused_param = self._fused_decoder(fused)
+
+    def describe(self) -> str:
+        """What this optimiser does, in one line (printed when training starts)."""
+        if self.schedule_free:
+            return (f"signum_sf lr {self.base_lr:.3g} ({self.lr_source}), momentum {self.cfg.momentum:g}, "
+                    "constant LR")  # fmt: skip
+        dec = f", W_dec lr x {self.dec_scale:g}" if self.dec_scale != 1 else ""
+        decay = (
+            f", linear decay over the last {self.cfg.decay_fraction:.0%}" if self.cfg.decay_fraction else ""
+        )
+        preset = " ('auto' preset)" if self.cfg.optimizer == "auto" and type(self.model).auto_train else ""
+        return (f"adam{preset} lr {self.base_lr:.3g} ({self.lr_source}){dec}, betas "
+                f"({self.betas[0]:g}, {self.betas[1]:g}), warmup {self.warmup_steps} steps{decay}")  # fmt: skip
 
     def _fused_decoder(self, fused: bool | None) -> nn.Parameter | None:
         """W_dec when its update runs through ``normalised_adam_step``; None for the unfused sequence."""

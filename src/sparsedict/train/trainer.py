@@ -186,6 +186,7 @@ class Trainer:
             self.load_state_dict(state)
         else:
             self.initialise()
+        self.logger.info(self.describe())
         iters = {key: iter(src) for key, src in self.sources.items()}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         last: dict[str, float] = {}
@@ -216,6 +217,17 @@ class Trainer:
                 m.opt.eval()
         self.logger.close()
         return last
+
+    def describe(self) -> str:
+        """The settings each dictionary trains with (optimiser, LR, betas, warmup, input scale), one line each."""
+        lines = [f"training {len(self.members)} dictionar{'y' if len(self.members) == 1 else 'ies'} for "
+                 f"{self.total_steps} steps of {self.cfg.batch_size} tokens:"]  # fmt: skip
+        for m in self.members:
+            how = m.opt.describe() if m.opt is not None else "own solver (fit_step)"
+            scale = float(m.model.input_scale)
+            norm = f"inputs x {scale:.4g} ({m.normalisation})" if m.normalisation != "none" else "raw inputs"
+            lines.append(f"  {m.name}: {how}; {norm}")
+        return "\n".join(lines)
 
     def _on_sigterm(self, *_: Any) -> None:
         self._stop = True
