@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from sparsedict.cache.config import CacheConfig
 from sparsedict.eval.evaluate import EvalConfig
 from sparsedict.train.config import TrainConfig
 
-DEFAULT_SWEEPS = ["topk:k=8,16,32", "batchtopk:k=8,16,32", "relu:l1_coefficient=1,3,10"]
+DEFAULT_SWEEPS = ["topk:k=16,32,64", "batchtopk:k=16,32,64", "relu:l0_target=16,32,64"]
 
 
 @dataclass
@@ -41,22 +42,22 @@ class ParetoConfig:
     cache: CacheConfig = field(
         default_factory=lambda: CacheConfig(hookpoints=["resid_post.6"], out_dir="", progress=False)
     )
-    """The training activations; the sweep trains on cache.hookpoints, which must name one hookpoint
-    (with cache_dir, the hookpoint read from that cache)."""
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            batch_size=1024, optimizer="adam", normalise_inputs="sqrt_d", log_every=50, out_dir=""
-        )
-    )
-    """How every point trains (checkpoints into <out_dir>/train unless train.out_dir is set)."""
+    """The training activations; the sweep trains on cache.hookpoints, which must name one hookpoint besides
+    ``target`` (with cache_dir, the hookpoints read from that cache)."""
+    target: str = ""
+    """Transcoder sweep: every point maps the hookpoint to this target (one of cache.hookpoints); empty: SAEs."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=1024, log_every=50, out_dir=""))
+    """How every point trains (checkpoints into <out_dir>/train unless train.out_dir is set): the package
+    defaults (``optimizer: auto``, each architecture's preset and input normalisation) unless set."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_tokens=10_000, splice_tokens=1_024))
     """The held-out evaluation of every point (eval.cache: a held-out cache; empty: built by the
     evaluator with the training cache's settings on split eval.split)."""
 
     def __post_init__(self) -> None:
-        if len(self.cache.hookpoints) != 1:
-            raise ValueError(f"cache.hookpoints must name the one hookpoint the sweep trains on, got "
-                             f"{self.cache.hookpoints}")  # fmt: skip
+        inputs = [h for h in self.cache.hookpoints if h != self.target]
+        if len(inputs) != 1 or (self.target and self.target not in self.cache.hookpoints):
+            raise ValueError(f"cache.hookpoints must name the one hookpoint the sweep trains on (and the target "
+                             f"{self.target!r} when set), got {self.cache.hookpoints}")  # fmt: skip
         if self.eval.checkpoints:
             raise ValueError("eval.checkpoints is filled by the sweep (its trained points); leave it empty")
 
@@ -99,7 +100,8 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.out_dir)
-    hookpoint = cfg.cache.hookpoints[0]
+    (hookpoint,) = [h for h in cfg.cache.hookpoints if h != cfg.target]
+    target = cfg.target or None
     points = [p for entry in cfg.sweep for p in parse_sweep(entry)]
     if not points:
         raise ValueError("the sweep is empty: give --sweep 'topk:k=8,16,32' (repeatable)")
@@ -110,21 +112,23 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
             dataclasses.replace(cfg.cache, out_dir=cfg.cache.out_dir or str(out / "cache"))
         )
     manifest = read_manifest(cache)
-    store = ActivationStore(cache, hookpoint, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    ram = int(cfg.train.shuffle_ram_gib * 2**30) or None
+    store = ActivationStore(cache, hookpoint, target=target, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                            max_ram_bytes=ram)  # fmt: skip
+    print(store.window_summary(), file=sys.stderr, flush=True)
     torch.manual_seed(cfg.train.seed)
     dictionaries, params = {}, {}
     for arch, values in points:
         name = f"{arch}-" + "-".join(f"{k}{v}" for k, v in values.items())
         _, cfg_cls = lookup(arch)
-        dcfg = from_dict(
-            cfg_cls, {"hookpoint": hookpoint, "expansion": cfg.expansion, "name": name, **values}
-        )
-        dictionaries[name] = build(dcfg.resolved(store.d_in))
+        fields = {"hookpoint": hookpoint, "target": cfg.target, "expansion": cfg.expansion, "name": name}
+        dcfg = from_dict(cfg_cls, {**fields, **values})
+        dictionaries[name] = build(dcfg.resolved(store.d_in, store.d_out))
         params[name] = values
     tcfg = dataclasses.replace(cfg.train, out_dir=cfg.train.out_dir or str(out / "train"),
                                init_rows=min(cfg.train.init_rows, store.n_rows))  # fmt: skip
     t0 = time.perf_counter()
-    trainer = Trainer(dictionaries, {(hookpoint, ""): store}, tcfg)
+    trainer = Trainer(dictionaries, {(hookpoint, cfg.target): store}, tcfg)
     trainer.fit(resume=False)
     train_seconds = time.perf_counter() - t0
     meta = {"cache": str(cache), "exclusions": manifest["exclusions"]["rules"]}
@@ -155,7 +159,6 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(result, indent=1, default=str))
-    plot_pareto(
-        rows, out / "pareto.png", title=f"{manifest['model']['id']} {hookpoint}, {trainer.tokens} tokens"
-    )
+    where = hookpoint + (f" -> {cfg.target}" if cfg.target else "")
+    plot_pareto(rows, out / "pareto.png", title=f"{manifest['model']['id']} {where}, {trainer.tokens} tokens")
     return result
