@@ -162,14 +162,18 @@ def test_pareto_composes_the_stage_configs():
                                    "0", "--sweep", "[topk:k=4, relu:l1_coefficient=3]"], "p")  # fmt: skip
     assert cfg.cache.max_tokens == 2000 and cfg.train.batch_size == 256 and cfg.eval.splice_tokens == 0
     assert cfg.sweep == ["topk:k=4", "relu:l1_coefficient=3"]
-    # the defaults a sweep always had, now as the nested configs' values
+    # every point trains with the package defaults (each architecture's preset and normalisation)
     assert (
-        cfg.train.optimizer == "adam"
-        and cfg.train.normalise_inputs == "sqrt_d"
+        cfg.train.optimizer == "auto"
+        and cfg.train.normalise_inputs == "auto"
         and cfg.eval.max_tokens == 10_000
     )
     with pytest.raises(ConfigError, match="one hookpoint"):
         parse_cli(ParetoConfig, ["--cache.hookpoints", "resid_post.3", "resid_post.4"], "p")
+    tc = parse_cli(
+        ParetoConfig, ["--cache.hookpoints", "mlp_in.3", "mlp_out.3", "--target", "mlp_out.3"], "p"
+    )
+    assert tc.target == "mlp_out.3"  # a transcoder sweep reads its input and its target
 
 
 def test_help_shows_field_docstrings(capsys):
