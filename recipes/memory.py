@@ -11,8 +11,10 @@ are sharded, else 1) and per-GPU batch b (B/G in data parallel, the whole B when
                dense fp32 pre-activations [b, n] (AuxK over the dead latents, worst case all dead),
                inputs/targets/reconstruction in fp32 and bf16
 The trainer steps dictionaries one after another, so a GPU needs Σ state + max transient.
-Host RAM per rank for the ActivationStore: 12 · d · shuffle_buffer_rows per hookpoint read (window in
-storage dtype + fp32 copy + permuted copy; the store's own bound), 262,144 rows by default.
+Host RAM per rank for the ActivationStores (one per (hookpoint, target) pair): RAM_SLACK · (d + d_out) ·
+itemsize · rows per store (the shuffle window in the cache's dtype; sparsedict.cache.store), at most
+DEFAULT_WINDOW_ROWS = 262,144 rows by default (fewer when half the host's available memory divided among the
+local ranks is smaller; train.shuffle_ram_gib sets it explicitly).
 Model dimensions are the published configs of each model (no download needed).
 """
 
@@ -25,7 +27,6 @@ from pathlib import Path
 
 GIB = 2**30
 GPUS = 8
-SHUFFLE_ROWS = 262_144
 RECIPES = ("gpt2/resid-topk.yaml", "pythia-410m/resid-and-transcoder.yaml", "gemma-2-2b/resid-topk.yaml",
            "llama-3.1-8b/resid-topk.yaml", "llama-3.1-8b/resid-131k-sharded.yaml")  # fmt: skip
 # (d_model, d_mlp) from each model's config.json
@@ -70,12 +71,14 @@ def estimate(path: Path, gpus: int = GPUS) -> Row:
         transients.append(t)
         if largest is None or n > largest[2] / s:
             largest = (d, d_out, int(n * s), cfg.k, b)
-    hooks = {
-        h
-        for c in recipe.dictionaries
-        for h in filter(None, (c.hookpoint, c.target if c.is_transcoder else ""))
-    }
-    host = sum(12 * hook_dim(model, h) * SHUFFLE_ROWS for h in hooks)
+    import torch
+
+    from sparsedict.cache.store import DEFAULT_WINDOW_ROWS, RAM_SLACK
+
+    itemsize = torch.empty((), dtype=getattr(torch, recipe.cache.dtype)).element_size()
+    sources = {(c.hookpoint, c.target if c.is_transcoder else "") for c in recipe.dictionaries}
+    row = sum(hook_dim(model, x) + (hook_dim(model, y) if y else 0) for x, y in sources)
+    host = RAM_SLACK * row * itemsize * DEFAULT_WINDOW_ROWS
     name = str(path.relative_to(path.parents[1]))
     total = state + max(transients)
     return Row(
