@@ -1,4 +1,4 @@
-"""The L0 controller of ReLU and Gated (``l0_target``): its update against a hand computation, the freeze,
+"""The L0 controller of ReLU, Gated and JumpReLU (``l0_target``): its update against a hand computation, the freeze,
 and an exact resume of a steered run through the real Trainer's checkpoints."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class _StopAt(Trainer):
         return out
 
 
-@pytest.mark.parametrize("arch", ["relu", "gated"])
+@pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu"])
 def test_steered_run_resumes_exactly(tmp_path, arch):
     x, _ = planted_data(d=16, n_atoms=40, k_active=3, n_rows=4096)
 

@@ -103,12 +103,29 @@ def test_threshold_kept_non_negative_and_negative_acts_as_zero():
 
 
 def test_target_l0_loss_and_warmup():
-    m = make(l0_coefficient=2.0, l0_target=5.0, l0_warmup_steps=4)
+    m = make(l0_coefficient=2.0, l0_target=5.0, l0_warmup_steps=4, l0_control=False)
     x = torch.randn(32, 16)
     m.on_step(1, 100)
     out = m(x)
     l0 = float(out.code.l0().float().mean())
     assert abs(float(out.losses["sparsity"]) - 2.0 * 0.5 * (l0 / 5 - 1) ** 2) < 1e-4
+
+
+def test_steered_l0_penalty_uses_the_controller_coefficient():
+    """With l0_target (and the default l0_control) the penalty is λ·L0 with the controller's λ, no warmup; after
+    a training step whose L0 is above the target λ rises by the controller's first step."""
+    m = make(l0_coefficient=2.0, l0_target=5.0, l0_warmup_steps=4)
+    x = torch.randn(32, 16)
+    m.train()
+    m.on_step(1, 100)
+    out = m(x)
+    l0 = float(out.code.l0().float().mean())
+    assert l0 > 5 and float(out.losses["sparsity"]) == pytest.approx(2.0 * l0, rel=1e-5)
+    m.after_step(out)
+    step = min(0.1, m.cfg.l0_control_gain * math.log(l0 / 5))
+    assert m.l0_controller.coefficient == pytest.approx(2.0 * math.exp(step), rel=1e-9)
+    m.on_step(2, 100)
+    assert m.l0_current == m.l0_controller.coefficient
 
 
 def test_defaults_follow_methods():

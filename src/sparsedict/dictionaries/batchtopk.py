@@ -33,13 +33,14 @@ k above 128 (the fused kernel's limit) always uses the dense path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from sparsedict import distributed
 from sparsedict.dictionaries.base import Dictionary, Output, SparseCode, register
-from sparsedict.dictionaries.topk import TopKConfig, auxk_loss
+from sparsedict.dictionaries.topk import TopK, TopKConfig, auxk_loss
 from sparsedict.kernels import topk_encode, use_triton
 from sparsedict.kernels.topk_encode import MAX_K
 
@@ -98,6 +99,8 @@ def threshold_code(acts: Tensor, theta: Tensor) -> Tensor:
 @register("batchtopk", BatchTopKConfig)
 class BatchTopK(Dictionary):
     cfg: BatchTopKConfig
+    # TopK's preset (the same encoder and decoder); chosen by measurement: benchmarks/RESULTS_defaults.md
+    auto_train: ClassVar[dict[str, Any]] = TopK.auto_train
     saelens_architecture = "jumprelu"  # the inference threshold θ
     sparsity_fields = ("k",)
 

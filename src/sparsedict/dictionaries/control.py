@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -89,3 +90,32 @@ class L0Controller:
     def load_state_dict(self, state: dict) -> None:
         self.log_coefficient = float(state["log_coefficient"])
         self.last_error = None if state["last_error"] is None else float(state["last_error"])
+
+
+class Steered:
+    """Mixin for a :class:`~sparsedict.dictionaries.base.Dictionary` whose penalty coefficient may be steered:
+    call :meth:`init_steering` in ``__init__``, take :meth:`steered_coefficient` in ``on_step`` (None: not
+    steered) and call :meth:`steer` in ``after_step``. The controller's state is the model's ``train_state``."""
+
+    l0_controller: L0Controller | None
+
+    def init_steering(self, controller: L0Controller | None) -> None:
+        self.l0_controller = controller
+        self._step, self._total = 0, 0
+
+    def steered_coefficient(self, step: int, total_steps: int) -> float | None:
+        """The coefficient for training step ``step`` when steered (None otherwise)."""
+        self._step, self._total = step, total_steps
+        return None if self.l0_controller is None else self.l0_controller.coefficient
+
+    def steer(self, out: Any) -> None:
+        """One control step from a training step's output (nothing outside training or when not steered)."""
+        if self.l0_controller is not None and self.training:
+            self.l0_controller.update(out.code.values, self._step, self._total)
+
+    def train_state(self) -> dict[str, Any]:
+        return {} if self.l0_controller is None else {"l0_controller": self.l0_controller.state_dict()}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        if self.l0_controller is not None and "l0_controller" in state:
+            self.l0_controller.load_state_dict(state["l0_controller"])

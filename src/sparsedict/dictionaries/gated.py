@@ -28,13 +28,12 @@ typical. Unlike the ReLU SAE, the magnitudes are not shrunk by λ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
-from sparsedict.dictionaries.control import L0TargetFields
+from sparsedict.dictionaries.control import L0TargetFields, Steered
 from sparsedict.dictionaries.relu import warmup_factor
 
 
@@ -52,7 +51,7 @@ class GatedConfig(L0TargetFields, DictionaryConfig):
 
 
 @register("gated", GatedConfig)
-class Gated(Dictionary):
+class Gated(Steered, Dictionary):
     cfg: GatedConfig
     input_normalisation = "sqrt_d"
     saelens_architecture = "gated"
@@ -68,8 +67,7 @@ class Gated(Dictionary):
         self.b_mag = nn.Parameter(torch.zeros(n, dtype=dtype))
         self.r_mag = nn.Parameter(torch.zeros(n, dtype=dtype))
         self.l1_current = cfg.l1_coefficient
-        self.l0_controller = cfg.controller(cfg.l1_coefficient)
-        self._step, self._total = 0, 0
+        self.init_steering(cfg.controller(cfg.l1_coefficient))
 
     def _init_encoder(self, w_dec: Tensor) -> None:
         """``W_enc`` (the paper's W_gate) without ``b_enc``: the gate and magnitude have their own biases."""
@@ -93,24 +91,13 @@ class Gated(Dictionary):
         return SparseCode(self._code(self.pi(x)), None, self.n_latents)
 
     def on_step(self, step: int, total_steps: int) -> None:
-        self._step, self._total = step, total_steps
-        if self.l0_controller is not None:
-            self.l1_current = self.l0_controller.coefficient
-        else:
-            self.l1_current = self.cfg.l1_coefficient * warmup_factor(
-                step, total_steps, self.cfg.l1_warmup_steps
-            )
+        steered = self.steered_coefficient(step, total_steps)
+        if steered is None:
+            steered = self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_steps)
+        self.l1_current = steered
 
     def after_step(self, out: Output) -> None:
-        if self.l0_controller is not None and self.training:
-            self.l0_controller.update(out.code.values, self._step, self._total)
-
-    def train_state(self) -> dict[str, Any]:
-        return {} if self.l0_controller is None else {"l0_controller": self.l0_controller.state_dict()}
-
-    def load_train_state(self, state: dict[str, Any]) -> None:
-        if self.l0_controller is not None and "l0_controller" in state:
-            self.l0_controller.load_state_dict(state["l0_controller"])
+        self.steer(out)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)

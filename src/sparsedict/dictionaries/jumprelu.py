@@ -3,8 +3,9 @@
 ``z = (x − b_dec) W_enc + b_enc`` (Gemma Scope: no b_dec subtraction, so ``apply_b_dec_to_input`` defaults
 to False here), ``f = z · H(z − θ)`` with a per-latent threshold ``θ [n]`` learned **directly** (parameter
 ``threshold``, as dictionary_learning does; kept ≥ 0 after every optimiser step). Loss
-``‖y − x̂‖² + λ_t Σ_i H(z_i − θ_i)`` (λ warmed up linearly), or with ``l0_target > 0`` the
-dictionary_learning variant ``λ_t (L0 / l0_target − 1)²``.
+``‖y − x̂‖² + λ_t Σ_i H(z_i − θ_i)`` (λ warmed up linearly). With ``l0_target > 0`` λ is steered during training
+so the L0 meets the target (:class:`~sparsedict.dictionaries.control.L0Controller`, then frozen), or with
+``l0_control=False`` the loss is the dictionary_learning variant ``λ_t (L0 / l0_target − 1)²``.
 
 Why θ and not ``t = log θ`` (the Gemma Scope paper's parametrisation): under Adam every parameter moves by
 about ``lr`` per step, so ``log θ`` climbs from ``log 0.001`` to ``log 0.1`` (the scale of pre-activations of
@@ -39,11 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
+from sparsedict.dictionaries.control import L0TargetFields, Steered
 from sparsedict.dictionaries.relu import warmup_factor
 
 
 @dataclass
-class JumpReLUConfig(DictionaryConfig):
+class JumpReLUConfig(L0TargetFields, DictionaryConfig):
     architecture: str = "jumprelu"
     """Registered architecture name."""
     apply_b_dec_to_input: bool = False
@@ -52,9 +54,14 @@ class JumpReLUConfig(DictionaryConfig):
     l0_coefficient: float = 1e-3
     """λ of the L0 penalty (for unit-mean-squared-norm inputs; per-token SSE is then O(1))."""
     l0_target: float = 0.0
-    """If > 0, use the target-L0 loss λ (L0/l0_target − 1)² instead of λ·L0 (dictionary_learning)."""
+    """If > 0, the L0 to train to: λ of the λ·L0 penalty is steered to it during training (starting at
+    ``l0_coefficient``) and frozen at ``l0_freeze_fraction`` of the run; with ``l0_control=False`` the loss is
+    dictionary_learning's target-L0 loss λ (L0/l0_target − 1)² at fixed λ instead."""
+    l0_control: bool = True
+    """With ``l0_target`` set: steer λ to the target (True) or use the fixed-λ target-L0 loss (False)."""
     l0_warmup_steps: int = -1
-    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup."""
+    """Steps over which λ rises linearly from 0: -1 means 5% of the run's steps, 0 means no warmup (not used
+    while λ is steered)."""
     threshold_init: float = 0.001
     """Initial θ for every latent (activation units of the normalised input)."""
     bandwidth: float = 0.001
@@ -108,7 +115,7 @@ class StepFn(torch.autograd.Function):
 
 
 @register("jumprelu", JumpReLUConfig)
-class JumpReLU(Dictionary):
+class JumpReLU(Steered, Dictionary):
     """JumpReLU SAE / transcoder; parameters: the canonical ones plus ``threshold [n]`` (θ, latent units)."""
 
     cfg: JumpReLUConfig
@@ -128,6 +135,7 @@ class JumpReLU(Dictionary):
             torch.full((cfg.n_latents,), cfg.threshold_init, dtype=getattr(torch, cfg.dtype))
         )
         self.l0_current = cfg.l0_coefficient
+        self.init_steering(cfg.controller(cfg.l0_coefficient) if cfg.l0_control else None)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
@@ -153,8 +161,9 @@ class JumpReLU(Dictionary):
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
-        """Keep θ ≥ 0 after each optimiser step (Adam momentum could otherwise push it below zero)."""
+        """Keep θ ≥ 0 after each optimiser step (Adam momentum could otherwise push it below zero); steer λ."""
         self.threshold.clamp_(min=0.0)
+        self.steer(out)
 
     def encode(self, x: Tensor) -> SparseCode:
         """Dense code ``values [B, n] = z · H(z − θ)`` for ``x [B, d_in]``."""
@@ -162,7 +171,10 @@ class JumpReLU(Dictionary):
         return SparseCode(JumpReLUFn.apply(z, self.theta(z.dtype), self.cfg.bandwidth), None, self.n_latents)
 
     def on_step(self, step: int, total_steps: int) -> None:
-        self.l0_current = self.cfg.l0_coefficient * warmup_factor(step, total_steps, self.cfg.l0_warmup_steps)
+        steered = self.steered_coefficient(step, total_steps)
+        if steered is None:
+            steered = self.cfg.l0_coefficient * warmup_factor(step, total_steps, self.cfg.l0_warmup_steps)
+        self.l0_current = steered
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
@@ -172,7 +184,7 @@ class JumpReLU(Dictionary):
         code = SparseCode(JumpReLUFn.apply(z, theta, self.cfg.bandwidth), None, self.n_latents)
         x_hat = self.decode(code, x)
         l0 = StepFn.apply(z.float(), theta.float(), self.cfg.bandwidth).sum(-1).mean()
-        if self.cfg.l0_target > 0:
+        if self.cfg.l0_target > 0 and self.l0_controller is None:
             sparsity = (l0 / self.cfg.l0_target - 1).pow(2)
         else:
             sparsity = l0

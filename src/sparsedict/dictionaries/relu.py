@@ -14,13 +14,12 @@ well below twice the typical coefficient ``≈ √(d / L0)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, register
-from sparsedict.dictionaries.control import L0TargetFields
+from sparsedict.dictionaries.control import L0TargetFields, Steered
 
 
 @dataclass
@@ -45,7 +44,7 @@ def warmup_factor(step: int, total_steps: int, warmup_steps: int, default_fracti
 
 
 @register("relu", ReLUConfig)
-class ReLU(Dictionary):
+class ReLU(Steered, Dictionary):
     cfg: ReLUConfig
     unit_norm_decoder = False
     input_normalisation = "sqrt_d"
@@ -60,32 +59,20 @@ class ReLU(Dictionary):
                 self.W_enc.copy_(self.W_dec.T)
         # The coefficient in force for the current step (set by on_step; full λ outside training).
         self.l1_current = cfg.l1_coefficient
-        self.l0_controller = cfg.controller(cfg.l1_coefficient)
-        self._step, self._total = 0, 0
+        self.init_steering(cfg.controller(cfg.l1_coefficient))
 
     def encode(self, x: Tensor) -> SparseCode:
         """``f = ReLU(pre_acts(x))`` as a dense code ``values [B, n]``."""
         return SparseCode(self.pre_acts(x).relu(), None, self.n_latents)
 
     def on_step(self, step: int, total_steps: int) -> None:
-        self._step, self._total = step, total_steps
-        if self.l0_controller is not None:
-            self.l1_current = self.l0_controller.coefficient
-        else:
-            self.l1_current = self.cfg.l1_coefficient * warmup_factor(
-                step, total_steps, self.cfg.l1_warmup_steps
-            )
+        steered = self.steered_coefficient(step, total_steps)
+        if steered is None:
+            steered = self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_steps)
+        self.l1_current = steered
 
     def after_step(self, out: Output) -> None:
-        if self.l0_controller is not None and self.training:
-            self.l0_controller.update(out.code.values, self._step, self._total)
-
-    def train_state(self) -> dict[str, Any]:
-        return {} if self.l0_controller is None else {"l0_controller": self.l0_controller.state_dict()}
-
-    def load_train_state(self, state: dict[str, Any]) -> None:
-        if self.l0_controller is not None and "l0_controller" in state:
-            self.l0_controller.load_state_dict(state["l0_controller"])
+        self.steer(out)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
         """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32)."""
