@@ -98,12 +98,13 @@ def run(args) -> list[dict]:
     t0 = time.perf_counter()
     trainer.fit(resume=False)
     seconds = time.perf_counter() - t0
-    test = ActivationStore(
-        args.test, args.hookpoint, target=target, batch_size=4096, loop=False, drop_last=False
-    )
     rows = []
     for m in trainer.members:
         arch, fields, train = settings[m.name]
+        # a fresh store per point: a loop=False store iterated again after its epoch ended yields nothing
+        test = ActivationStore(
+            args.test, args.hookpoint, target=target, batch_size=4096, loop=False, drop_last=False
+        )
         held = reconstruction_stats(m.model, test, max_rows=args.eval_tokens)
         sample = ActivationStore(args.train, args.hookpoint, target=target, batch_size=4096, seed=args.seed + 1,
                                  loop=False, drop_last=False)  # fmt: skip
