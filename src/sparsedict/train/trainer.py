@@ -135,7 +135,9 @@ class Trainer:
             m.model.on_step(self.step, self.total_steps)
             out, extra = (m.model.fit_step(x, y), {}) if m.opt is None else self._gradient_step(m, x, y, amp)
             m.dead.update(out.code, x.shape[0])
-            metrics.update({f"{m.name}/{k}": float(v.detach()) for k, v in out.losses.items()})
+            metrics.update(
+                {f"{m.name}/{k}": float(v.detach()) for k, v in {**out.losses, **out.logs}.items()}
+            )
             metrics.update({f"{m.name}/{k}": v for k, v in extra.items()})
             if log_step:  # a few [B, d] passes: only on the steps fit() logs
                 stats = ReconstructionStats(m.model.n_latents)
