@@ -417,8 +417,12 @@ class Dictionary(nn.Module):
         """Save and upload to hub repo ``repo_id`` (see :func:`sparsedict.hub.push_to_hub`); returns the commit URL."""
         return hub.push_to_hub(self, repo_id, meta, **kwargs)
 
-    def hook(self, model: nn.Module, mode: str = "splice", exclude_first: int = 0) -> Attachment:
-        """Context manager attaching this dictionary to ``model``: mode 'splice', 'codes' or 'both'."""
+    def hook(self, model: nn.Module, mode: str = "splice", exclude_first: int | None = None) -> Attachment:
+        """Context manager attaching this dictionary to ``model``: mode 'splice', 'codes' or 'both'.
+
+        Splices the positions the dictionary was trained on (its recorded exclusion rules; all when none are
+        recorded) or, with ``exclude_first=n``, the positions ``t >= n``; in eval mode while attached.
+        """
         return Attachment(self, model, mode, exclude_first)
 
 
