@@ -403,9 +403,11 @@ def save_saelens(model, path: str | Path, meta: dict[str, Any] | None = None) ->
         "exported_by": "sparsedict",
         "sparsedict_hookpoint": model.cfg.hookpoint,
     }
-    for ours, theirs in (("context_length", "context_size"), ("dataset", "dataset_path")):
-        if meta.get(ours) is not None:
-            metadata[theirs] = meta[ours]
+    if meta.get("context_length") is not None:
+        metadata["context_size"] = meta["context_length"]
+    dataset = meta.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("name"):
+        metadata["dataset_path"] = dataset["name"]
     if arch == "jumprelu" and model.architecture in _TRAINING_NAMES:  # SAELens writes the same for its own
         metadata["training_architecture"] = _TRAINING_NAMES[model.architecture]
     warn = [hook["warning"]] if hook["warning"] else []
