@@ -186,8 +186,14 @@ class Trainer:
         state = ckpt.load_checkpoint(out_dir / "checkpoint") if resume else None
         if state is not None:
             self.load_state_dict(state)
+            self.logger.note(
+                f"resuming from step {self.step} of {self.total_steps} ({out_dir / 'checkpoint'})"
+            )
         else:
             self.initialise()
+        for m in self.members:
+            if m.opt is not None:
+                self.logger.note(f"{m.name}: {m.opt.describe()}")
         iters = {key: iter(src) for key, src in self.sources.items()}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         last: dict[str, float] = {}
@@ -266,9 +272,8 @@ class Trainer:
             model = m.model.unshard() if m.model.latent_sharded else m.model  # collective
             if distributed.is_main():
                 info = {**self.sources[m.key].meta, **(meta or {})}
-                info.update(
-                    training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation
-                )
+                info.update(training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation,
+                            dead_tokens=self.cfg.dead_tokens)  # fmt: skip
                 model.save_pretrained(path, info)
             paths[m.name] = path
         return paths
