@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import make_dict
 
 from sparsedict.cache.manifest import read_manifest
 from sparsedict.cli import main
 from sparsedict.dictionaries import from_pretrained
+from sparsedict.formats.common import FormatError
+from sparsedict.formats.modelcard import _fmt
 from sparsedict.formats.saelens import save_saelens
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m" / "skip_transcoder.yaml"
@@ -45,11 +48,17 @@ def test_skip_transcoder_checkpoint_card_and_export(tmp_path, capsys):
                    f"| target module | {paths['mlp_out.6']} |", "| subtracts b_dec before encoding | False |",
                    "| training data | embedded-sample (split train, contexts of 128 tokens) |",
                    f"| fvu | {meta['eval']['fvu']:.6g} |",
-                   f"Measured on {meta['eval']['tokens']:,} held-out tokens of embedded-sample (split test).",
+                   f"Measured on {_fmt(meta['eval']['tokens'])} held-out tokens of embedded-sample (split test).",
                    "too few tokens to call latents dead"]:  # fmt: skip
         assert needle in card, needle
     assert "No evaluation metrics" not in card and "not recorded" not in card.split("## Evaluation")[0]
-    exported = save_saelens(from_pretrained(ckpt), tmp_path / "saelens")
+    trained = from_pretrained(ckpt)
+    with pytest.raises(FormatError, match="SAELens has no transcoder or skip variant of 'topk'"):
+        save_saelens(trained, tmp_path / "refused")  # a TopK skip transcoder: SAELens has none
+    relu = make_dict("relu", 576, 64, d_out=576, hookpoint="mlp_in.6", target="mlp_out.6", skip=True)
+    relu.meta = trained.meta  # SAELens' skip_transcoder, with the provenance the run recorded
+    with pytest.warns(UserWarning, match="ln2.hook_normalized"):
+        exported = save_saelens(relu, tmp_path / "saelens")
     sl = json.loads((exported / "cfg.json").read_text())["metadata"]
     assert sl["model_name"] == "smollm2-135m" and sl["hf_hook_name"] == paths["mlp_in.6"]
     assert sl["hf_hook_name_out"] == paths["mlp_out.6"] and sl["dataset_path"] == "embedded-sample"

@@ -159,7 +159,7 @@ class Trainer:
         loss = sum(out.losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"{m.name}: loss is {float(loss)} at step {self.step}; check the activations for NaN/inf "
+                f"{m.name}: loss is {float(loss.detach())} at step {self.step}; check the activations for NaN/inf "
                 f"or lower the learning rate (lr={lr:g})"
             )
         loss.backward()
