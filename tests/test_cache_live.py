@@ -94,10 +94,28 @@ def test_views_of_one_stream_share_its_forwards(cache, smollm2):
         handle.remove()
 
 
-def test_live_state_refuses_another_order(cache, smollm2):
-    live = LiveSource(cache, HP, batch_size=64, model=smollm2[0], tokenizer=smollm2[1])
-    state = live.state_dict()
-    assert state["config_hash"] == cache.config_hash()
-    other = LiveSource(cache, HP, batch_size=32, model=smollm2[0], tokenizer=smollm2[1])
-    with pytest.raises(ValueError, match="batch_size=64"):
-        other.load_state_dict(state)
+def test_resume_across_sources_only_in_the_same_order(cache, smollm2):
+    model, tok = smollm2
+    kw = dict(batch_size=64, seed=1, shuffle_buffer_rows=300)
+    store = ActivationStore(cache.out_dir, HP, shuffle="window", **kw)
+    it = iter(store)
+    for _ in range(3):
+        next(it)
+    live = LiveSource(cache, HP, model=model, tokenizer=tok, **kw)
+    live.load_state_dict(store.state_dict())  # a cached run in window order resumes live: the same batches
+    assert _equal(list(itertools.islice(iter(live), 4)), list(itertools.islice(it, 4)))
+    store.load_state_dict(live.state_dict())  # and back
+
+    refused = {
+        "shuffle='window'": ActivationStore(cache.out_dir, HP, **kw),  # a store in global order
+        "batch_size=64": LiveSource(cache, HP, model=model, tokenizer=tok, **{**kw, "batch_size": 32}),
+        "shuffle_buffer_rows=300": LiveSource(
+            cache, HP, model=model, tokenizer=tok, **{**kw, "shuffle_buffer_rows": 200}
+        ),
+    }
+    for what, other in refused.items():
+        with pytest.raises(ValueError, match=f"{what}.*would read other batches"):
+            other.load_state_dict(live.state_dict())
+    elsewhere = CacheConfig(**{**cache.__dict__, "exclude_first_n": 3})
+    with pytest.raises(ValueError, match="config_hash"):
+        LiveSource(elsewhere, HP, model=model, tokenizer=tok, **kw).load_state_dict(live.state_dict())

@@ -35,7 +35,7 @@ import torch
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
 from sparsedict.cache.runner import check_finite, compute_shard, model_device
-from sparsedict.cache.source import WINDOW_ROWS, EpochIterator, Window, WindowOrder, sample_rows
+from sparsedict.cache.source import WINDOW_ROWS, EpochIterator, Window, WindowOrder, check_order, sample_rows
 from sparsedict.cache.tokens import ShardPlan, plan_shards
 from sparsedict.lm import load_model
 
@@ -314,21 +314,20 @@ class LiveSource(EpochIterator):
         return out[self.hookpoint], (out[self.target] if self.target else None)
 
     def state_dict(self) -> dict:
-        """The position (``epoch``, ``batch``) and what fixes the order, checked on resume."""
+        """The position (``epoch``, ``batch``, ``seed``) and what fixes the order, checked on resume (the keys a
+        store records too: a run may resume from a cache read in window order where it trained live)."""
         s = self.stream
-        return {"epoch": self.epoch, "batch": self._batch, "seed": s.seed, "batch_size": s.batch_size,
-                "rank": s.rank, "world_size": s.world_size, "shuffle_buffer_rows": s.shuffle_buffer_rows,
-                "config_hash": s.cfg.config_hash()}  # fmt: skip
+        return {"epoch": self.epoch, "batch": self._batch, "seed": s.seed, "rank": s.rank, **self._order()}
+
+    def _order(self) -> dict:
+        s = self.stream
+        order = {"world_size": s.world_size, "batch_size": s.batch_size, "shuffle": "window",
+                 "shuffle_buffer_rows": s.shuffle_buffer_rows, "config_hash": s.cfg.config_hash()}  # fmt: skip
+        return {**order, "n_rows": s._n_rows} if s._n_rows is not None else order
 
     def load_state_dict(self, state: dict) -> None:
+        check_order(state, self._order(), "live source")
         s = self.stream
-        for key, have in (("batch_size", s.batch_size), ("world_size", s.world_size),
-                          ("shuffle_buffer_rows", s.shuffle_buffer_rows), ("config_hash", s.cfg.config_hash())):  # fmt: skip
-            if state.get(key, have) != have:
-                raise ValueError(
-                    f"live source state has {key}={state[key]!r} but this source has {have!r}: resume with the "
-                    "run's original cache section, batch size and number of ranks"
-                )
         if int(state["seed"]) != s.seed:
             s.seed = int(state["seed"])
             s._reset()

@@ -164,6 +164,17 @@ class WindowOrder(EpochIterator):
         self.epoch, self._batch = epoch + 1, 0
 
 
+def check_order(state: dict, have: dict, what: str) -> None:
+    """Refuse to resume from ``state`` when a key it shares with ``have`` (what fixes the order: config hash,
+    rows, ranks, batch size, shuffle, window) differs: the resumed run would read other batches."""
+    for key, value in have.items():
+        if key in state and state[key] != value:
+            raise ValueError(
+                f"{what} state has {key}={state[key]!r} but this {what} has {value!r}: the resumed run would read "
+                "other batches; resume with the run's original cache section, batch size, ranks and shuffle"
+            )
+
+
 def _cat(a: tuple[Tensor | None, ...], b: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     return tuple(None if x is None else torch.cat([x, y]) for x, y in zip(a, b))
 

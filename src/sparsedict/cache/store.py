@@ -41,7 +41,7 @@ from sparsedict.cache import digest
 from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest
-from sparsedict.cache.source import WINDOW_ROWS, Window, WindowOrder, head_rows, sample_rows
+from sparsedict.cache.source import WINDOW_ROWS, Window, WindowOrder, check_order, head_rows, sample_rows
 from sparsedict.cache.writer import expected_tensors, load_shard
 from sparsedict.util import write_json_atomic
 
@@ -272,16 +272,23 @@ class ActivationStore(WindowOrder):
         return t.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
-        """Position for exact resume: ``{"epoch", "batch", "seed", "rank", "world_size", "n_rows"}``."""
-        return {"epoch": self.epoch, "batch": self._batch, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "n_rows": self.n_rows, "batch_size": self.batch_size}  # fmt: skip
+        """Position for exact resume (``epoch``, ``batch``, ``seed``) and what fixes the order, checked on resume
+        (the keys a live source records too: a run may resume live where it read a cache in window order)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "rank": self.rank,
+        } | self._order()
+
+    def _order(self) -> dict:
+        order = {"world_size": self.world_size, "n_rows": self.n_rows, "batch_size": self.batch_size,
+                 "shuffle": self.shuffle, "shuffle_buffer_rows": self.shuffle_buffer_rows,
+                 "config_hash": self.manifest["config_hash"]}  # fmt: skip
+        return {**order, "block_rows": self.block_rows} if self.shuffle == "global" else order
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("n_rows", "world_size", "batch_size"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(
-                    f"store state has {key}={state[key]} but this store has {getattr(self, key)}"
-                )
+        check_order(state, self._order(), "store")
         self.epoch, self._batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
 
     # ----------------------------------------------------------------- random access

@@ -65,9 +65,9 @@ class TrainConfig:
     """Collective timeout in minutes: a dead rank ends the job with an error instead of a hang."""
     source: str = "cache"
     """Where the training activations come from: 'cache' (the recipe's cache section is written to disk, or
-    resumed, and read back) or 'live' (the model runs during training, on the cache section's model, text,
-    hookpoints and exclusion rules; no shards are written; one forward computes every hookpoint the
-    dictionaries read, and the model runs again every epoch)."""
+    resumed, and read back) or 'live' (the model runs during training, on cache.device, with the cache
+    section's model, text, hookpoints and exclusion rules; no shards are written; one forward computes every
+    hookpoint the dictionaries read, and the model runs again every epoch)."""
     shuffle: str = "auto"
     """Order of the training rows: 'global' (blocks of 256 rows from the whole cache permuted, then windows of
     262,144 rows permuted; a cache only), 'window' (the text in order, windows of 262,144 rows permuted: the
