@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CacheError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"sparsedict cache: {err}", file=sys.stderr)
         return 1
-    import torch.distributed as dist
-
     from sparsedict.cache.manifest import read_manifest
+    from sparsedict.train.distributed import destroy, launch_rank
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    destroy()  # under torchrun: the last collective, then the process group goes away
+    if launch_rank() != 0:
         return 0
     m = read_manifest(root)
     size = sum(f["bytes"] for s in m["shards"] for f in s["files"].values())

@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_latents:
         data.setdefault("train", {})["shard_latents"] = True
     recipe = parse_recipe(data, source=args.recipe)
-    results = run(recipe, resume=not args.no_resume)
-    from sparsedict.train.distributed import destroy, is_main
+    results = run(recipe, resume=not args.no_resume)  # tears the process group down before it returns
+    from sparsedict.train.distributed import launch_rank
 
-    if is_main():
+    if launch_rank() == 0:
         print(json.dumps(results, indent=2))
-    destroy()
     return 0

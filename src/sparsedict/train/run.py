@@ -42,13 +42,19 @@ def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary]:
     return models
 
 
-def evaluate_heldout(paths: dict[str, Path], recipe: Recipe, max_rows: int | None = None) -> dict[str, dict]:
-    """Reload every saved dictionary and measure FVU/L0/dead% on the held-out cache (one pass)."""
+def evaluate_heldout(
+    paths: dict[str, Path], recipe: Recipe, max_rows: int | None = None, eval_dir: str | Path | None = None
+) -> dict[str, dict]:
+    """Reload every saved dictionary and measure FVU/L0/dead% on the held-out cache (one pass).
+
+    ``eval_dir``: the held-out cache, already made; without it ``recipe.eval_cache`` is cached first
+    (a collective under torchrun: then every rank must call this).
+    """
     from sparsedict.cache import ActivationStore, cache_activations
     from sparsedict.eval.metrics import reconstruction_stats
     from sparsedict.hub import from_pretrained
 
-    eval_dir = cache_activations(recipe.eval_cache)
+    eval_dir = Path(eval_dir) if eval_dir is not None else cache_activations(recipe.eval_cache)
     results = {}
     for name, path in paths.items():
         model = from_pretrained(path)
@@ -63,7 +69,13 @@ def evaluate_heldout(paths: dict[str, Path], recipe: Recipe, max_rows: int | Non
 
 
 def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
-    """Cache, train, save and (with an eval_cache) evaluate; returns paths and held-out metrics."""
+    """Cache, train, save and (with an eval_cache) evaluate; returns paths and held-out metrics.
+
+    Under torchrun every rank caches both the training and the held-out activations (each writes its
+    share of the shards), trains and saves; then the process group is torn down (:func:`distributed.destroy`,
+    the last collective) and rank 0 alone evaluates the saved dictionaries, waiting on no other rank.
+    Only rank 0's result holds ``"eval"``.
+    """
     from sparsedict.cache import cache_activations
 
     cfg = recipe.train
@@ -74,6 +86,7 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     if recipe.cache is None:
         raise ValueError(f"{recipe.source}: a recipe needs a 'cache' section naming the training activations")
     cache_dir = cache_activations(recipe.cache)
+    eval_dir = cache_activations(recipe.eval_cache) if recipe.eval_cache is not None else None
     if cfg.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} ranks")
     if cfg.shard_latents:  # every rank owns a slice of the latents and reads the same (global) batch
@@ -84,8 +97,8 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     trainer = Trainer(models, sources, cfg)
     trainer.fit(resume=resume)
     paths = trainer.save({"cache": str(cache_dir)})
-    distributed.barrier()
+    distributed.destroy()
     results: dict[str, Any] = {"paths": {k: str(v) for k, v in paths.items()}}
-    if recipe.eval_cache is not None and distributed.is_main():
-        results["eval"] = evaluate_heldout(paths, recipe)
+    if eval_dir is not None and rank == 0:
+        results["eval"] = evaluate_heldout(paths, recipe, eval_dir=eval_dir)
     return results
