@@ -140,11 +140,18 @@ def test_two_node_rendezvous_trains_and_exits_0(tmp_path):
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=sparsedict-2node",
+               "--rdzv-conf=join_timeout=120",
                f"--node-rank={node}", W.command(opts)[1], json.dumps(opts)]  # fmt: skip
         procs.append(
             subprocess.Popen(cmd, env=W.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
-    outs = [p.communicate(timeout=240) for p in procs]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:  # a launch left waiting for its peer: torchrun ends its worker on SIGTERM
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(60)
     for node, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"node {node} exit {p.returncode}:\n{out[-2000:]}\n{err[-5000:]}"
     done = json.loads((tmp_path / "done.json").read_text())
