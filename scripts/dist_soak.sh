@@ -2,10 +2,12 @@
 # Soak the end of finished 2-rank torchrun jobs: run the latent-sharded and the data-parallel job of
 # tests/dist_worker.py (gloo, CPU; the jobs of tests/test_distributed.py) RUNS times each, alternating,
 # while a CPU-bound torch job runs beside them, and count the runs that did not exit 0 and the aborts
-# among them ("terminate called ...", SIGABRT). A finished job must exit 0 every time.
+# among them ("terminate called ...", SIGABRT). A finished job must exit 0 every time. Also counted: runs
+# whose rank 0 still had gloo threads after destroy() (the group was not freed; such threads race
+# interpreter shutdown, which is what aborts a rank now and then).
 #
 #   scripts/dist_soak.sh [RUNS]            # default 30 of each
-#   SRC=/path/to/other/checkout scripts/dist_soak.sh 30   # run another checkout's src/ and tests/
+#   SRC=/path/to/other/checkout scripts/dist_soak.sh 30   # that checkout's src/ (this tests/dist_worker.py)
 #   LOAD=0 ...                             # without the job beside
 #   CORES=1 ...                            # keep core dumps of aborted ranks (core_pattern permitting)
 #
@@ -14,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-30}
+HERE=$PWD
 PY=${PYTHON:-$PWD/.venv/bin/python}
 SRC=${SRC:-$PWD}
 OUT=${OUT:-$(mktemp -d -t dist_soak.XXXXXX)}
@@ -35,7 +38,7 @@ fi
 
 echo "soak: $RUNS runs of each job; src $SRC; load ${LOAD:-1} (pid ${load_pid:-none}); logs in $OUT"
 echo "      $(uptime)"
-declare -A ran=() failed=() aborted=()
+declare -A ran=() failed=() aborted=() leaked=()
 for i in $(seq 1 "$RUNS"); do
   for job in sharded dp; do
     dir="$OUT/$job-$i"
@@ -46,11 +49,14 @@ for i in $(seq 1 "$RUNS"); do
       opts="{\"steps\": 40, \"batch\": 128, \"out_dir\": \"$dir/out\"}"
     fi
     (cd "$dir" && "$PY" -m torch.distributed.run --standalone --nproc-per-node=2 \
-      "$SRC/tests/dist_worker.py" "$opts" >log 2>&1)
+      "$HERE/tests/dist_worker.py" "$opts" >log 2>&1)
     rc=$?
     abort=0
     grep -aq "terminate called\|SIGABRT\|Fatal Python error: Aborted" "$dir/log" && abort=1
     ran[$job]=$((${ran[$job]:-0} + 1))
+    if [ -f "$dir/out/done.json" ] && ! grep -q '"gloo_threads_after_destroy": \[\]' "$dir/out/done.json"; then
+      leaked[$job]=$((${leaked[$job]:-0} + 1))
+    fi
     if [ "$rc" != 0 ]; then
       failed[$job]=$((${failed[$job]:-0} + 1))
       aborted[$job]=$((${aborted[$job]:-0} + abort))
@@ -64,7 +70,8 @@ done
 echo "      $(uptime)"
 status=0
 for job in sharded dp; do
-  echo "summary $job: runs ${ran[$job]:-0}, non-zero exits ${failed[$job]:-0}, aborts ${aborted[$job]:-0}"
+  echo "summary $job: runs ${ran[$job]:-0}, non-zero exits ${failed[$job]:-0}, aborts ${aborted[$job]:-0}," \
+    "group not freed by destroy() ${leaked[$job]:-0}"
   [ "${failed[$job]:-0}" = 0 ] || status=1
 done
 exit $status
