@@ -23,10 +23,10 @@ import yaml
 
 from sparsedict.cache import ActivationStore
 from sparsedict.config import load_yaml
-from sparsedict.eval.metrics import reconstruction_stats
-from sparsedict.hub import from_pretrained
+from sparsedict.dictionaries import from_pretrained
+from sparsedict.eval.heldout import reconstruction_stats
+from sparsedict.pipeline import build_dictionaries, run
 from sparsedict.train.recipe import parse_recipe
-from sparsedict.train.run import build_dictionaries, run
 from sparsedict.train.trainer import Trainer
 
 NAME = "topk-resid_post.6"
@@ -67,6 +67,7 @@ class _GlobalBatches:
         self.ranks = [ActivationStore(root, HP, batch_size=batch_size // 2, seed=seed, rank=r, world_size=2)
                       for r in range(2)]  # fmt: skip
         self.n_rows, self.d_in, self.d_out = self.full.n_rows, self.full.d_in, self.full.d_out
+        self.world_size, self.meta = 1, {}
 
     def sample(self, n_rows: int, seed: int = 0):
         return self.full.sample(n_rows, seed)
@@ -74,6 +75,12 @@ class _GlobalBatches:
     def __iter__(self):
         for parts in zip(*self.ranks):
             yield torch.cat([x for x, _ in parts]), None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
