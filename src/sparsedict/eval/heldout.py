@@ -52,13 +52,16 @@ def dead_note(tokens: int, window: int) -> str:
     return f"dead: no firing in {tokens:,} held-out tokens"
 
 
-def evaluate_heldout(paths: dict[str, Path], recipe: Any, max_rows: int | None = None) -> dict[str, dict]:
+def evaluate_heldout(
+    paths: dict[str, Path], recipe: Any, max_rows: int | None = None, eval_dir: str | Path | None = None
+) -> dict[str, dict]:
     """Reload every saved dictionary and measure FVU/L0/dead% on ``recipe.eval_cache`` (one pass each).
 
     The summary goes into each checkpoint's ``meta["eval"]`` (with the held-out cache's path); the model card
-    is re-rendered with it.
+    is re-rendered with it. ``eval_dir``: that cache, already made; without it ``recipe.eval_cache`` is
+    cached first (a collective under torchrun: then every rank must call this).
     """
-    eval_dir = cache_activations(recipe.eval_cache)
+    eval_dir = Path(eval_dir) if eval_dir is not None else cache_activations(recipe.eval_cache)
     results = {}
     for name, path in paths.items():
         model = from_pretrained(path)
