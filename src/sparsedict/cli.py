@@ -10,6 +10,7 @@ COMMANDS = {
     "cache": ("sparsedict.cache.cli", "cache activations of a model to disk shards"),
     "train": ("sparsedict.train.cli", "train dictionaries from a YAML recipe (with --set overrides)"),
     "eval": ("sparsedict.eval.cli", "evaluate checkpoints: FVU, L0, dead %, CE recovered, KL"),
+    "inspect": ("sparsedict.inspect.cli", "look at features: top contexts, logit lens, HTML browser, exports"),
     "bench": ("sparsedict.eval.bench", "benchmarks: `bench pareto` sweeps and plots L0 vs FVU / CE"),
     "convert": ("sparsedict.formats.convert", "convert peer checkpoints (SAELens, sparsify, dictionary_learning)"),
     "corpus": ("sparsedict.corpus", "build the embedded Debian-documentation corpus"),
