@@ -18,7 +18,6 @@ import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
 from sparsedict.dictionaries import available, build, lookup
-from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.inspect import InspectConfig, Inspection, collect, inspect
 from sparsedict.inspect.cli import main
 from sparsedict.inspect.export import read_jsonl_gz
@@ -48,11 +47,16 @@ def tokenizer():
 
 def _dictionary(arch: str, hookpoint: str = HP, n: int = 64, data=None, **kw):
     _, cls = lookup(arch)
-    d = build(cls(architecture=arch, hookpoint=hookpoint, n_latents=n, **kw).resolved(data.shape[1], kw.get("d_out")))
+    d = build(
+        cls(architecture=arch, hookpoint=hookpoint, n_latents=n, **kw).resolved(
+            data.shape[1], kw.get("d_out")
+        )
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         d.init_from_data(data[:400].to(d.W_dec.dtype))
-        if getattr(d, "W_enc", None) is not None:  # encoder rows = random data rows: every latent fires sometimes
+        # encoder rows = noisy data rows, so that every latent fires sometimes
+        if getattr(d, "W_enc", None) is not None:
             pick = torch.randperm(len(data))[:n] if n <= len(data) else torch.randint(len(data), (n,))
             rows = (data[pick] + 0.3 * torch.randn(len(pick), data.shape[1])).to(d.W_enc.dtype)
             d.W_enc.copy_((rows / rows.norm(dim=1, keepdim=True)).T[: d.W_enc.shape[0]])
@@ -110,7 +114,9 @@ def test_pass_matches_dense_brute_force(cache, tmp_path):
             np.testing.assert_allclose(r["top_value"][j][: len(got)], col[got], rtol=1e-6)
             keys = priority(7, torch.from_numpy(nz), torch.full((len(nz),), int(i))).numpy()
             ref_sample = nz[np.lexsort((nz, -keys))][:6]
-            np.testing.assert_array_equal(np.sort(r["sample_row"][j][r["sample_row"][j] >= 0]), np.sort(ref_sample))
+            np.testing.assert_array_equal(
+                np.sort(r["sample_row"][j][r["sample_row"][j] >= 0]), np.sort(ref_sample)
+            )
             for table in ("top", "sample"):
                 for e in r.examples(table, j):
                     assert where[(e["ctx"], e["pos"])] == e["row"]
@@ -144,8 +150,10 @@ def test_pass_is_deterministic_and_subsets_agree(cache, tmp_path):
     np.testing.assert_allclose(a["top_window"][b["latents"]], b["top_window"], equal_nan=True, rtol=1e-9)
     c, _ = collect(_cfg(cache, tmp_path, tokens=500), {"m": d})
     c = c["m"]
-    where, tok = _row_map(cache)
-    assert 500 <= c.tokens < 500 + T and (int(tok["row_context"][c.tokens]) != int(tok["row_context"][c.tokens - 1]))
+    _, tok = _row_map(cache)
+    assert 500 <= c.tokens < 500 + T and (
+        int(tok["row_context"][c.tokens]) != int(tok["row_context"][c.tokens - 1])
+    )
     with torch.no_grad():
         dense = d.encode(x[: c.tokens].double()).to_dense().numpy()
     np.testing.assert_array_equal(c["count"], (dense != 0).sum(0))
@@ -206,7 +214,9 @@ def test_every_architecture_is_inspected(zoo_run, cache, tokenizer):
                 assert e["window"][6] == pytest.approx(e["value"], rel=1e-5), name  # the firing token itself
                 assert e["tokens"][6] >= 0
         page = (index.parent / name / "features" / f"{int(r['latents'][0])}.html").read_text()
-        data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+        data = json.loads(
+            re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
+        )
         assert data["kind"] == "feature" and len(data["top"]) == len(r.examples("top", 0))
         if data["top"]:
             ex = data["top"][0]
@@ -348,12 +358,19 @@ def test_cli_and_errors(cache, tmp_path, capsys):
                "--tokens", "300", "--progress", "false"])  # fmt: skip
     assert rc == 0
     assert f"feature browser: {(tmp_path / 'o' / 'index.html').resolve()}" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "o" / "ckpt" / "features").iterdir()) == [f"{i}.html" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "o" / "ckpt" / "features").iterdir()) == [
+        f"{i}.html" for i in range(4)
+    ]
     assert main([str(tmp_path / "ckpt"), "--cache", str(tmp_path / "nope"), "--progress", "false"]) == 2
     assert "not an activation cache" in capsys.readouterr().err
-    assert main([str(tmp_path / "ckpt"), "--cache", str(cache), "--latents", "0-99999", "--progress", "false"]) == 2
+    assert (
+        main([str(tmp_path / "ckpt"), "--cache", str(cache), "--latents", "0-99999", "--progress", "false"])
+        == 2
+    )
     assert "out of range" in capsys.readouterr().err
-    assert main([str(tmp_path / "ckpt"), "--cache", str(cache), "--latents", "7-x", "--progress", "false"]) == 2
+    assert (
+        main([str(tmp_path / "ckpt"), "--cache", str(cache), "--latents", "7-x", "--progress", "false"]) == 2
+    )
     assert "cannot read '7-x'" in capsys.readouterr().err
     d = _dictionary("topk", HIDDEN, k=6, data=ActivationStore(cache, HIDDEN, loop=False).rows())
     d.cfg.hookpoint = "resid_post.9"

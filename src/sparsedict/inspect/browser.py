@@ -119,7 +119,9 @@ def _escape_json(text: str) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _examples_json(r: Inspection, table: str, j: int, slots: np.ndarray, half: int, used: set[int]) -> list[str]:
+def _examples_json(
+    r: Inspection, table: str, j: int, slots: np.ndarray, half: int, used: set[int]
+) -> list[str]:
     """JSON objects ``{"v", "t" (in-context token ids), "a" (activations, null: not cached), "c" (firing
     index)}`` of table slots ``slots`` of latent slot ``j``; adds the token ids to ``used``."""
     a = r.arrays
@@ -135,7 +137,9 @@ def _examples_json(r: Inspection, table: str, j: int, slots: np.ndarray, half: i
         ids = tokens[s][inside].tolist()
         used.update(ids)
         c = int(inside[:half].sum())
-        out.append(f'{{"v":{values[s]},"t":[{",".join(map(str, ids))}],"a":[{",".join(acts[s][inside])}],"c":{c}}}')
+        out.append(
+            f'{{"v":{values[s]},"t":[{",".join(map(str, ids))}],"a":[{",".join(acts[s][inside])}],"c":{c}}}'
+        )
     return out
 
 
@@ -158,7 +162,9 @@ def feature_page(r: Inspection, j: int, shown: list[str], special: set[int], pag
                  f"sample): activations {_fmt(lo)} … {_fmt(hi)}")  # fmt: skip
         ex = _examples_json(r, "sample", j, slots, half, used)
         bands.append(f'{{"label":{json.dumps(label, ensure_ascii=False)},"ex":[{",".join(ex)}]}}')
-    tok = json.dumps({str(t): shown[t] if 0 <= t < len(shown) else "?" for t in sorted(used)}, ensure_ascii=False)
+    tok = json.dumps(
+        {str(t): shown[t] if 0 <= t < len(shown) else "?" for t in sorted(used)}, ensure_ascii=False
+    )
     data = (f'{{"kind":"feature","latent":{i},"max":{float(a["max"][i]) if count else 0.0!r},"tok":{tok},'
             f'"special":{json.dumps(sorted(t for t in used if t in special))},"top":[{",".join(top)}],'
             f'"bands":[{",".join(bands)}]}}')  # fmt: skip
@@ -166,11 +172,15 @@ def feature_page(r: Inspection, j: int, shown: list[str], special: set[int], pag
     stat = [("density", f"{100 * density:.4g} %" if count else "dead"), ("firings", f"{count:,}"),
             ("tokens read", f"{r.tokens:,}"), ("max activation", _fmt(a["max"][i]) if count else "–"),
             ("mean when firing", _fmt(derived["mean"][i]) if count else "–")]  # fmt: skip
-    stats = "".join(f'<div class="stat"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>' for k, v in stat)
+    stats = "".join(
+        f'<div class="stat"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>' for k, v in stat
+    )
     panels = [f'<div class="panel hist"><h3>activation histogram ({count:,} firings)</h3>'
               f'{histogram_svg(a["hist"][i], a["hist_neg"][i] if "hist_neg" in a else None)}</div>']  # fmt: skip
     if "lens_top_ids" in a:
-        panels.append(_logit_table("logit lens: promoted", shown, a["lens_top_ids"][j], a["lens_top_values"][j]))
+        panels.append(
+            _logit_table("logit lens: promoted", shown, a["lens_top_ids"][j], a["lens_top_values"][j])
+        )
         panels.append(_logit_table("logit lens: suppressed", shown, a["lens_bottom_ids"][j],
                                    a["lens_bottom_values"][j]))  # fmt: skip
     near = []
@@ -263,7 +273,9 @@ def density_svg(density: np.ndarray, width: int = 440, height: int = 120) -> str
     parts.append(f'<line class="axis" x1="{pad_l}" y1="{y0}" x2="{pad_l + w}" y2="{y0}"/>')
     parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{top}</text>')
     for e in range(lo, hi + 1):
-        parts.append(f'<text x="{pad_l + (e - lo) * 4 * bw:.1f}" y="{y0 + 14}" text-anchor="middle">{e}</text>')
+        parts.append(
+            f'<text x="{pad_l + (e - lo) * 4 * bw:.1f}" y="{y0 + 14}" text-anchor="middle">{e}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 

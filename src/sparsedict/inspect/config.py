@@ -12,7 +12,7 @@ from simple_parsing.helpers import list_field
 class InspectConfig:
     """Inspect dictionaries over an activation cache: statistics, examples, logit lens, browser, exports."""
 
-    checkpoints: list[str] = list_field(positional=True, metavar="checkpoint")
+    checkpoints: list[str] = list_field(positional=True, metavar="checkpoint")  # noqa: RUF009
     """Checkpoint directories (any format ``from_pretrained`` reads); several on one hookpoint share a pass."""
     cache: str = ""
     """Activation cache holding the checkpoints' (input) hookpoints; its stored token ids give the contexts."""

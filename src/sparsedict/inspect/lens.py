@@ -56,7 +56,10 @@ def residual_directions(model: nn.Module, decoder: Tensor, hookpoint: str) -> tu
         if hp.head is not None:
             w = w[:, hp.head * hp.d_head : (hp.head + 1) * hp.d_head]
         if w.shape[1] == decoder.shape[1]:
-            return decoder.float() @ w.detach().float().T, f"{hookpoint} mapped through {hp.module_path}.weight"
+            return (
+                decoder.float() @ w.detach().float().T,
+                f"{hookpoint} mapped through {hp.module_path}.weight",
+            )
     if decoder.shape[1] == d_model:
         return decoder.float(), f"{hookpoint} is in the residual stream (d={d_model})"
     return None, (f"no logit lens: {hookpoint} (d={decoder.shape[1]}) is neither the residual stream "
@@ -109,8 +112,11 @@ def logit_lens(model: nn.Module, directions: Tensor, k: int, vocab: int) -> tupl
         lo, hi = b.values[:, :1], t.values[:, :1]
         width = (hi - lo).clamp_min(1e-12) / HIST_BINS
         idx = ((logits - lo) / width).long().clamp_(0, HIST_BINS - 1)
-        hc.append(torch.zeros(len(u), HIST_BINS, dtype=torch.int64, device=u.device).scatter_add_(
-            1, idx, torch.ones_like(idx)))
+        hc.append(
+            torch.zeros(len(u), HIST_BINS, dtype=torch.int64, device=u.device).scatter_add_(
+                1, idx, torch.ones_like(idx)
+            )
+        )
         hv.append(lo + width * (torch.arange(HIST_BINS, device=u.device) + 0.5))
     note = f"final norm {name}{' (centred)' if centre else ''}; unembedding {W_U.shape[0]} tokens"
     out = {"top_ids": tops, "top_values": topv, "bottom_ids": bots, "bottom_values": botv,

@@ -100,7 +100,9 @@ class Inspection:
 
         folder = Path(folder)
         if not (folder / META).exists():
-            raise FileNotFoundError(f"{folder / META} not found: {folder} holds no `sparsedict inspect` output")
+            raise FileNotFoundError(
+                f"{folder / META} not found: {folder} holds no `sparsedict inspect` output"
+            )
         return cls(json.loads((folder / META).read_text()), load_file(str(folder / ARRAYS)))
 
 

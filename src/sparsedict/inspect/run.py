@@ -59,7 +59,9 @@ def collect(cfg: InspectConfig, dictionaries: dict[str, Any] | None = None, sink
         raise ValueError("no cache given: sparsedict inspect <checkpoint> --cache DIR (an activation cache)")
     dictionaries = dictionaries if dictionaries is not None else load_dictionaries(cfg)
     if not dictionaries:
-        raise ValueError("no checkpoints given: sparsedict inspect <checkpoint> [<checkpoint> ...] --cache DIR")
+        raise ValueError(
+            "no checkpoints given: sparsedict inspect <checkpoint> [<checkpoint> ...] --cache DIR"
+        )
     root = Path(cfg.cache)
     manifest = read_manifest(root)
     names = dict(zip(_names(list(dictionaries)), dictionaries.items()))
@@ -144,7 +146,9 @@ def _tables(name: str, d, stats: LatentStats, store, rows: int, cfg: InspectConf
     return Inspection(meta, arrays)
 
 
-def inspect(cfg: InspectConfig | None = None, /, dictionaries: dict[str, Any] | None = None, **fields) -> Path:
+def inspect(
+    cfg: InspectConfig | None = None, /, dictionaries: dict[str, Any] | None = None, **fields
+) -> Path:
     """Inspect checkpoints over a cache and write the outputs; returns the path of ``index.html``.
 
     ``inspect(checkpoints=[path], cache=dir, out=dir)`` or ``inspect(InspectConfig(...))``; keyword

@@ -36,8 +36,6 @@ BINS_PER_OCTAVE = 4
 HIST_LOW, HIST_HIGH = -20, 20
 """log2 of the histogram's lowest and highest edges."""
 N_BINS = (HIST_HIGH - HIST_LOW) * BINS_PER_OCTAVE
-WINDOW_CHUNK = 4096
-"""Entries whose windows are gathered at once (bounds the [entries, window, k] temporaries)."""
 _MASK32 = 0xFFFFFFFF
 
 
@@ -108,34 +106,52 @@ def firings(code, n: int) -> tuple[Tensor, Tensor, Tensor]:
     return r, lat, v
 
 
-def window_values(code, batch: Batch, lat: Tensor, rows: Tensor, half: int) -> Tensor:
+class CodeLookup:
+    """Activation of any (batch row, latent) pair of one batch's code: direct indexing of a dense code, a
+    binary search in the sorted ``row · n + latent`` keys of a sparse one (no ``[B, n]`` densification;
+    the keys are sorted on first use)."""
+
+    def __init__(self, code, n: int, rows: Tensor, lat: Tensor, values: Tensor) -> None:
+        self.dense = code.values if code.indices is None else None
+        self.n, self.firings = n, (rows, lat, values)
+        self.keys: Tensor | None = None
+
+    def __call__(self, rows: Tensor, lat: Tensor) -> Tensor:
+        if self.dense is not None:
+            return self.dense[rows, lat].float()
+        if self.keys is None:
+            r, la, v = self.firings
+            self.keys, order = torch.sort(r * self.n + la)
+            self.values = v[order]
+        if not len(self.keys):
+            return torch.zeros(rows.shape)
+        q = rows * self.n + lat
+        i = torch.searchsorted(self.keys, q).clamp_(max=len(self.keys) - 1)
+        return torch.where(self.keys[i] == q, self.values[i], 0.0)
+
+
+def window_values(lookup: CodeLookup, batch: Batch, lat: Tensor, rows: Tensor, half: int) -> Tensor:
     """Latent ``lat[e]``'s activation at positions ``pos - half .. pos + half`` of row ``rows[e]``'s context.
 
     ``[E, 2·half + 1]`` float32; NaN where the position has no row (excluded, padding or outside the context).
     """
     offs = torch.arange(-half, half + 1, device=rows.device)
     T = batch.pos2row.shape[1]
-    out = []
-    for a in range(0, len(rows), WINDOW_CHUNK):
-        r, la = rows[a : a + WINDOW_CHUNK], lat[a : a + WINDOW_CHUNK]
-        pp = batch.pos[r].long()[:, None] + offs
-        inside = (pp >= 0) & (pp < T)
-        rr = batch.pos2row[batch.ctx[r].long()[:, None], pp.clamp(0, T - 1)]
-        ok = inside & (rr >= 0)
-        rr = rr.clamp_min(0).long()
-        if code.indices is None:
-            v = code.values[rr, la[:, None]].float()
-        else:
-            v = (code.values[rr].float() * (code.indices[rr] == la[:, None, None])).sum(-1)
-        out.append(v.masked_fill(~ok, math.nan))
-    return torch.cat(out) if out else torch.empty(0, 2 * half + 1)
+    pp = batch.pos[rows].long()[:, None] + offs
+    inside = (pp >= 0) & (pp < T)
+    rr = batch.pos2row[batch.ctx[rows].long()[:, None], pp.clamp(0, T - 1)]
+    ok = inside & (rr >= 0)
+    v = lookup(rr.clamp_min(0), lat[:, None].expand_as(rr))
+    return v.masked_fill(~ok, math.nan)
 
 
 class TopTable:
     """Per latent, the ``size`` entries with the largest keys (ties: earlier rows first) and their payloads.
 
     ``key [n, size]`` sorted descending (``empty`` in unused slots), ``value [n, size]`` (the activation),
-    ``row [n, size]`` (global row, -1 unused) and ``window [n, size, W]`` (activations around the row).
+    ``row [n, size]`` (global row, -1 unused) and ``ptr [n, size]``: the entry's row in ``pool [n·size, W]``,
+    which holds its window (activations around the row). A merge moves keys and pointers only; the windows
+    of entries that enter are written into the pool rows of the entries they evict.
     """
 
     def __init__(self, n: int, size: int, width: int, key_dtype: torch.dtype) -> None:
@@ -144,7 +160,13 @@ class TopTable:
         self.key = torch.full((n, size), self.empty, dtype=key_dtype)
         self.value = torch.zeros((n, size), dtype=torch.float32)
         self.row = torch.full((n, size), -1, dtype=torch.int64)
-        self.window = torch.full((n, size, width), math.nan, dtype=torch.float32)
+        self.ptr = torch.arange(n * size, dtype=torch.int64).view(n, size)
+        self.pool = torch.full((n * size, width), math.nan, dtype=torch.float32)
+
+    @property
+    def window(self) -> Tensor:
+        """Windows ``[n, size, W]`` in table order."""
+        return self.pool[self.ptr]
 
     def offer(self, lat: Tensor, key: Tensor, rows: Tensor, value: Tensor, row0: int, window) -> None:
         """Merge candidate entries (batch ``rows`` ascending); ``window(lat, rows)`` gives ``[E, W]``."""
@@ -172,16 +194,21 @@ class TopTable:
         pick = torch.argsort(merged, dim=1, descending=True, stable=True)[:, :S]
         fresh = pick >= S
         old = pick.clamp(max=S - 1)
-        gi, si = fresh.nonzero(as_tuple=True)
+        gi, si = fresh.nonzero(as_tuple=True)  # row-major: grouped by latent
         ent = cand_id[gi, (pick - S)[gi, si]]
+        kept = torch.zeros((U, S), dtype=torch.bool)  # old slots still in the table
+        ki, ks = (~fresh).nonzero(as_tuple=True)
+        kept[ki, pick[ki, ks]] = True
+        old_ptr = self.ptr[u]
+        new_ptr = old_ptr.gather(1, old)
+        new_ptr[gi, si] = old_ptr[~kept]  # evicted pool rows (as many per latent as entries that enter)
         new_value = self.value[u].gather(1, old)
         new_value[gi, si] = value[ent]
         new_row = self.row[u].gather(1, old)
         new_row[gi, si] = rows[ent].long() + row0
-        new_window = self.window[u].gather(1, old[..., None].expand(-1, -1, self.window.shape[2]))
-        new_window[gi, si] = window(lat[ent], rows[ent])
+        self.pool[new_ptr[gi, si]] = window(lat[ent], rows[ent])
         self.key[u] = merged.gather(1, pick)
-        self.value[u], self.row[u], self.window[u] = new_value, new_row, new_window
+        self.value[u], self.row[u], self.ptr[u] = new_value, new_row, new_ptr
 
 
 class LatentStats:
@@ -222,7 +249,9 @@ class LatentStats:
         self.max.scatter_reduce_(0, lat, v, reduce="amax")
         pos = v > 0
         flat = self.hist.view(-1)
-        flat.index_add_(0, lat[pos] * N_BINS + hist_bin(v[pos]), torch.ones(int(pos.sum()), dtype=torch.int32))
+        flat.index_add_(
+            0, lat[pos] * N_BINS + hist_bin(v[pos]), torch.ones(int(pos.sum()), dtype=torch.int32)
+        )
         if not bool(pos.all()):
             neg = v < 0
             if self.hist_neg is None:
@@ -231,8 +260,10 @@ class LatentStats:
                 0, lat[neg] * N_BINS + hist_bin(-v[neg]), torch.ones(int(neg.sum()), dtype=torch.int32)
             )
 
+        lookup = CodeLookup(code, self.n, r, lat, v)
+
         def window(slots: Tensor, rows: Tensor) -> Tensor:
-            return window_values(code, batch, self.latents[slots], rows, self.half)
+            return window_values(lookup, batch, self.latents[slots], rows, self.half)
 
         slot = self.slot[lat]
         if len(self.latents) < self.n:
@@ -300,8 +331,14 @@ def stream(store, members: list[tuple[object, LatentStats]], max_rows: int | Non
                 continue
             x = store.rows(row0, row0 + b - a)
             local = pos2row[c0:c1]
-            batch = Batch(x, row0, ctx[a:b] - c0, pos[a:b], torch.where(local >= 0, local - a, -1),
-                          int(shard["first_context"]) + c0)
+            batch = Batch(
+                x,
+                row0,
+                ctx[a:b] - c0,
+                pos[a:b],
+                torch.where(local >= 0, local - a, -1),
+                int(shard["first_context"]) + c0,
+            )
             for model, stats in members:
                 xin = x.to(device=device, dtype=model.W_dec.dtype)
                 scale = float(getattr(model, "input_scale", 1.0))
