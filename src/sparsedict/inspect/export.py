@@ -16,7 +16,9 @@ histogram likewise, and ``topkCosSimIndices``/``Values`` (nearest features by de
 sparsedict does not compute (neuron alignment, correlations, DFA, vectors) are empty. An Activation row
 is one example window: ``tokens`` (decoded token text), ``values`` (0 at positions the cache excluded),
 ``maxValue``, ``maxValueTokenIndex``, ``minValue``, ``qualifyingTokenIndex`` (the firing token),
-``binMin``/``binMax``/``binContains`` (top examples: ``-1``/max/``-1`` as sae-dashboard's top group;
+``binMin``/``binMax``/``binContains`` (top examples: ``binMin = -1`` and ``binMax`` = max as in
+sae-dashboard's top group, ``binContains`` their share of the firings — the converter writes ``-1``
+there, which the neuronpedia client's ``Activation`` rejects (it requires a fraction in [0, 1]);
 quantile bands: the band's activation range and its nominal share of firings, ``1/quantiles``) and
 ``dataIndex`` (the cache context). ``creatorId`` is left empty: Neuronpedia's importer assigns it.
 
@@ -139,8 +141,9 @@ def write_neuronpedia(folder: Path, r: Inspection, texts: list[str], model_id: s
                            neg_values=_round(a["lens_bottom_values"][j]),
                            logits_hist_data_bar_heights=[int(c) for c in a["lens_hist_counts"][j]],
                            logits_hist_data_bar_values=_round(a["lens_hist_centres"][j]))  # fmt: skip
-        rows = [_activation_row(r, ex, texts, ids, (-1, round(float(a["max"][i]), 3), -1))
-                for ex in r.examples("top", j)]  # fmt: skip
+        top = r.examples("top", j)
+        share = round(len(top) / max(1, int(a["count"][i])), 6)
+        rows = [_activation_row(r, ex, texts, ids, (-1, round(float(a["max"][i]), 3), share)) for ex in top]
         q = int(settings["quantiles"])
         for band in r.bands(j, q):
             bins = (round(band[-1]["value"], 3), round(band[0]["value"], 3), round(1 / q, 3))
