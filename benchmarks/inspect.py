@@ -7,11 +7,11 @@ A missing ``--checkpoint`` is first trained: a 16k-latent TopK (k=32) on the cac
 ``--train_tokens`` rows (a short run: the benchmark measures inspection, not quality).
 
 In one process, alternated so that machine load affects both alike: encode-only (the cache read in the
-same batches of whole contexts, each batch encoded, nothing kept), the inspect pass (the same, plus all
-per-latent statistics and tables), encode-only again. Then the rest of a full ``inspect()`` run (logit
-lens, nearest features, arrays, one page per latent) is timed on its own. Peak RSS is the process's
-VmHWM after each phase (the model for the lens is loaded in the last one). The load average is printed
-beside the numbers.
+same batches of whole contexts, each batch encoded, nothing kept), a full ``inspect()`` (the same pass
+plus every per-latent statistic and table, then the logit lens, nearest features, the arrays and one page
+per latent; its pass is timed on its own), encode-only again (``--once`` skips it). Peak RSS is the
+process's VmHWM after each phase (the model for the lens is loaded during ``inspect()``). The load
+average is printed beside the numbers.
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ def train(cache: str, hookpoint: str, out: Path, tokens: int, n_latents: int, k:
 
     x = ActivationStore(cache, hookpoint, loop=False).rows(0, tokens)
     model = build(TopKConfig(hookpoint=hookpoint, n_latents=n_latents, k=k).resolved(x.shape[1]))
-    cfg = TrainConfig(batch_size=4096, epochs=2, optimizer="adam", lr=1e-3, warmup_steps=5, init_rows=16384,
-                      dead_tokens=len(x), log_every=10**9, out_dir=str(out.parent / "train-run"))  # fmt: skip
+    batch = min(4096, len(x))
+    cfg = TrainConfig(batch_size=batch, epochs=2, optimizer="adam", lr=1e-3, warmup_steps=5,
+                      init_rows=min(16384, len(x)), dead_tokens=len(x), log_every=10**9,
+                      out_dir=str(out.parent / "train-run"))  # fmt: skip
     t0 = time.perf_counter()
-    Trainer({"m": model}, {source_key(model): TensorSource(x, None, batch_size=4096, seed=0)}, cfg).fit(
-        resume=False
-    )
+    source = TensorSource(x, None, batch_size=batch, seed=0)
+    Trainer({"m": model}, {source_key(model): source}, cfg).fit(resume=False)
     model.save_pretrained(out, {"cache": cache, "tokens": len(x)})
     print(
         f"trained {n_latents}-latent TopK k={k} on {len(x):,} rows in {time.perf_counter() - t0:.0f} s -> {out}"
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_rows", type=int, default=4096)
     parser.add_argument("--out", default="runs/bench-inspect/browser")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--once", action="store_true", help="one encode-only run (before inspect) instead of two"
+    )
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.threads:
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsedict.cache import ActivationStore
     from sparsedict.hub import from_pretrained
     from sparsedict.inspect import InspectConfig
-    from sparsedict.inspect.stream import LatentStats, stream
+    from sparsedict.inspect.stream import stream
     from sparsedict.inspect.write import write_all
 
     ckpt = Path(args.checkpoint)
@@ -120,32 +124,32 @@ def main(argv: list[str] | None = None) -> int:
               f"  load {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
         return rows
 
-    def stats():
-        return LatentStats(model.n_latents, cfg.top_n, cfg.samples, cfg.window, cfg.seed)
+    def full() -> int:
+        index = write_all(cfg, {str(ckpt): model})
+        meta = json.loads((index.parent / ckpt.name / "inspect.json").read_text())
+        sec, rows = meta["seconds"], int(meta["tokens"])
+        rec["full_inspect"] = {"pass": sec["pass"], "lens_and_neighbours": sec["lens_and_neighbours"],
+                               "arrays_and_pages": sec["browser_all"], "tokens_per_s_pass": rows / sec["pass"],
+                               "index": str(index)}  # fmt: skip
+        return rows
 
-    phase("encode-only", lambda: stream(store, [(model, NullStats())], limit, args.batch_rows))
-    phase("inspect-pass", lambda: stream(store, [(model, stats())], limit, args.batch_rows))
-    phase("encode-only", lambda: stream(store, [(model, NullStats())], limit, args.batch_rows))
-    t = time.perf_counter()
-    index = write_all(cfg, {str(ckpt): model})
-    total = time.perf_counter() - t
-    meta = json.loads((index.parent / ckpt.name / "inspect.json").read_text())
-    sec = meta["seconds"]
-    rows = int(meta["tokens"])
-    rec["full_inspect"] = {"seconds_total": total, "pass": sec["pass"], "lens_and_neighbours": sec["lens_and_neighbours"],
-                           "arrays_and_pages": sec["browser_all"], "tokens_per_s_pass": rows / sec["pass"],
-                           "tokens_per_s_total": rows / total, "peak_rss_gb": peak_rss_gb(),
-                           "load_avg": os.getloadavg()[0], "index": str(index)}  # fmt: skip
-    enc = [p["tokens_per_s"] for p in rec["phases"] if p["phase"] == "encode-only"]
-    ins = rec["phases"][1]["tokens_per_s"]
-    rec["inspect_over_encode"] = ins / (sum(enc) / len(enc))
+    def encode() -> int:
+        return stream(store, [(model, NullStats())], limit, args.batch_rows)
+
+    phase("encode-only", encode)
+    phase("inspect", full)
+    if not args.once:
+        phase("encode-only", encode)
     f = rec["full_inspect"]
-    print(f"full inspect()  {total:.1f} s: pass {f['pass']:.1f} s ({f['tokens_per_s_pass']:.0f} tokens/s), "
-          f"lens + neighbours {f['lens_and_neighbours']:.1f} s, arrays + {model.n_latents:,} pages "
-          f"{f['arrays_and_pages']:.1f} s; peak RSS {f['peak_rss_gb']:.2f} GB -> {index}")  # fmt: skip
-    print(f"inspect pass / encode-only throughput: {rec['inspect_over_encode']:.2f} "
-          f"(encode-only runs {enc[0]:.0f} and {enc[1]:.0f} tokens/s, inspect pass {ins:.0f} tokens/s); "
-          f"load average now {os.getloadavg()[0]:.1f}")  # fmt: skip
+    enc = [p["tokens_per_s"] for p in rec["phases"] if p["phase"] == "encode-only"]
+    rec["inspect_pass_over_encode"] = f["tokens_per_s_pass"] / (sum(enc) / len(enc))
+    rec["inspect_total_over_encode"] = rec["phases"][1]["tokens_per_s"] / (sum(enc) / len(enc))
+    print(f"inspect(): pass {f['pass']:.1f} s ({f['tokens_per_s_pass']:.0f} tokens/s), lens + neighbours "
+          f"{f['lens_and_neighbours']:.1f} s, arrays + {model.n_latents:,} pages {f['arrays_and_pages']:.1f} s "
+          f"-> {f['index']}")  # fmt: skip
+    print(f"inspect pass / encode-only throughput: {rec['inspect_pass_over_encode']:.2f} (whole inspect(): "
+          f"{rec['inspect_total_over_encode']:.2f}); encode-only {', '.join(f'{e:.0f}' for e in enc)} tokens/s; "
+          f"peak RSS {peak_rss_gb():.2f} GB; load average now {os.getloadavg()[0]:.1f}")  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rec, indent=1))

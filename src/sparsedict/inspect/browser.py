@@ -218,7 +218,7 @@ def index_page(r: Inspection, shown: list[str], paged: set[int], per_page: int =
     top_token: list[str | None] = [None] * n
     logit_token: list[str | None] = [None] * n
     for j, i in enumerate(a["latents"]):
-        if a["top_row"][j, 0] >= 0:
+        if a["top_row"].shape[1] and a["top_row"][j, 0] >= 0:
             top_token[int(i)] = shown[int(a["top_tokens"][j, 0, half])]
         if "lens_top_ids" in a:
             logit_token[int(i)] = shown[int(a["lens_top_ids"][j, 0])]

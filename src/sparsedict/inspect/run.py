@@ -29,18 +29,12 @@ def _names(keys: list[str]) -> list[str]:
 
 
 def load_dictionaries(cfg: InspectConfig) -> dict[str, Any]:
-    """``{checkpoint path: Dictionary}`` for ``cfg.checkpoints`` (on ``cfg.device``)."""
-    from sparsedict.hub import from_pretrained
+    """``{checkpoint path: Dictionary}`` for ``cfg.checkpoints`` (on ``cfg.device``), as ``sparsedict eval`` loads them."""
+    from sparsedict.eval.evaluate import EvalConfig, load_checkpoints
 
-    out = {}
-    for path in cfg.checkpoints:
-        d = from_pretrained(path, device=cfg.device)
-        if not d.cfg.hookpoint:
-            if not cfg.hookpoint:
-                raise ValueError(f"{path} names no hookpoint: pass --hookpoint (e.g. resid_post.6)")
-            d.cfg.hookpoint = cfg.hookpoint
-        out[str(path)] = d
-    return out
+    return load_checkpoints(
+        EvalConfig(checkpoints=list(cfg.checkpoints), hookpoint=cfg.hookpoint, device=cfg.device)
+    )
 
 
 def collect(cfg: InspectConfig, dictionaries: dict[str, Any] | None = None, sinks: dict | None = None

@@ -106,17 +106,25 @@ def firings(code, n: int) -> tuple[Tensor, Tensor, Tensor]:
     return r, lat, v
 
 
+DENSE_LOOKUP = 1 << 24
+"""A sparse batch code with at most this many ``rows · n`` entries is densified for window lookups."""
+
+
 class CodeLookup:
-    """Activation of any (batch row, latent) pair of one batch's code: direct indexing of a dense code, a
-    binary search in the sorted ``row · n + latent`` keys of a sparse one (no ``[B, n]`` densification;
-    the keys are sorted on first use)."""
+    """Activation of any (batch row, latent) pair of one batch's code: direct indexing of a dense code (or
+    of a small sparse one densified), else a binary search in the sorted ``row · n + latent`` keys (no
+    ``[B, n]`` densification; built on first use)."""
 
     def __init__(self, code, n: int, rows: Tensor, lat: Tensor, values: Tensor) -> None:
         self.dense = code.values if code.indices is None else None
-        self.n, self.firings = n, (rows, lat, values)
+        self.n, self.firings, self.batch = n, (rows, lat, values), code.values.shape[0]
         self.keys: Tensor | None = None
 
     def __call__(self, rows: Tensor, lat: Tensor) -> Tensor:
+        if self.dense is None and self.keys is None and self.batch * self.n <= DENSE_LOOKUP:
+            r, la, v = self.firings
+            self.dense = torch.zeros(self.batch, self.n, dtype=torch.float32)
+            self.dense[r, la] = v
         if self.dense is not None:
             return self.dense[rows, lat].float()
         if self.keys is None:
@@ -229,19 +237,29 @@ class LatentStats:
         width = 2 * half_window + 1
         self.top = TopTable(len(self.latents), top_n, width, torch.float32)
         self.sample = TopTable(len(self.latents), samples, width, torch.int64)
-        self.rows = 0
         self.sink = None
         """Optional ``sink(batch, rows, latents, values)`` receiving every tabulated firing (batch rows)."""
 
     def update(self, code, batch: Batch) -> None:
-        """Fold one batch's code (``SparseCode`` on the CPU) into the statistics."""
+        """Fold one batch's code (``SparseCode`` on the CPU) into the statistics.
+
+        Runs on one CPU thread: its tensors are small (about batch · k entries), where torch's parallel
+        regions cost more than they save, and on a loaded machine far more (``benchmarks/RESULTS.md``).
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._update(code, batch)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _update(self, code, batch: Batch) -> None:
         r, lat, v = firings(code, self.n)
         if not bool(torch.isfinite(v).all()):
             raise ValueError(
                 f"the dictionary produced NaN/inf codes on rows {batch.row0}..{batch.row0 + len(batch.x)} "
                 "of the cache: check the checkpoint (and the cache's activations) for NaN/inf"
             )
-        self.rows += len(batch.x)
         if not len(v):
             return
         self.count += torch.bincount(lat, minlength=self.n)
