@@ -53,7 +53,7 @@ def train(cache: str, hookpoint: str, out: Path, tokens: int, n_latents: int, k:
     x = ActivationStore(cache, hookpoint, loop=False).rows(0, tokens)
     model = build(TopKConfig(hookpoint=hookpoint, n_latents=n_latents, k=k).resolved(x.shape[1]))
     batch = min(4096, len(x))
-    cfg = TrainConfig(batch_size=batch, epochs=2, optimizer="adam", lr=1e-3, warmup_steps=5,
+    cfg = TrainConfig(batch_size=batch, epochs=1, optimizer="adam", lr=1e-3, warmup_steps=5,
                       init_rows=min(16384, len(x)), dead_tokens=len(x), log_every=10**9,
                       out_dir=str(out.parent / "train-run"))  # fmt: skip
     t0 = time.perf_counter()
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="/work/runs-shared/cache-1m-resid6")
     parser.add_argument("--hookpoint", default="resid_post.6")
     parser.add_argument("--checkpoint", default="runs/bench-inspect/topk16k")
-    parser.add_argument("--train_tokens", type=int, default=100_000)
+    parser.add_argument("--train_tokens", type=int, default=65_536)
     parser.add_argument("--n_latents", type=int, default=16_384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=0, help="rows to read (0: the whole cache)")

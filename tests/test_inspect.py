@@ -197,6 +197,8 @@ def test_every_architecture_is_inspected(zoo_run, cache, tokenizer):
     index, folders = zoo_run
     assert index.name == "index.html" and index.exists()
     assert set(folders) >= set(available())
+    landing = index.read_text()
+    assert all(f"href='{name}/index.html'" in landing for name in folders)
     texts = token_texts(tokenizer)
     for name in folders:
         r = Inspection.load(index.parent / name)
