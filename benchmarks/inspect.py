@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from sparsedict.cache import ActivationStore
-    from sparsedict.hub import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
     from sparsedict.inspect import InspectConfig
     from sparsedict.inspect.stream import stream
     from sparsedict.inspect.write import write_all

@@ -105,6 +105,15 @@ def _kernels():
     return topk_f32, topk_bf16
 
 
+def numba_threads() -> int:
+    """Give numba as many threads as torch uses (at most numba's pool) and return the count."""
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
 def supported(pre: Tensor, k: int) -> bool:
     """Whether :func:`select_topk_cpu` handles this input (CPU, 2-D, fp32/bf16, numba installed, no grad)."""
     return (
@@ -119,10 +128,8 @@ def supported(pre: Tensor, k: int) -> bool:
 
 def select_topk_cpu(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``(values [B, k] in pre's dtype, indices [B, k] int64)``; see the module docstring for the order."""
-    import numba
-
     topk_f32, topk_bf16 = _kernels()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba_threads()
     pre = pre.contiguous()
     B = pre.shape[0]
     vals = torch.empty(B, k, dtype=torch.float32)

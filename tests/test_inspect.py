@@ -11,15 +11,16 @@ import re
 import shutil
 import struct
 import subprocess
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.cli import main as sparsedict_main
 from sparsedict.dictionaries import available, build, lookup
 from sparsedict.inspect import InspectConfig, Inspection, collect, inspect
-from sparsedict.inspect.cli import main
 from sparsedict.inspect.export import read_jsonl_gz
 from sparsedict.inspect.stream import BINS_PER_OCTAVE, HIST_LOW, N_BINS, priority
 from sparsedict.inspect.tokens import display, token_texts
@@ -231,7 +232,7 @@ def test_every_architecture_is_inspected(zoo_run, cache, tokenizer):
 
 
 def test_logit_lens_and_neighbours_match_a_plain_reference(zoo_run):
-    from sparsedict.hub import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
     from sparsedict.lm import load_model
 
     index, folders = zoo_run
@@ -326,7 +327,7 @@ def test_delphi_export_reads_back(zoo_run, cache):
     """Read the latent cache the way delphi's TensorBuffer does and compare with the dictionary's codes."""
     from safetensors.numpy import load_file
 
-    from sparsedict.hub import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
 
     index, folders = zoo_run
     module = index.parent / "topk" / "delphi" / HP
@@ -353,9 +354,18 @@ def test_delphi_export_reads_back(zoo_run, cache):
 
 
 # ------------------------------------------------------------------------------------------- CLI, text
+def main(argv: list[str]) -> int:
+    return sparsedict_main(["inspect", *argv])
+
+
 def test_cli_and_errors(cache, tmp_path, capsys):
     x = ActivationStore(cache, HP, loop=False).rows()
     _dictionary("topk", k=6, data=x).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--top_n" in shown and "Top-activating examples kept per latent (exact)" in shown
     rc = main([str(tmp_path / "ckpt"), "--cache", str(cache), "--out", str(tmp_path / "o"), "--latents", "0-3",
                "--tokens", "300", "--progress", "false"])  # fmt: skip
     assert rc == 0
@@ -363,6 +373,18 @@ def test_cli_and_errors(cache, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "o" / "ckpt" / "features").iterdir()) == [
         f"{i}.html" for i in range(4)
     ]
+    # a recipe gives the defaults, flags override them
+    recipe = tmp_path / "inspect.yaml"
+    recipe.write_text(f"inspect:\n  cache: {cache}\n  out: {tmp_path / 'y'}\n  latents: 5-6\n  tokens: 200\n"
+                      "  progress: false\n  top_n: 3\n")  # fmt: skip
+    assert main([str(recipe), str(tmp_path / "ckpt"), "--latents", "7"]) == 0
+    capsys.readouterr()
+    assert [p.name for p in (tmp_path / "y" / "ckpt" / "features").iterdir()] == ["7.html"]
+    r = Inspection.load(tmp_path / "y" / "ckpt")
+    assert r["top_row"].shape == (1, 3) and r.meta["settings"]["tokens"] == 200
+    (tmp_path / "bad.yaml").write_text("inspect:\n  top_m: 3\n")
+    assert main([str(tmp_path / "bad.yaml"), str(tmp_path / "ckpt")]) == 2
+    assert "did you mean 'top_n'" in capsys.readouterr().err
     assert main([str(tmp_path / "ckpt"), "--cache", str(tmp_path / "nope"), "--progress", "false"]) == 2
     assert "not an activation cache" in capsys.readouterr().err
     assert (
@@ -374,6 +396,8 @@ def test_cli_and_errors(cache, tmp_path, capsys):
         main([str(tmp_path / "ckpt"), "--cache", str(cache), "--latents", "7-x", "--progress", "false"]) == 2
     )
     assert "cannot read '7-x'" in capsys.readouterr().err
+    assert main([str(tmp_path / "ckpt"), "--cache", str(cache), "--top-n", "-1"]) == 2
+    assert "top_n must be >= 0" in capsys.readouterr().err
     d = _dictionary("topk", HIDDEN, k=6, data=ActivationStore(cache, HIDDEN, loop=False).rows())
     d.cfg.hookpoint = "resid_post.9"
     d.save_pretrained(tmp_path / "wrong")
@@ -454,6 +478,33 @@ def test_browser_renders_in_headless_chromium(zoo_run, tmp_path, tokenizer):
     assert re.search(r'class="tok[^"]*fire[^"]*"', rows[0])
     heights = [float(h) for h in re.findall(r'<rect class="bar"[^>]*height="([0-9.]+)"', dom)]
     assert heights and max(heights) > 10
-    idx_dom = _chromium(tmp_path, (index.parent / "topk" / "index.html").as_uri(), "--dump-dom").stdout
-    assert len(re.findall(r"<tr[ >]", idx_dom.split("<tbody", 1)[1])) == 64
-    assert 'href="features/0.html"' in idx_dom and "64 of 64 latents" in idx_dom
+    idx = index.parent / "topk" / "index.html"
+    idx_dom = _chromium(tmp_path, idx.as_uri(), "--dump-dom").stdout
+    assert _listed(idx_dom) == list(range(64)) and "64 of 64 latents" in idx_dom
+
+    # sorting and search run in the page's script; the view comes from the address's fragment
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', idx.read_text(),
+                                re.S).group(1))  # fmt: skip
+    fired = r["count"] > 0
+    np.testing.assert_allclose([data["max"][i] for i in np.flatnonzero(fired)], r["max"][fired], rtol=1e-3)
+    assert all(data["max"][i] is None for i in np.flatnonzero(~fired))
+    by_max = sorted(range(64), key=lambda i: (data["max"][i] is None, -(data["max"][i] or 0), i))
+    assert by_max[0] == j
+    assert _listed(_chromium(tmp_path, idx.as_uri() + "#sort=-max", "--dump-dom").stdout) == by_max
+    by_density = sorted(range(64), key=lambda i: (data["density"][i], i))
+    assert _listed(_chromium(tmp_path, idx.as_uri() + "#sort=density", "--dump-dom").stdout) == by_density
+    half = int(r.meta["settings"]["window"])
+    top_text = {int(i): display(texts[int(r["top_tokens"][k, 0, half])]) for k, i in enumerate(r["latents"])
+                if r["top_row"][k, 0] >= 0}  # fmt: skip
+    assert {i: t for i, t in enumerate(data["top_token"]) if t is not None} == top_text
+    q = next(t.strip().lower() for t in top_text.values() if t.strip().isalpha() and len(t.strip()) >= 2)
+    hits = [i for i in range(64)
+            if any(t is not None and q in t.lower() for t in (data["top_token"][i], data["logit_token"][i]))]  # fmt: skip
+    found = _chromium(tmp_path, f"{idx.as_uri()}#sort=latent&q={quote(q)}", "--dump-dom").stdout
+    assert _listed(found) == hits and f"{len(hits)} of 64 latents" in found
+
+
+def _listed(dom: str) -> list[int]:
+    """Latent ids in the index table's rows, in order, from a dumped DOM."""
+    body = dom.split('<tbody id="rows">', 1)[1].split("</tbody>", 1)[0]
+    return [int(i) for i in re.findall(r'<tr[^>]*><td><a href="features/(\d+)\.html">', body)]

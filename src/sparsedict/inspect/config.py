@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-from simple_parsing.helpers import list_field
+from dataclasses import dataclass, field
 
 
 @dataclass
 class InspectConfig:
     """Inspect dictionaries over an activation cache: statistics, examples, logit lens, browser, exports."""
 
-    checkpoints: list[str] = list_field(positional=True, metavar="checkpoint")  # noqa: RUF009
+    checkpoints: list[str] = field(default_factory=list)
     """Checkpoint directories (any format ``from_pretrained`` reads); several on one hookpoint share a pass."""
     cache: str = ""
     """Activation cache holding the checkpoints' (input) hookpoints; its stored token ids give the contexts."""
@@ -65,6 +63,7 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if isinstance(self.checkpoints, str):
             self.checkpoints = [self.checkpoints]
+        self.checkpoints = list(self.checkpoints)
         for name in ("top_n", "quantiles", "per_quantile", "window", "logits", "neighbours", "tokens",
                      "threads"):  # fmt: skip
             if getattr(self, name) < 0:

@@ -84,6 +84,7 @@ function renderIndex(d) {
   let shown = order;
   let sortKey = null, asc = true, page = 0;
   const per = d.per_page || 100;
+  const keys = Array.from(document.querySelectorAll("th[data-key]"), (th) => th.dataset.key);
 
   function cell(tr, text, cls) { const td = el("td", cls, text); tr.appendChild(td); return td; }
 
@@ -124,16 +125,21 @@ function renderIndex(d) {
     }
   }
 
-  function sortBy(key) {
-    if (key === sortKey) asc = !asc;
+  function sortBy(key, ascending) {
+    if (!keys.includes(key)) key = "latent";
+    if (ascending !== undefined) { sortKey = key; asc = ascending; }
+    else if (key === sortKey) asc = !asc;
     else { sortKey = key; asc = key === "latent" || key === "top_token" || key === "logit_token"; }
     const v = d[key];
-    order.sort((i, j) => {
-      let a = v[i], b = v[j];
-      if (a === null) a = asc ? "\uffff" : "";
-      if (b === null) b = asc ? "\uffff" : "";
-      const c = a < b ? -1 : a > b ? 1 : d.latent[i] - d.latent[j];
-      return asc ? c : -c;
+    order.sort((i, j) => {  // missing values last either way; ties: lower latent id first
+      const a = v[i], b = v[j];
+      if (a === null || b === null) {
+        if (a !== b) return a === null ? 1 : -1;
+      } else if (a !== b) {
+        const c = a < b ? -1 : 1;
+        return asc ? c : -c;
+      }
+      return d.latent[i] - d.latent[j];
     });
     filter();
   }
@@ -148,13 +154,28 @@ function renderIndex(d) {
         || (d.logit_token[i] !== null && d.logit_token[i].toLowerCase().includes(q)));
     }
     draw();
+    remember();
+  }
+
+  /* The view lives in the address's fragment (#sort=-max&q=the&page=2: "-" sorts descending), so a
+     view can be bookmarked or shared, and a page opened with one starts there. */
+  function remember() {
+    const p = new URLSearchParams();
+    p.set("sort", (asc ? "" : "-") + sortKey);
+    if (search.value.trim()) p.set("q", search.value.trim());
+    if (page > 0) p.set("page", String(page + 1));
+    try { history.replaceState(null, "", "#" + p.toString()); } catch (e) { /* some file:// settings refuse */ }
   }
 
   for (const th of document.querySelectorAll("th[data-key]")) th.addEventListener("click", () => { page = 0; sortBy(th.dataset.key); });
   search.addEventListener("input", () => { page = 0; filter(); });
-  document.getElementById("prev").addEventListener("click", () => { page = Math.max(0, page - 1); draw(); });
-  document.getElementById("next").addEventListener("click", () => { page += 1; draw(); });
-  sortBy(d.sort || "latent");
+  document.getElementById("prev").addEventListener("click", () => { page = Math.max(0, page - 1); draw(); remember(); });
+  document.getElementById("next").addEventListener("click", () => { page += 1; draw(); remember(); });
+  const start = new URLSearchParams(location.hash.replace(/^#/, ""));
+  const sort = start.get("sort") || "latent";
+  search.value = start.get("q") || "";
+  page = Math.max(0, (parseInt(start.get("page") || "1", 10) || 1) - 1);
+  sortBy(sort.replace(/^-/, ""), !sort.startsWith("-"));
 }
 
 document.addEventListener("DOMContentLoaded", () => {
