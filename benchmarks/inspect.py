@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         index = write_all(cfg, {str(ckpt): model})
         meta = json.loads((index.parent / ckpt.name / "inspect.json").read_text())
         sec, rows = meta["seconds"], int(meta["tokens"])
-        rec["full_inspect"] = {"pass": sec["pass"], "lens_and_neighbours": sec["lens_and_neighbours"],
+        rec["full_inspect"] = {"pass": sec["pass"], "pass_read": sec["pass_read"], "pass_encode": sec["pass_encode"],
+                               "pass_bookkeeping": sec["pass_bookkeeping"],
+                               "lens_and_neighbours": sec["lens_and_neighbours"],
                                "arrays_and_pages": sec["browser_all"], "tokens_per_s_pass": rows / sec["pass"],
                                "index": str(index)}  # fmt: skip
         return rows
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     enc = [p["tokens_per_s"] for p in rec["phases"] if p["phase"] == "encode-only"]
     rec["inspect_pass_over_encode"] = f["tokens_per_s_pass"] / (sum(enc) / len(enc))
     rec["inspect_total_over_encode"] = rec["phases"][1]["tokens_per_s"] / (sum(enc) / len(enc))
-    print(f"inspect(): pass {f['pass']:.1f} s ({f['tokens_per_s_pass']:.0f} tokens/s), lens + neighbours "
+    print(f"inspect(): pass {f['pass']:.1f} s ({f['tokens_per_s_pass']:.0f} tokens/s: read {f['pass_read']:.1f} s, "
+          f"encode {f['pass_encode']:.1f} s, bookkeeping {f['pass_bookkeeping']:.1f} s), lens + neighbours "
           f"{f['lens_and_neighbours']:.1f} s, arrays + {model.n_latents:,} pages {f['arrays_and_pages']:.1f} s "
           f"-> {f['index']}")  # fmt: skip
     print(f"inspect pass / encode-only throughput: {rec['inspect_pass_over_encode']:.2f} (whole inspect(): "

@@ -68,7 +68,6 @@ def collect(cfg: InspectConfig, dictionaries: dict[str, Any] | None = None, sink
         stats.sink = (sinks or {}).get(name)
         groups.setdefault(d.cfg.hookpoint, []).append((name, d, stats))
     results: dict[str, Inspection] = {}
-    seconds: dict[str, float] = {}
     for hookpoint, members in groups.items():
         store = ActivationStore(root, hookpoint, batch_size=1, loop=False)
         for name, d, _ in members:
@@ -76,12 +75,14 @@ def collect(cfg: InspectConfig, dictionaries: dict[str, Any] | None = None, sink
                 raise ValueError(f"{name}: the dictionary takes d_in={d.d_in} but {hookpoint} in {root} has "
                                  f"d={store.d_in}: wrong cache or hookpoint")  # fmt: skip
         t0 = time.perf_counter()
+        split: dict[str, float] = {}
         rows = stream(store, [(d, s) for _, d, s in members], cfg.tokens or None, cfg.batch_rows, cfg.device,
-                      cfg.progress)  # fmt: skip
-        seconds[hookpoint] = time.perf_counter() - t0
+                      cfg.progress, split)  # fmt: skip
+        seconds = time.perf_counter() - t0
         for name, d, stats in members:
             results[name] = _tables(name, d, stats, store, rows, cfg)
-            results[name].meta["seconds"] = {"pass": seconds[hookpoint], "pass_shared_by": len(members)}
+            results[name].meta["seconds"] = {"pass": seconds, "pass_shared_by": len(members),
+                                             **{f"pass_{k}": v for k, v in split.items()}}  # fmt: skip
     from sparsedict.lm import load_model
 
     model_name = cfg.model or manifest["model"]["id"]

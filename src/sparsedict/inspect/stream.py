@@ -25,6 +25,7 @@ affected latents' old and new entries — no per-latent Python loop and no dense
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,12 +311,22 @@ def context_batches(keep: Tensor, batch_rows: int) -> list[tuple[int, int]]:
 
 
 def stream(store, members: list[tuple[object, LatentStats]], max_rows: int | None, batch_rows: int,
-           device: str = "cpu", progress: bool = False) -> int:  # fmt: skip
+           device: str = "cpu", progress: bool = False, seconds: dict[str, float] | None = None) -> int:  # fmt: skip
     """Encode the cache behind ``store`` (an ``ActivationStore``) once, in order, with every dictionary in
     ``members`` (``(dictionary, stats)``), up to ``max_rows`` rows rounded up to a whole context.
 
-    Returns the number of rows read.
+    Returns the number of rows read; ``seconds``, when given, receives the wall time spent reading
+    (``read``: shards and tokens files), encoding (``encode``) and in the statistics (``bookkeeping``).
     """
+    clock = {"read": 0.0, "encode": 0.0, "bookkeeping": 0.0}
+    t = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        clock[phase] += now - t
+        t = now
+
     bar = None
     total = store.n_rows if max_rows is None else min(store.n_rows, max_rows)
     if progress:
@@ -348,6 +359,7 @@ def stream(store, members: list[tuple[object, LatentStats]], max_rows: int | Non
             if b == a:
                 continue
             x = store.rows(row0, row0 + b - a)
+            lap("read")
             local = pos2row[c0:c1]
             batch = Batch(
                 x,
@@ -367,10 +379,15 @@ def stream(store, members: list[tuple[object, LatentStats]], max_rows: int | Non
                 if code.values.device.type != "cpu":
                     code = type(code)(code.values.cpu(), None if code.indices is None else code.indices.cpu(),
                                       code.n_latents)  # fmt: skip
+                lap("encode")
                 stats.update(code, batch)
+                lap("bookkeeping")
             row0 += b - a
             if bar is not None:
                 bar.update(b - a)
     if bar is not None:
         bar.close()
+    if seconds is not None:
+        for phase, dt in clock.items():
+            seconds[phase] = seconds.get(phase, 0.0) + dt
     return row0
