@@ -10,8 +10,9 @@ In one process, alternated so that machine load affects both alike: encode-only 
 same batches of whole contexts, each batch encoded, nothing kept), a full ``inspect()`` (the same pass
 plus every per-latent statistic and table, then the logit lens, nearest features, the arrays and one page
 per latent; its pass is timed on its own), encode-only again (``--once`` skips it). Peak RSS is the
-process's VmHWM after each phase (the model for the lens is loaded during ``inspect()``). The load
-average is printed beside the numbers.
+process's VmHWM after each phase (the model for the lens is loaded during ``inspect()``). The pass's
+read / encode / bookkeeping split is printed; ``--compare_threads ROWS`` then times the bookkeeping on one
+thread against torch's threads. The load average is printed beside the numbers.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--once", action="store_true", help="one encode-only run (before inspect) instead of two"
     )
+    parser.add_argument("--compare_threads", type=int, default=0, metavar="ROWS",
+                        help="also time the pass's bookkeeping on one thread against torch's threads, alternated "
+                             "twice, on the first ROWS rows (0: skip)")  # fmt: skip
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.threads:
@@ -142,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     phase("inspect", full)
     if not args.once:
         phase("encode-only", encode)
+    if args.compare_threads:
+        from sparsedict.inspect.stream import LatentStats
+
+        rec["bookkeeping_threads"] = []
+        for threads in (1, 0, 1, 0):
+            stats = LatentStats(model.n_latents, cfg.top_n, cfg.samples, cfg.window, cfg.seed)
+            stats.threads = threads
+            split: dict[str, float] = {}
+            rows = stream(store, [(model, stats)], args.compare_threads, args.batch_rows, seconds=split)
+            row = {"threads": threads or torch.get_num_threads(), "rows": rows, **split,
+                   "load_avg": os.getloadavg()[0]}  # fmt: skip
+            rec["bookkeeping_threads"].append(row)
+            print(f"bookkeeping on {row['threads']} thread(s): {split['bookkeeping']:.1f} s for {rows:,} rows "
+                  f"(encode {split['encode']:.1f} s, read {split['read']:.1f} s), load {row['load_avg']:.1f}")  # fmt: skip
     f = rec["full_inspect"]
     enc = [p["tokens_per_s"] for p in rec["phases"] if p["phase"] == "encode-only"]
     rec["inspect_pass_over_encode"] = f["tokens_per_s_pass"] / (sum(enc) / len(enc))

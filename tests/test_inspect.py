@@ -16,10 +16,11 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import torch
+from helpers import make_dict, small_cache
 
-from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.cache import ActivationStore
 from sparsedict.cli import main as sparsedict_main
-from sparsedict.dictionaries import available, build, lookup
+from sparsedict.dictionaries import available
 from sparsedict.inspect import InspectConfig, Inspection, collect, inspect
 from sparsedict.inspect.export import read_jsonl_gz
 from sparsedict.inspect.stream import BINS_PER_OCTAVE, HIST_LOW, N_BINS, priority
@@ -33,10 +34,8 @@ T = 48  # context length
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     torch.set_num_threads(1)  # shared 2-core machine: one thread is much faster under contention
-    cfg = CacheConfig(dataset="embedded-sample", hookpoints=[HP, MLP_IN, MLP_OUT, HIDDEN], max_tokens=1500,
-                      context_length=T, shard_rows=400, out_dir=str(tmp_path_factory.mktemp("cache") / "c"),
-                      num_threads=1, progress=False)  # fmt: skip
-    return cache_activations(cfg)
+    return small_cache(tmp_path_factory.mktemp("cache") / "c", [HP, MLP_IN, MLP_OUT, HIDDEN], 1500,
+                       context_length=T, shard_rows=400)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +46,7 @@ def tokenizer():
 
 
 def _dictionary(arch: str, hookpoint: str = HP, n: int = 64, data=None, **kw):
-    _, cls = lookup(arch)
-    d = build(
-        cls(architecture=arch, hookpoint=hookpoint, n_latents=n, **kw).resolved(
-            data.shape[1], kw.get("d_out")
-        )
-    )
+    d = make_dict(arch, data.shape[1], n, hookpoint=hookpoint, **kw)
     torch.manual_seed(0)
     with torch.no_grad():
         d.init_from_data(data[:400].to(d.W_dec.dtype))

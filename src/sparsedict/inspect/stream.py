@@ -241,14 +241,14 @@ class LatentStats:
         self.sink = None
         """Optional ``sink(batch, rows, latents, values)`` receiving every tabulated firing (batch rows)."""
 
-    def update(self, code, batch: Batch) -> None:
-        """Fold one batch's code (``SparseCode`` on the CPU) into the statistics.
+    threads = 1
+    """CPU threads of :meth:`update` (0: torch's setting). Its tensors are small (about batch · k entries),
+    where torch's parallel regions cost more than they save (benchmarks/RESULTS_inspect.md)."""
 
-        Runs on one CPU thread: its tensors are small (about batch · k entries), where torch's parallel
-        regions cost more than they save, and on a loaded machine far more (``benchmarks/RESULTS.md``).
-        """
+    def update(self, code, batch: Batch) -> None:
+        """Fold one batch's code (``SparseCode`` on the CPU) into the statistics, on ``threads`` threads."""
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(self.threads or threads)
         try:
             self._update(code, batch)
         finally:
