@@ -16,6 +16,7 @@ or ``sparsedict inspect <checkpoint...> --cache DIR --out DIR``.
 
 from sparsedict.inspect.config import InspectConfig
 from sparsedict.inspect.result import Inspection
-from sparsedict.inspect.run import collect, inspect
+from sparsedict.inspect.run import collect
+from sparsedict.inspect.write import inspect
 
 __all__ = ["InspectConfig", "Inspection", "collect", "inspect"]

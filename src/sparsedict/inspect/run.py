@@ -1,4 +1,4 @@
-"""``inspect(cfg)``: load checkpoints, stream the cache once per hookpoint, add the logit lens, write outputs."""
+"""``collect(cfg)``: load checkpoints, stream the cache once per hookpoint, add the logit lens and neighbours."""
 
 from __future__ import annotations
 
@@ -139,17 +139,3 @@ def _tables(name: str, d, stats: LatentStats, store, rows: int, cfg: InspectConf
         "checkpoint_meta": getattr(d, "meta", {}) or {},
     }  # fmt: skip
     return Inspection(meta, arrays)
-
-
-def inspect(
-    cfg: InspectConfig | None = None, /, dictionaries: dict[str, Any] | None = None, **fields
-) -> Path:
-    """Inspect checkpoints over a cache and write the outputs; returns the path of ``index.html``.
-
-    ``inspect(checkpoints=[path], cache=dir, out=dir)`` or ``inspect(InspectConfig(...))``; keyword
-    fields override the config's. ``dictionaries`` (``{name: Dictionary}``) inspects models in memory.
-    """
-    from sparsedict.inspect.write import write_all
-
-    cfg = dataclasses.replace(cfg, **fields) if cfg is not None else InspectConfig(**fields)
-    return write_all(cfg, dictionaries)

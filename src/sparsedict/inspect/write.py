@@ -1,7 +1,8 @@
-"""``write_all(cfg)``: the whole ``sparsedict inspect`` run — pass, saved arrays, browser, exports."""
+"""``write_all(cfg)`` / ``inspect(...)``: the whole ``sparsedict inspect`` run — pass, saved arrays, browser, exports."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from sparsedict.inspect.config import InspectConfig
+from sparsedict.inspect.run import _names, collect, load_dictionaries
 
 
 def _delphi_tokens(store, n_contexts: int) -> np.ndarray:
@@ -33,7 +35,6 @@ def write_all(cfg: InspectConfig, dictionaries: dict[str, Any] | None = None) ->
     from sparsedict.inspect.browser import write_browser
     from sparsedict.inspect.export import DelphiSpill, write_neuronpedia
     from sparsedict.inspect.result import locate
-    from sparsedict.inspect.run import _names, collect, load_dictionaries
     from sparsedict.inspect.tokens import token_texts
 
     out = Path(cfg.out)
@@ -70,3 +71,15 @@ def write_all(cfg: InspectConfig, dictionaries: dict[str, Any] | None = None) ->
             })  # fmt: skip
         r.save(out / name)
     return index
+
+
+def inspect(
+    cfg: InspectConfig | None = None, /, dictionaries: dict[str, Any] | None = None, **fields
+) -> Path:
+    """Inspect checkpoints over a cache and write the outputs; returns the path of ``index.html``.
+
+    ``inspect(checkpoints=[path], cache=dir, out=dir)`` or ``inspect(InspectConfig(...))``; keyword
+    fields override the config's. ``dictionaries`` (``{name: Dictionary}``) inspects models in memory.
+    """
+    cfg = dataclasses.replace(cfg, **fields) if cfg is not None else InspectConfig(**fields)
+    return write_all(cfg, dictionaries)
