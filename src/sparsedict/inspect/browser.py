@@ -65,7 +65,7 @@ def write_assets(out: Path) -> None:
         (folder / name).write_text(resources.files("sparsedict.inspect").joinpath("static", name).read_text())
 
 
-def histogram_svg(hist: np.ndarray, hist_neg: np.ndarray | None, width: int = 440, height: int = 150) -> str:
+def histogram_svg(hist: np.ndarray, hist_neg: np.ndarray | None, width: int = 440, height: int = 160) -> str:
     """Inline SVG of a latent's log-spaced activation histogram (bins cropped to the used range)."""
     counts = [hist] + ([hist_neg] if hist_neg is not None and hist_neg.any() else [])
     used = np.flatnonzero(sum(c for c in counts))
@@ -74,7 +74,7 @@ def histogram_svg(hist: np.ndarray, hist_neg: np.ndarray | None, width: int = 44
     lo, hi = max(0, used[0] - 1), min(N_BINS, used[-1] + 2)
     edges = hist_edges()
     top = max(int(c[lo:hi].max()) for c in counts)
-    pad_l, pad_b, pad_t = 34, 26, 8
+    pad_l, pad_b, pad_t = 34, 34, 8
     w, h = width - pad_l - 6, height - pad_b - pad_t
     bw = w / (hi - lo)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -99,7 +99,7 @@ def histogram_svg(hist: np.ndarray, hist_neg: np.ndarray | None, width: int = 44
     for b in range(lo, hi + 1, step):
         x = pad_l + (b - lo) * bw
         parts.append(f'<text x="{x:.1f}" y="{y0 + 14}" text-anchor="middle">{_fmt(edges[b])}</text>')
-    parts.append(f'<text x="{pad_l + w / 2:.1f}" y="{height - 1}" text-anchor="middle">'
+    parts.append(f'<text x="{pad_l + w / 2:.1f}" y="{height - 4}" text-anchor="middle">'
                  "activation (log scale)" + (", blue: |negative|" if len(counts) > 1 else "") + "</text>")  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
