@@ -242,8 +242,8 @@ class LatentStats:
         """Optional ``sink(batch, rows, latents, values)`` receiving every tabulated firing (batch rows)."""
 
     threads = 1
-    """CPU threads of :meth:`update` (0: torch's setting). Its tensors are small (about batch · k entries),
-    where torch's parallel regions cost more than they save (benchmarks/RESULTS_inspect.md)."""
+    """CPU threads of :meth:`update` (0: torch's setting). One, as its tensors are small (about batch · k
+    entries); ``benchmarks/inspect.py --compare_threads`` times the choice."""
 
     def update(self, code, batch: Batch) -> None:
         """Fold one batch's code (``SparseCode`` on the CPU) into the statistics, on ``threads`` threads."""
