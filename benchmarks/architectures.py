@@ -30,7 +30,7 @@ import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
 from sparsedict.dictionaries import build, lookup
-from sparsedict.eval.metrics import reconstruction_stats
+from sparsedict.eval.heldout import reconstruction_stats
 from sparsedict.train import TrainConfig, Trainer
 
 HOOK = "resid_post.6"
@@ -54,15 +54,17 @@ class Calibrate:
 
 
 ARCHITECTURES = [
-    ("topk", "topk", {}, "none"),
-    ("batchtopk", "batchtopk", {}, "none"),
-    ("matryoshka", "matryoshka", {}, "none"),
-    ("jumprelu", "jumprelu", {"l0_target": "K", "l0_coefficient": 1.0, "threshold_init": 0.01}, "unit_msn"),
+    ("topk", "topk", {}),
+    ("batchtopk", "batchtopk", {}),
+    ("matryoshka", "matryoshka", {}),
+    ("jumprelu", "jumprelu", {"l0_target": "K", "l0_coefficient": 1.0, "threshold_init": 0.01}),
     # L0 falls as λ grows; starting guesses and prior slopes from probe runs at this budget
-    ("relu", "relu", {"l1_coefficient": Calibrate(start=RELU_START, slope=RELU_SLOPE)}, "sqrt_d"),
-    ("gated", "gated", {"l1_coefficient": Calibrate(start=GATED_START, slope=GATED_SLOPE)}, "sqrt_d"),
-    ("mp", "mp", {"steps": "K"}, "none"),
+    ("relu", "relu", {"l1_coefficient": Calibrate(start=RELU_START, slope=RELU_SLOPE)}),
+    ("gated", "gated", {"l1_coefficient": Calibrate(start=GATED_START, slope=GATED_SLOPE)}),
+    ("mp", "mp", {"steps": "K"}),
 ]
+"""(row name, architecture, config overrides); inputs are normalised as the class declares
+(``input_normalisation``)."""
 
 
 def caches(args) -> tuple[Path, Path]:
@@ -114,7 +116,7 @@ def run_one(
     trainer.fit(resume=False)
     seconds = time.perf_counter() - t0
     path = trainer.save()[name]
-    from sparsedict.hub import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
 
     loaded = from_pretrained(path, device=args.device)  # evaluate what was saved (scale folded)
     store = ActivationStore(test_dir, HOOK, batch_size=4096, loop=False, drop_last=False)
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     train_dir, test_dir = caches(args)
     rows = []
-    for name, arch, overrides, norm in ARCHITECTURES:
+    for name, arch, overrides in ARCHITECTURES:
+        norm = lookup(arch)[0].input_normalisation
         if args.only and name not in args.only:
             continue
         if any(isinstance(v, Calibrate) for v in overrides.values()):

@@ -5,7 +5,7 @@
 All runs read the same cached activations (``benchmarks/throughput.py``'s cache of the embedded
 SmolLM2-135M at ``resid_post.14``, split 'train'; held-out rows from split 'test') in the same batch
 order, each in a fresh process (its own peak RSS), and every model is scored by sparsedict's metrics
-(:class:`sparsedict.eval.metrics.ReconstructionStats`: held-out FVU with per-dimension mean, L0, dead %).
+(:class:`sparsedict.metrics.ReconstructionStats`: held-out FVU with per-dimension mean, L0, dead %).
 Peers train with their own training step and defaults:
 
 - **eai-sparsify** (``sparsify.SparseCoder``): its trainer's step on cached data — b_dec = mean of the first
@@ -66,7 +66,7 @@ def _batches(job: dict[str, Any]):
 def _score(job: dict[str, Any], encode_decode) -> dict[str, float]:
     """Held-out metrics with sparsedict's ReconstructionStats; ``encode_decode(x) -> (x̂, SparseCode)``."""
     from sparsedict.cache import ActivationStore
-    from sparsedict.eval.metrics import ReconstructionStats
+    from sparsedict.metrics import ReconstructionStats
 
     held = ActivationStore(job["eval_cache"], HOOKPOINT, batch_size=4096, drop_last=False, loop=False)
     stats = ReconstructionStats(job["width"])
@@ -84,7 +84,7 @@ def train_sparsedict(job: dict[str, Any]) -> dict[str, Any]:
     """sparsedict's Trainer (TrainConfig defaults, ``--optimizer``) on the same store and batch order."""
     from throughput import fit_dictionary
 
-    from sparsedict.eval.metrics import reconstruct
+    from sparsedict.dictionaries import reconstruct
 
     model, timing = fit_dictionary({**job, "arch": "topk", "fields": {"k": job["k"]}, "steps": 0})
     return {

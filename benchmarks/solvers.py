@@ -29,7 +29,7 @@ import time
 import torch
 
 from sparsedict.dictionaries import build
-from sparsedict.eval.metrics import ReconstructionStats
+from sparsedict.metrics import ReconstructionStats
 
 
 def peak_rss_mb() -> float:

@@ -101,10 +101,10 @@ def sparsity_fields(arch: str, k: int) -> dict[str, Any]:
     """The config overrides that give an architecture about ``k`` active latents (where it has such a knob)."""
     from sparsedict.dictionaries import lookup
 
-    fields = lookup(arch)[1].__dataclass_fields__
-    if "k" in fields:
+    knobs = lookup(arch)[0].sparsity_fields
+    if "k" in knobs:
         return {"k": k}
-    if arch == "mp" and "steps" in fields:
+    if "steps" in knobs:  # matching pursuit: one latent per step
         return {"steps": k}
     return {}
 
@@ -114,12 +114,11 @@ def fit_dictionary(job: dict[str, Any]):
     from sparsedict.cache import ActivationStore
     from sparsedict.config import from_dict
     from sparsedict.dictionaries import build, lookup
-    from sparsedict.eval.bench import _Source
     from sparsedict.train import TrainConfig, Trainer
 
     hp = job.get("hookpoint", HOOKPOINT)
     torch.manual_seed(0)
-    store = _Source(ActivationStore(job["cache"], hp, batch_size=job["batch"], seed=0))
+    store = ActivationStore(job["cache"], hp, batch_size=job["batch"], seed=0)
     _, cfg_cls = lookup(job["arch"])
     dcfg = from_dict(cfg_cls, {"hookpoint": hp, "n_latents": job["width"], **job["fields"]})
     model = build(dcfg.resolved(store.d_in))
@@ -152,7 +151,7 @@ def train_once(job: dict[str, Any]) -> dict[str, Any]:
 
     warnings.simplefilter("ignore")
     from sparsedict.cache import ActivationStore
-    from sparsedict.eval.metrics import reconstruction_stats
+    from sparsedict.eval.heldout import reconstruction_stats
 
     torch.set_num_threads(job["threads"] or os.cpu_count() or 1)
     hp = job.get("hookpoint", HOOKPOINT)

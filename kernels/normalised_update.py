@@ -1,4 +1,4 @@
-"""Decoder-normalised Adam update: one pass over ``W_dec [n, d]`` (METHODS.md §2.1).
+"""Decoder-normalised Adam update: one pass over ``W_dec [n, d]``.
 
 Per row i, with ``ŵ = W_i / (‖W_i‖ + 1e-8)``:
 

@@ -7,8 +7,7 @@ Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``b_dec [d]``, upstream ``
 * ``∂/∂W_dec``: ``G[i] = Σ_{(b,j): idx[b,j]=i} values[b, j] · g_b`` — the (b, j) pairs are grouped by latent
   (stable sort + counts, so the summation order is fixed and the result deterministic) and
   ``_grouped_sum_kernel`` sums the runs of 32 latents per program as a one-hot × gathered-rows ``tl.dot``
-  (the earlier one-program-per-latent kernel was latency-bound: 2.5x slower than torch on an H100);
-  rows of unused latents get exact zeros. ``GROUPED_SUM_IMPL = 'torch'`` swaps in ``F.embedding_bag``
+  (one program per latent is latency-bound: benchmarks/RESULTS_kernels.md); rows of unused latents get exact zeros. ``GROUPED_SUM_IMPL = 'torch'`` swaps in ``F.embedding_bag``
   with one bag per latent (also deterministic) for comparison.
 * ``∂/∂b_dec = Σ_b g_b``.
 

@@ -15,7 +15,7 @@ through the k selected entries: with ``gp = g_values · [values > 0]``,
     ``[BLOCK_M, BLOCK_N]`` tiles with fp32 accumulation, adds the bias and merges each tile into a running
     per-row top-``K_PAD`` held in registers; the latent axis is split S ways for occupancy and
     ``_topk_merge_kernel`` sorts the ``[B, S·K_PAD]`` candidates (exact: each split keeps its own top-k).
-    Limited by the insertion loop of the running merge, not by the GEMM (12–20 % of a bf16 GEMM on an H100).
+    Limited by the insertion loop of the running merge, not by the GEMM (benchmarks/RESULTS_kernels.md).
   - ``'filter'`` (:func:`topk_encode_filter_fwd`): a threshold pre-filter. A: each row's k-th largest
     pre-activation over a sample of ``n/S`` latents (torch GEMM + topk) — a lower bound on its k-th largest
     over all n. B: ``_filter_gemm_kernel``, a plain tiled GEMM whose epilogue compacts the entries at or
@@ -355,13 +355,12 @@ _filter_select = LazyJit(_filter_select_kernel)
 ALGORITHMS = ("merge", "filter")
 DEFAULT_ALGORITHM = os.environ.get("SPARSEDICT_TOPK_ALGORITHM", "filter")
 """Forward algorithm of the fused encode when none is given: ``'filter'`` (threshold pre-filter + candidate
-compaction; faster than merge at every shape measured on an H100: 1.36–1.87 ms vs 2.41 ms at d=768, n=32768,
-k=32, B=4096, benchmarks/RESULTS_kernels.md) or ``'merge'`` (running top-k per tile). Set by
-``SPARSEDICT_TOPK_ALGORITHM`` at import, or assign this attribute."""
+compaction; the faster one at every shape measured, benchmarks/RESULTS_kernels.md) or ``'merge'`` (running
+top-k per tile). Set by ``SPARSEDICT_TOPK_ALGORITHM`` at import, or assign this attribute."""
 
 FILTER_TARGET_CANDIDATES = 256
 """The filter path picks its sample divisor S so that about k·S ≈ this many candidates survive per row
-(H100, d=768, n=32768, k=32: S=8 → 1.36 ms, S=16 → 1.86 ms, S=32 → 1.75 ms for the whole forward)."""
+(chosen by measurement: benchmarks/RESULTS_kernels.md)."""
 
 
 def default_config(k: int, dtype: torch.dtype) -> dict[str, int]:

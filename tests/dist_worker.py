@@ -33,9 +33,10 @@ def planted(n_rows: int = 4096, d: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def main(opts: dict) -> None:
+    from sparsedict import distributed
     from sparsedict.dictionaries import build
     from sparsedict.dictionaries.topk import TopKConfig
-    from sparsedict.train import TensorSource, TrainConfig, Trainer, distributed
+    from sparsedict.train import TensorSource, TrainConfig, Trainer
     from sparsedict.train.data import TensorSource as _TS
 
     torch.set_num_threads(1)

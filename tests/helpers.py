@@ -1,4 +1,10 @@
-"""Shared test helpers: a planted-dictionary data generator and a dictionary-recovery metric.
+"""Shared test builders: dictionaries, identity dictionaries, small caches, planted data and training.
+
+- :func:`make_dict` builds any registered architecture at a small size (seeded);
+- :func:`identity_dict` builds a ReLU or TopK dictionary that reconstructs its input exactly;
+- :func:`small_cache` caches a few hundred tokens of the shipped corpus sample from the real SmolLM2;
+- :func:`planted_data` / :func:`mean_max_cosine`: a planted dictionary and how well one is recovered;
+- :func:`train_dictionary`: the real Trainer on in-memory rows.
 
 ``planted_data`` draws ``n_atoms`` random unit-norm atoms in ``R^d`` and builds each row as a sparse
 non-negative combination of ``k_active`` distinct atoms (coefficients ``U(0.5, 2.5)``), plus Gaussian noise
@@ -8,8 +14,49 @@ recover the atoms as decoder directions; ``mean_max_cosine`` measures how well.
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from torch import Tensor
+
+from sparsedict.dictionaries import build, lookup
+
+
+def make_dict(
+    arch: str, d_in: int = 16, n_latents: int = 40, d_out: int | None = None, seed: int = 0, **fields
+):
+    """A freshly built ``arch`` dictionary (config fields ``fields``), seeded with ``torch.manual_seed(seed)``."""
+    _, cfg_cls = lookup(arch)
+    torch.manual_seed(seed)
+    if d_out is not None:
+        fields["d_out"] = d_out
+    return build(cfg_cls(d_in=d_in, n_latents=n_latents, **fields).resolved(d_in, d_out))
+
+
+def identity_dict(d: int, hookpoint: str = "", arch: str = "topk"):
+    """A ``relu`` or ``topk`` dictionary with ``W_enc = [I, −I]``, ``W_dec = [I; −I]`` and zero biases, so
+    ``x̂ = relu(x) − relu(−x) = x`` exactly (TopK keeps all 2d latents; no b_dec subtraction)."""
+    fields = {"k": 2 * d} if arch == "topk" else {}
+    model = make_dict(
+        arch, d, 2 * d, hookpoint=hookpoint, apply_b_dec_to_input=False, b_dec_init="zero", **fields
+    )
+    eye = torch.eye(d)
+    with torch.no_grad():
+        model.W_enc.copy_(torch.cat([eye, -eye], 1))
+        model.W_dec.copy_(torch.cat([eye, -eye], 0))
+        model.b_enc.zero_()
+        model.b_dec.zero_()
+    return model.eval()
+
+
+def small_cache(out_dir, hookpoints: list[str], max_tokens: int, **fields):
+    """Cache ``hookpoints`` of the embedded SmolLM2 over ``max_tokens`` tokens of the shipped corpus sample."""
+    from sparsedict.cache import CacheConfig, cache_activations
+
+    cfg = {"dataset": "embedded-sample", "progress": False, "num_threads": 1, **fields}
+    return cache_activations(
+        CacheConfig(hookpoints=hookpoints, max_tokens=max_tokens, out_dir=str(out_dir), **cfg)
+    )
 
 
 def planted_data(
@@ -73,10 +120,13 @@ def train_dictionary(
     normalise_inputs: str = "none",
     warmup_steps: int = 50,
     seed: int = 0,
-    out_dir: str = "/tmp/sparsedict-test-train",
+    out_dir: str | None = None,
     **train_kw,
 ) -> dict[str, float]:
-    """Train ``model`` on in-memory rows with the real :class:`~sparsedict.train.Trainer`; returns last metrics."""
+    """Train ``model`` on in-memory rows with the real :class:`~sparsedict.train.Trainer`; returns last metrics.
+
+    ``out_dir`` (logs, checkpoint) defaults to a new temporary directory.
+    """
     from sparsedict.train import TensorSource, TrainConfig, Trainer
     from sparsedict.train.trainer import source_key
 
@@ -87,7 +137,7 @@ def train_dictionary(
         normalise_inputs=normalise_inputs,
         warmup_steps=warmup_steps,
         seed=seed,
-        out_dir=out_dir,
+        out_dir=out_dir or tempfile.mkdtemp(prefix="sparsedict-test-train-"),
         log_every=10**9,
         init_rows=min(8192, x.shape[0]),
     )

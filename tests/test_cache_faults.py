@@ -9,6 +9,7 @@ import struct
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save_file
 
 from sparsedict.cache import ActivationStore, CacheConfig, CacheError, CacheWriteError, cache_activations
@@ -49,14 +50,18 @@ def test_other_config_refused(reference):
 def test_missing_shard(copy):
     path = _shard(copy)
     path.unlink()
-    with pytest.raises(CacheError, match=rf"{path}.*missing.*run the same `sparsedict cache`"):
+    with pytest.raises(
+        CacheError, match=rf"{path} listed in the manifest is missing; fix: run `sparsedict cache verify"
+    ):
         ActivationStore(copy, "resid_post.1")
 
 
 def test_truncated_shard(copy):
     path = _shard(copy)
     path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(CacheError, match=rf"{path} is truncated.*delete it and run"):
+    with pytest.raises(
+        CacheError, match=rf"{path} is truncated.*fix: run `sparsedict cache verify {copy} --repair`"
+    ):
         ActivationStore(copy, "resid_post.1")
 
 
@@ -74,10 +79,10 @@ def test_checksum_mismatch(copy):
     data = bytearray(path.read_bytes())
     data[-7] ^= 0x01  # one flipped bit in the activations
     path.write_bytes(bytes(data))
-    ActivationStore(copy, "resid_post.1")  # cheap checks pass
-    with pytest.raises(CacheError, match=rf"{path} fails its sha256 checksum"):
-        ActivationStore(copy, "resid_post.1", verify=True)
-    with pytest.raises(CacheError, match="sha256"):
+    store = ActivationStore(copy, "resid_post.1", batch_size=50)  # cheap checks pass at open
+    with pytest.raises(CacheError, match=rf"{path} fails its xxh3_128 check"):
+        next(iter(store))  # the first batch already mixes rows of every shard
+    with pytest.raises(CacheError, match="xxh3_128"):
         ActivationStore(copy, "resid_post.1").verify()
 
 
@@ -93,11 +98,15 @@ def test_dtype_and_dim_mismatch(copy):
 
 
 def test_nan_in_shard(copy):
+    """A shard that holds NaN under a valid digest (as a writer before the NaN check could leave it)."""
     path = _shard(copy)
     data = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
     data[8 + n + 4 * 5 : 8 + n + 4 * 6] = struct.pack("<f", float("nan"))
     path.write_bytes(bytes(data))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][1]["files"]["resid_post.1"]["xxh3_128"] = xxhash.xxh3_128_hexdigest(bytes(data))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     store = ActivationStore(copy, "resid_post.1", batch_size=50, loop=False)
     with pytest.raises(CacheError, match=rf"{path} holds NaN/inf"):
         list(store)

@@ -9,7 +9,6 @@ import torch
 import transformers
 
 from sparsedict.cache import hooks
-from sparsedict.lm import load_model
 
 TINY = {
     "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32),
@@ -61,13 +60,8 @@ def test_aliases_resolve_per_family(family):
     assert got["resid_post.0"].shape == hs[1].shape
 
 
-@pytest.fixture(scope="module")
-def smol():
-    return load_model()
-
-
-def test_unknown_and_out_of_range_names(smol):
-    model, _ = smol
+def test_unknown_and_out_of_range_names(smollm2):
+    model, _ = smollm2
     with pytest.raises(KeyError, match=r"resid_post\.3.*Valid names include: resid_pre\.0"):
         hooks.resolve(model, "resid_pst.3")
     with pytest.raises(KeyError, match=r"layer 30 out of range.*30 blocks"):
@@ -77,8 +71,8 @@ def test_unknown_and_out_of_range_names(smol):
     assert "mlp_hidden.29" in hooks.available(model) and "model.layers.6.mlp:in" in hooks.available(model)
 
 
-def test_record_matches_independent_computation(smol):
-    model, tok = smol
+def test_record_matches_independent_computation(smollm2):
+    model, tok = smollm2
     ids = torch.tensor(
         [[1, *tok("The cat sat on the mat because it was warm.", add_special_tokens=False)["input_ids"]]]
     )
@@ -106,8 +100,8 @@ def test_record_matches_independent_computation(smol):
     assert early["mlp_hidden.4"].shape[-1] == 1536 and early["attn_z.4"].shape[-1] == 576
 
 
-def test_replace_splices_into_forward(smol):
-    model, _ = smol
+def test_replace_splices_into_forward(smollm2):
+    model, _ = smollm2
     ids = torch.tensor([[1, 504, 2115, 282, 4649, 314]])
     with torch.no_grad():
         base = model(input_ids=ids).logits

@@ -5,16 +5,15 @@ from __future__ import annotations
 import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, LiveSource, cache_activations
-from sparsedict.lm import load_model
 
 
-def test_live_matches_disk_cache(tmp_path):
+def test_live_matches_disk_cache(tmp_path, smollm2):
     cfg = CacheConfig(dataset="embedded-sample", hookpoints=["resid_post.3", "mlp_hidden.3"], max_tokens=700,
                       shard_rows=200, out_dir=str(tmp_path / "c"), progress=False, num_threads=1)  # fmt: skip
     store = ActivationStore(cache_activations(cfg), "resid_post.3", target="mlp_hidden.3")
     xs, ys = store.rows()
     index = {xs[i].numpy().tobytes(): i for i in range(len(xs))}
-    model, tok = load_model()
+    model, tok = smollm2
     kw = dict(hookpoint="resid_post.3", target="mlp_hidden.3", batch_size=64, shuffle_buffer_rows=250, loop=False,
               model=model, tokenizer=tok)  # fmt: skip
     live = LiveSource(cfg, **kw)

@@ -1,4 +1,4 @@
-"""Config plumbing: strict recipes (unknown keys name the nearest valid key), CLI overrides."""
+"""Config plumbing: strict recipes (unknown keys name the nearest valid key)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 
 from sparsedict.config import ConfigError
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.train.cli import _apply_override
 from sparsedict.train.recipe import parse_recipe
 
 BASE = {
@@ -41,7 +40,7 @@ def test_valid_recipe_parses_and_fills_hookpoint():
     [
         (_with(train__batchsize=3), "unknown key 'train.batchsize'.*did you mean 'batch_size'"),
         (_with(dict__kk=3), r"unknown key 'dictionaries\[0\].kk'.*did you mean 'k'"),
-        (_with(dict__architecture="topkk"), "Did you mean 'topk'"),
+        (_with(dict__architecture="topkk"), "did you mean 'topk'"),
         (_with(cache__max_tokenz=5), "did you mean 'max_tokens'"),
         (_with(train__optimizer="sgd"), "optimizer must be 'adam' or 'signum_sf'"),
         (_with(dict__hookpoint="resid_post.7"), "not cached"),
@@ -51,10 +50,3 @@ def test_valid_recipe_parses_and_fills_hookpoint():
 def test_bad_recipes_name_the_problem(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_recipe(data)
-
-
-def test_cli_override_sets_nested_values():
-    data = _with()
-    _apply_override(data, "train.lr=0.001")
-    _apply_override(data, "cache.hookpoints=[resid_post.6]")
-    assert data["train"]["lr"] == 0.001 and data["cache"]["hookpoints"] == ["resid_post.6"]

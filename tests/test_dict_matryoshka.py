@@ -1,22 +1,20 @@
 """Matryoshka: group resolution, the prefix losses against a dense reference (both selections),
-threshold tracking, round trip, planted recovery."""
+threshold tracking, planted recovery (save/load: test_dict_registry.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import mean_max_cosine, planted_data, train_dictionary
+from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.matryoshka import MatryoshkaConfig, resolve_groups
-from sparsedict.hub import from_pretrained
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(d=16, n=48, k=4, **kw):
-    torch.manual_seed(0)
-    m = build(MatryoshkaConfig(d_in=d, n_latents=n, k=k, **kw).resolved(d))
+    m = make_dict("matryoshka", d, n, k=k, **kw)
     with torch.no_grad():
         m.b_enc.normal_(0, 0.3)
         m.b_dec.normal_()
@@ -71,18 +69,6 @@ def test_threshold_tracked_and_used_in_eval_for_batchtopk():
     torch.testing.assert_close(m.encode(x).values, acts * (acts > m.threshold))
     t = make(selection="topk").eval()  # per-token top-k stays top-k in eval
     assert t.encode(x).indices.shape == (64, 4)
-
-
-def test_round_trip(tmp_path):
-    m = make(group_sizes=(8, 40))
-    with torch.no_grad():
-        m.threshold.fill_(0.2)
-    m.eval()
-    x = torch.randn(20, 16)
-    m.save_pretrained(tmp_path / "m")
-    m2 = from_pretrained(tmp_path / "m")
-    assert m2.ends == [8, 48] and float(m2.threshold) == pytest.approx(0.2)
-    torch.testing.assert_close(m2.decode(m2.encode(x)), m.decode(m.encode(x)), atol=1e-5, rtol=1e-5)
 
 
 def test_planted_recovery(tmp_path):

@@ -6,15 +6,10 @@ import pytest
 import torch
 from helpers import mean_max_cosine, planted_data
 
-from sparsedict.dictionaries import build
+from sparsedict.dictionaries import build, from_pretrained
 from sparsedict.dictionaries.mp import MPConfig
-from sparsedict.dictionaries.mp_kernels import numba_available
-from sparsedict.hub import from_pretrained
 
-BACKENDS = [
-    "torch",
-    pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="no numba")),
-]
+BACKENDS = ["torch", "numba"]
 
 
 def reference_mp(x, D, b, T, absolute=False):
@@ -81,8 +76,6 @@ def test_residual_norm_non_increasing_and_duplicates_counted_once(backend):
 
 
 def test_numba_and_torch_backends_agree_in_fp32():
-    if not numba_available():
-        pytest.skip("no numba")
     torch.manual_seed(0)
     cfg = MPConfig(d_in=24, n_latents=100, steps=12)
     a = build(cfg.resolved(24))

@@ -1,22 +1,21 @@
-"""ReLU + decoder-norm-weighted L1: loss terms, warmup, init, planted recovery, round trip, and the
-multi-dictionary sweep (one Trainer, shared batches == each trained alone)."""
+"""ReLU + decoder-norm-weighted L1: loss terms, warmup, init, planted recovery, and the multi-dictionary
+sweep (one Trainer, shared batches == each trained alone). Save/load: test_dict_registry.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import mean_max_cosine, planted_data, train_dictionary
+from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.relu import ReLUConfig
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.hub import from_pretrained
 
-torch.set_num_threads(1)  # tiny ops: threading overhead dominates on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: thread barriers dominate on a shared machine
 
 
 def make(d=16, n=40, **kw):
-    torch.manual_seed(0)
-    return build(ReLUConfig(d_in=d, n_latents=n, **kw).resolved(d))
+    return make_dict("relu", d, n, **kw)
 
 
 def test_init_and_no_unit_norm():
@@ -61,43 +60,12 @@ def test_apply_b_dec_flag():
     torch.testing.assert_close(m.encode(x).values, torch.relu(x @ m.W_enc + m.b_enc))
 
 
-def test_fold_decoder_norms_keeps_output_and_penalty():
-    m = make()
-    with torch.no_grad():
-        m.W_dec.mul_(torch.rand(40, 1) * 5)
-        m.b_enc.normal_()
-    x = torch.randn(16, 16)
-    before = m(x)
-    m.fold_decoder_norms()
-    after = m(x)
-    torch.testing.assert_close(m.W_dec.norm(dim=1), torch.ones(40))
-    torch.testing.assert_close(after.x_hat, before.x_hat, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(after.losses["l1"], before.losses["l1"], atol=1e-5, rtol=1e-5)
-
-
-def test_round_trip(tmp_path):
-    m = make(d=16, n=40)
-    with torch.no_grad():
-        m.b_enc.normal_()
-        m.b_dec.normal_()
-        m.input_scale.fill_(0.37)  # folded on save
-    x = torch.randn(20, 16)
-    m.eval()
-    ref = m.decode(m.encode(x * 0.37)) / 0.37
-    m.save_pretrained(tmp_path / "relu")
-    m2 = from_pretrained(tmp_path / "relu")
-    assert type(m2) is type(m) and set(m2.state_dict()) == set(m.state_dict())
-    torch.testing.assert_close(m2.decode(m2.encode(x)), ref, atol=1e-5, rtol=1e-5)
-
-
 def test_planted_recovery(tmp_path):
     """Threshold 0.95 mean max |cos| over the 256 true atoms (d=64, 6 active, noise 0.01)."""
     x, atoms = planted_data(d=64, n_atoms=256, k_active=6, n_rows=40_000, seed=0)
     torch.manual_seed(0)
-    # λ = 2, not the default 5: the norm-weighted L1 soft-thresholds a coefficient c to c − λ/2, and after
-    # the sqrt_d scaling (×1.42) the planted coefficients are U(0.7, 3.6), so λ = 5 silences most atoms.
-    # λ = 1 was borderline at this budget (0.951 / 0.954 / 0.947 on seeds 0 / 1 / 2, still at L0 ≈ 45 of 6
-    # true; 0.990 with 10 epochs); λ = 2 measured 0.994 / 0.993 / 0.993 / 0.995 on seeds 0-3.
+    # λ = 2, not the default 5: λ soft-thresholds a coefficient c to c − λ/2, and the planted coefficients
+    # are U(0.7, 3.6) after the sqrt_d scaling (measurements: benchmarks/RESULTS_defaults.md).
     m = build(ReLUConfig(d_in=64, n_latents=512, l1_coefficient=2.0).resolved(64))
     start = mean_max_cosine(m.W_dec, atoms)
     assert start < 0.5, f"the initial decoder already matches the atoms ({start:.3f}): seed leak"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import mean_max_cosine
 
-from sparsedict.dictionaries import build
+from sparsedict.dictionaries import build, from_pretrained
 from sparsedict.dictionaries.snmf import SNMF, SNMFConfig, nnls, snmf_full_batch
-from sparsedict.hub import from_pretrained
+from sparsedict.metrics import fvu
 
 
 def semi_nmf_data(d=48, k_true=24, n=3000, density=0.3, noise=0.02, seed=0):
@@ -24,12 +24,14 @@ def semi_nmf_data(d=48, k_true=24, n=3000, density=0.3, noise=0.02, seed=0):
 
 
 def stream(model: SNMF, X: torch.Tensor, epochs: int, batch: int, seed: int = 0) -> dict:
+    """Streaming fit_step over ``epochs`` shuffled passes; the last batch's FVU (before its update)."""
     g = torch.Generator().manual_seed(seed)
     metrics = {}
     for _ in range(epochs):
         perm = torch.randperm(X.shape[0], generator=g)
         for i in range(0, X.shape[0] - batch + 1, batch):
-            metrics = model.fit_step(X[perm[i : i + batch]])
+            x = X[perm[i : i + batch]]
+            metrics = {"fvu": fvu(x, model.fit_step(x).x_hat)}
     return metrics
 
 

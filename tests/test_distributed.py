@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sparsedict.dictionaries import build
+from sparsedict.dictionaries.sharded import ShardedTopK
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.train import TensorSource
-from sparsedict.train.sharded import ShardedTopK
 
 TOL = 1e-5  # fp32; measured max |Δ| ≈ 2e-7 for 40 steps (summation order differs across ranks)
 
@@ -84,10 +84,10 @@ def test_sharded_topk_single_rank_equals_topk():
 
 def test_shard_latents_rejects_unsupported():
     from sparsedict.train import TrainConfig
-    from sparsedict.train.sharded import shard_dictionaries
+    from sparsedict.train.trainer import shard_dictionaries
 
     full = build(TopKConfig(d_in=16, n_latents=64, k=4).resolved(16))
     with pytest.raises(ValueError, match="grad_clip"):
-        shard_dictionaries({"a": full}, TrainConfig(shard_latents=True, grad_clip=1.0))
+        shard_dictionaries({"a": full}, TrainConfig(shard_latents=True, grad_clip=1.0), 1)
     with pytest.raises(ValueError, match="k=40"):
         ShardedTopK(build(TopKConfig(d_in=16, n_latents=64, k=40).resolved(16)), 0, 2)

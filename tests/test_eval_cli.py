@@ -5,32 +5,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
+from helpers import identity_dict, small_cache
 
-from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.cache import ActivationStore
+from sparsedict.cli import main
 from sparsedict.dictionaries import available, build, lookup
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.eval.cli import main
 from sparsedict.eval.evaluate import EvalConfig, evaluate
 
 HP, MLP_IN, MLP_OUT = "resid_post.2", "mlp_in.2", "mlp_out.2"
-# MP's numba kernels under numba's default OpenMP layer leave spinning threads that make every later torch op
-# in the process ~4x slower on a 2-core machine; the workqueue layer does not (speed only, same results).
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+pytestmark = pytest.mark.usefixtures("one_thread")  # thread barriers dominate small ops on a shared machine
 
 
 def _cache(root, split: str, tokens: int, **kw):
-    cfg = CacheConfig(dataset="embedded-sample", split=split, hookpoints=[HP, MLP_IN, MLP_OUT], max_tokens=tokens,
-                      context_length=48, out_dir=str(root), num_threads=1, progress=False, **kw)  # fmt: skip
-    return cache_activations(cfg)
+    return small_cache(root, [HP, MLP_IN, MLP_OUT], tokens, split=split, context_length=48, **kw)
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    torch.set_num_threads(1)  # shared 2-core machine: one thread is much faster under contention
     root = tmp_path_factory.mktemp("caches")
     return {
         "train": _cache(root / "train", "train", 400),
@@ -39,19 +34,9 @@ def caches(tmp_path_factory):
     }
 
 
-def _identity(d: int):
-    model = build(TopKConfig(hookpoint=HP, d_in=d, n_latents=2 * d, k=2 * d, b_dec_init="zero").resolved(d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        model.W_enc.copy_(torch.cat([eye, -eye], 1))
-        model.W_dec.copy_(torch.cat([eye, -eye], 0))
-        model.b_enc.zero_()
-    return model
-
-
 def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
     torch.manual_seed(0)
-    ident = _identity(576)
+    ident = identity_dict(576, HP)
     ident.save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
     tc = build(
         TopKConfig(hookpoint=MLP_IN, target=MLP_OUT, d_in=576, d_out=576, n_latents=256, k=16).resolved(576)
@@ -61,7 +46,7 @@ def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
         tc.b_dec.copy_(store.rows()[1].mean(0))
     tc.save_pretrained(tmp_path / "tc", {"cache": str(caches["train"])})
     out = tmp_path / "eval.json"
-    rc = main([str(tmp_path / "ident"), str(tmp_path / "tc"), "--cache", str(caches["test"]), "--max_tokens", "5000",
+    rc = main(["eval", str(tmp_path / "ident"), str(tmp_path / "tc"), "--cache", str(caches["test"]), "--max_tokens", "5000",
                "--splice_tokens", "150", "--threads", "1", "--json_out", str(out)])  # fmt: skip
     assert rc == 0
     table = capsys.readouterr().out
@@ -92,14 +77,15 @@ def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
 
 
 def test_eval_refuses_other_exclusion_rules(caches, tmp_path, capsys):
-    _identity(576).save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
-    rc = main([str(tmp_path / "ident"), "--cache", str(caches["other"]), "--splice_tokens", "0"])
+    identity_dict(576, HP).save_pretrained(tmp_path / "ident", {"cache": str(caches["train"])})
+    rc = main(["eval", str(tmp_path / "ident"), "--cache", str(caches["other"]), "--splice_tokens", "0"])
     assert rc == 2
     assert "exclusion rules" in capsys.readouterr().err
 
 
 def test_every_registered_architecture(caches):
-    """Each architecture, at default settings and a small width, evaluates to finite metrics."""
+    """Each architecture, at default settings and a small width, evaluates through the Dictionary interface: its
+    held-out FVU and L0 equal a plain computation on the same rows, the splice metrics are finite."""
     x = ActivationStore(caches["train"], HP, batch_size=64).rows()
     dicts = {}
     for arch in available():
@@ -113,7 +99,16 @@ def test_every_registered_architecture(caches):
     )
     records = evaluate(cfg, dicts)
     assert [r["architecture"] for r in records] == list(dicts)
-    for r in records:
-        for key in ("fvu", "l0", "dead_fraction", "ce_spliced", "ce_recovered", "kl"):
+    y = torch.cat(
+        [b for b, _ in ActivationStore(caches["test"], HP, batch_size=4096, loop=False, drop_last=False)]
+    )
+    y = y[:500].double()  # the rows evaluate() reads (the store's order, first max_tokens)
+    for r, d in zip(records, dicts.values(), strict=True):
+        with torch.no_grad():
+            out = d.eval()(y.float())
+        fvu = float((out.x_hat.double() - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        assert r["metrics"]["fvu"] == pytest.approx(fvu, rel=1e-4), r["architecture"]
+        assert r["metrics"]["l0"] == pytest.approx(float((out.code.to_dense() != 0).sum(1).double().mean()))
+        for key in ("dead_fraction", "ce_spliced", "ce_recovered", "kl"):
             assert math.isfinite(r["metrics"][key]), (r["architecture"], key)
         assert r["metrics"]["tokens"] == 500

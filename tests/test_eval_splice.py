@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import identity_dict
 
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
 from sparsedict.cache.tokens import ContextBuilder
-from sparsedict.corpus import SAMPLE_PATH
+from sparsedict.data import CORPUS_SAMPLE
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.eval.splice import Contexts, ablate, evaluate_splicing, splice
@@ -18,13 +19,12 @@ from sparsedict.eval.splice import Contexts, ablate, evaluate_splicing, splice
 HP = "resid_post.3"
 
 
-@pytest.fixture(scope="module")
-def lm():
-    from sparsedict.lm import load_model
+pytestmark = pytest.mark.usefixtures("one_thread")  # thread barriers dominate small ops on a shared machine
 
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core machine are ~10x slower (OpenMP barriers)
-    return load_model()
+
+@pytest.fixture(scope="module")
+def lm(smollm2):
+    return smollm2
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +32,13 @@ def contexts(lm) -> Contexts:
     _, tok = lm
     cfg = CacheConfig(context_length=24, exclude_first_n=2)
     builder = ContextBuilder(cfg, tok)
-    docs = [json.loads(line)["text"] for line in SAMPLE_PATH.read_text().splitlines()[:3]]
+    docs = [json.loads(line)["text"] for line in CORPUS_SAMPLE.read_text().splitlines()[:3]]
     ctx = []
     for text in docs:
         ctx += builder.contexts(tok(text, add_special_tokens=False)["input_ids"])[:1]
     ctx.append(ctx[0][:15])  # a short context: right padding
     ids, attn, keep, _ = builder.masks(ctx)
     return Contexts(torch.from_numpy(ids), torch.from_numpy(attn), torch.from_numpy(keep))
-
-
-def _identity(d: int, hookpoint: str = HP):
-    """TopK with W_enc = [I, −I], W_dec = [I; −I], k = 2d: ŷ = relu(x) − relu(−x) = x exactly."""
-    model = build(
-        TopKConfig(hookpoint=hookpoint, d_in=d, n_latents=2 * d, k=2 * d, b_dec_init="zero").resolved(d)
-    )
-    eye = torch.eye(d)
-    with torch.no_grad():
-        model.W_enc.copy_(torch.cat([eye, -eye], 1))
-        model.W_dec.copy_(torch.cat([eye, -eye], 0))
-        model.b_enc.zero_()
-        model.b_dec.zero_()
-    return model
 
 
 def _zero(d: int, hookpoint: str = HP, **kw):
@@ -73,7 +59,7 @@ def _clean_ce(model, c: Contexts) -> tuple[float, int]:
 def test_identity_recovers_everything_and_zero_equals_zero_ablation(lm, contexts):
     model, _ = lm
     d = model.config.hidden_size
-    dicts = {"identity": _identity(d), "zero": _zero(d)}
+    dicts = {"identity": identity_dict(d, HP), "zero": _zero(d)}
     stats, recon = evaluate_splicing(model, dicts, contexts, batch_size=3)
     ident, zero = stats["identity"].summary(), stats["zero"].summary()
     want_ce, n_pos = _clean_ce(model, contexts)

@@ -1,28 +1,23 @@
 """dictionary_learning format: ``ae.pt`` state dicts written here from the class definitions, loaded with
-``weights_only=True``, compared with a hand-written forward of each class.
+``weights_only=True``, compared with a hand-written forward of each class (dictionary_learning 0.1.0). Checkpoints
+written by dictionary_learning itself are in test_formats_peers.py.
 
-Format (saprmarks/dictionary_learning, METHODS.md §5): ``<dir>/ae.pt`` = ``torch.save(ae.state_dict())`` and
+Format (saprmarks/dictionary_learning): ``<dir>/ae.pt`` = ``torch.save(ae.state_dict())`` and
 ``<dir>/config.json`` = {"trainer": {dict_class, activation_dim, dict_size, k, lm_name, layer, submodule_name},
 "buffer": {...}}. ``nn.Linear`` weights are ``[out, in]``: ``encoder.weight [n, d]``, ``decoder.weight [d, n]``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from sparsedict.dictionaries import available
+from sparsedict.dictionaries import from_pretrained
 from sparsedict.formats import FormatError, detect_format
-from sparsedict.hub import from_pretrained
 
 D, N, K, B = 10, 40, 5, 64
-
-
-def needs(arch: str):
-    return pytest.mark.skipif(arch not in available(), reason=f"architecture {arch!r} is not registered")
 
 
 def g(seed=0):
@@ -73,7 +68,6 @@ def lin(x, sd, prefix):
     return torch.nn.functional.linear(x, sd[f"{prefix}.weight"], sd.get(f"{prefix}.bias"))
 
 
-@needs("relu")
 def test_autoencoder(tmp_path):
     sd = {**linear_sd(), "bias": torch.randn(D, generator=g(1))}
     model = from_pretrained(write(tmp_path / "ae", "AutoEncoder", sd))
@@ -81,11 +75,12 @@ def test_autoencoder(tmp_path):
     assert model.architecture == "relu" and model.cfg.hookpoint == "resid_post.3"
     assert model.meta["model"] == "EleutherAI/pythia-70m"
     x = inputs()
-    f = torch.relu(lin(x - sd["bias"], sd, "encoder"))  # encode: ReLU(encoder(x − bias))
-    check(model, x, f, lin(f, sd, "decoder") + sd["bias"])  # decode: decoder(f) + bias
+    # AutoEncoder.from_pretrained normalises decoder columns (norms s) into the encoder: codes ReLU(·)·s
+    s = sd["decoder.weight"].norm(dim=0)
+    f = torch.relu(lin(x - sd["bias"], sd, "encoder")) * s  # encode: ReLU(encoder(x − bias)), times s
+    check(model, x, f, lin(f / s, sd, "decoder") + sd["bias"])  # decode: decoder(f) + bias, unchanged
 
 
-@needs("relu")
 def test_autoencoder_new(tmp_path):
     sd = {**linear_sd(), "decoder.bias": torch.randn(D, generator=g(1))}
     model = from_pretrained(write(tmp_path / "ae", "AutoEncoderNew", sd))
@@ -132,19 +127,16 @@ def test_batchtopk_family_uses_threshold(tmp_path, cls):
         from_pretrained(write(tmp_path / "unset", cls, sd, k=K))
 
 
-@needs("jumprelu")
-def test_jumprelu_autoencoder_folds_decoder_norms(tmp_path):
-    sd = param_sd()
+def test_jumprelu_autoencoder(tmp_path):
+    sd = param_sd()  # decoder rows of non-unit norm: any norm scaling would show in the codes
     sd["threshold"] = torch.rand(N, generator=g(2)) * 0.5
     model = from_pretrained(write(tmp_path / "ae", "JumpReluAutoEncoder", sd))
     x = inputs()
     pre = x @ sd["W_enc"] + sd["b_enc"]  # apply_b_dec_to_input = False
-    s = sd["W_dec"].norm(dim=1)
-    f = torch.relu(pre * (pre > sd["threshold"])) * s  # codes scaled by ‖W_dec[i]‖
-    check(model, x, f, (f / s) @ sd["W_dec"] + sd["b_dec"])
+    f = torch.relu(pre * (pre > sd["threshold"]))  # encode: no decoder-norm scaling
+    check(model, x, f, f @ sd["W_dec"] + sd["b_dec"])
 
 
-@needs("gated")
 def test_gated_autoencoder(tmp_path):
     r = g(3)
     sd = {k: v for k, v in linear_sd().items() if k != "encoder.bias"}
@@ -155,9 +147,8 @@ def test_gated_autoencoder(tmp_path):
     x_enc = lin(x - sd["decoder_bias"], sd, "encoder")
     gate = (x_enc + sd["gate_bias"] > 0).float()
     mag = torch.relu(sd["r_mag"].exp() * x_enc + sd["mag_bias"])
-    s = sd["decoder.weight"].norm(dim=0)
-    f = gate * mag * s
-    check(model, x, f, lin(f / s, sd, "decoder") + sd["decoder_bias"])
+    f = gate * mag  # encode(normalize_decoder=False), the default: no decoder-norm scaling
+    check(model, x, f, lin(f, sd, "decoder") + sd["decoder_bias"])
 
 
 def test_errors(tmp_path):
@@ -179,19 +170,3 @@ def test_errors(tmp_path):
 
 class _NotATensor:
     pass
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("dictionary_learning") is None, reason="dictionary_learning is not installed"
-)
-def test_roundtrip_through_dictionary_learning(tmp_path):  # pragma: no cover - optional peer library
-    from dictionary_learning.dictionary import AutoEncoder
-
-    ae = AutoEncoder(D, N)
-    path = tmp_path / "ae"
-    write(path, "AutoEncoder", ae.state_dict())
-    ours = from_pretrained(path)
-    x = inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(ours.encode(x).to_dense(), ae.encode(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.decode(ours.encode(x)), ae(x), atol=1e-5, rtol=1e-5)

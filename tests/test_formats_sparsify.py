@@ -1,7 +1,8 @@
 """sparsify format: per-hookpoint directories written here from the format description, loaded, compared with a
-hand-written sparsify forward pass (``SparseCoder.encode/decode``).
+hand-written sparsify forward pass (``SparseCoder.encode/decode``). Checkpoints written by sparsify itself are
+in test_formats_peers.py.
 
-Format (EleutherAI/sparsify v1.x, METHODS.md §5): ``<run>/<hookpoint>/cfg.json`` {activation "topk",
+Format (EleutherAI/sparsify v1.x): ``<run>/<hookpoint>/cfg.json`` {activation "topk",
 expansion_factor, normalize_decoder, num_latents (0 -> d_in·expansion), k, multi_topk, skip_connection, transcode,
 d_in} + ``sae.safetensors``: ``encoder.weight [n, d_in]`` (nn.Linear: out × in), ``encoder.bias [n]``,
 ``W_dec [n, d_in]`` (NOT transposed), ``b_dec [d_in]``, optional ``W_skip [d_in, d_in]`` applied as ``x W_skipᵀ``.
@@ -10,15 +11,14 @@ Encode subtracts b_dec unless ``transcode``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from sparsedict.dictionaries import from_pretrained
 from sparsedict.formats import FormatError, detect_format
-from sparsedict.hub import from_pretrained
 
 D, N, K, B = 10, 48, 6, 64
 
@@ -139,52 +139,3 @@ def test_errors(tmp_path):
     (tmp_path / "d" / "cfg.json").write_text(json.dumps(dict(cfg, skip_connection=True)))
     with pytest.raises(FormatError, match="skip_connection=True but W_skip is absent"):
         from_pretrained(tmp_path / "d")
-
-
-_SPARSIFY_FORWARD = """
-import sys
-import torch
-from safetensors.torch import load_file, save_file
-import sparsify.sparse_coder, sparsify.utils
-from sparsify import SparseCoder
-
-assert sparsify.sparse_coder.decoder_impl is sparsify.utils.eager_decode, "sparsify picked its Triton decoder"
-theirs = SparseCoder.load_from_disk(sys.argv[1], device="cpu")
-with torch.no_grad():
-    out = theirs(load_file(sys.argv[2])["x"])
-save_file({"sae_out": out.sae_out.contiguous(), "latent_acts": out.latent_acts.contiguous(),
-           "latent_indices": out.latent_indices.contiguous()}, sys.argv[3])
-"""
-
-
-@pytest.mark.skipif(importlib.util.find_spec("sparsify") is None, reason="sparsify is not installed")
-def test_roundtrip_through_sparsify(tmp_path):  # pragma: no cover - optional peer library
-    """sparsify's own ``SparseCoder.load_from_disk`` + forward on a directory we wrote, against our loader.
-
-    sparsify binds its decoder at import (``sparsify.utils``): the Triton ``embedding_bag`` kernel unless
-    ``SPARSIFY_DISABLE_TRITON=1``, and that kernel cannot run on CPU tensors ("0 active drivers"). So the
-    forward runs in a fresh interpreter with that variable set, which makes sparsify use its eager
-    ``nn.functional.embedding_bag`` decoder (asserted there), whatever this process imported before.
-    """
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    write(tmp_path / "h", num_latents=N)
-    ours = from_pretrained(tmp_path / "h")
-    x = inputs()
-    save_file({"x": x}, str(tmp_path / "x.safetensors"))
-    env = dict(os.environ, SPARSIFY_DISABLE_TRITON="1")
-    args = [str(tmp_path / "h"), str(tmp_path / "x.safetensors"), str(tmp_path / "out.safetensors")]
-    proc = subprocess.run(
-        [sys.executable, "-c", _SPARSIFY_FORWARD, *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"sparsify forward failed:\n{proc.stderr[-3000:]}"
-    out = load_file(str(tmp_path / "out.safetensors"))
-    code = ours.encode(x)
-    torch.testing.assert_close(ours.decode(code, x), out["sae_out"], atol=1e-5, rtol=1e-5)
-    # same latents: sparsify's (indices, acts) scattered densely equal our dense code
-    theirs_dense = torch.zeros(B, N).scatter_(1, out["latent_indices"].long(), out["latent_acts"])
-    torch.testing.assert_close(code.to_dense(), theirs_dense, atol=1e-5, rtol=1e-5)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsedict.dictionaries import build, lookup
+from sparsedict.cli import main as cli_main
+from sparsedict.dictionaries import build, from_pretrained, lookup, save_pretrained
 from sparsedict.formats import FormatError
-from sparsedict.formats.convert import main as convert_main
-from sparsedict.hub import from_pretrained, push_to_hub, save_pretrained
+from sparsedict.hub import push_to_hub
 
 D, N, K = 16, 64, 4
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -221,6 +221,10 @@ def _saelens_dir(path: Path) -> Path:
     return path
 
 
+def convert_main(argv: list[str]) -> int:
+    return cli_main(["convert", *argv])
+
+
 def test_convert_cli(tmp_path, capsys):
     src = _saelens_dir(tmp_path / "saelens")
     assert convert_main([str(src), str(tmp_path / "ours")]) == 0
@@ -237,7 +241,7 @@ def test_convert_cli(tmp_path, capsys):
     for a, b in zip(outputs(from_pretrained(src)), outputs(from_pretrained(tmp_path / "back"))):
         torch.testing.assert_close(a, b)
     # Refuses to overwrite, and unknown targets are errors.
-    assert convert_main([str(src), str(tmp_path / "ours")]) == 1
+    assert convert_main([str(src), str(tmp_path / "ours")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    assert convert_main([str(src), str(tmp_path / "x"), "--to", "onnx"]) == 1
+    assert convert_main([str(src), str(tmp_path / "x"), "--to", "onnx"]) == 2
     assert "--to must be one of sparsedict, saelens" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Every metric in sparsedict.eval.metrics against an independent numpy computation with known answers."""
+"""Every metric in sparsedict.metrics against an independent numpy computation with known answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsedict.dictionaries.base import SparseCode
-from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, fvu, token_ce, token_kl
+from sparsedict.metrics import ReconstructionStats, SpliceStats, fvu, token_ce, token_kl
 
 
 def _data(seed: int = 0, t: int = 500, d: int = 16, offset: float = 5.0):
@@ -176,9 +176,9 @@ def test_reconstruct_compares_at_activation_scale():
     """A dictionary with input_scale c and its folded copy give the same ŷ on raw activations."""
     import copy
 
-    from sparsedict.dictionaries import build
+    from sparsedict.dictionaries import build, reconstruct
     from sparsedict.dictionaries.topk import TopKConfig
-    from sparsedict.eval.metrics import reconstruct, reconstruction_stats
+    from sparsedict.eval import reconstruction_stats
 
     torch.manual_seed(0)
     model = build(TopKConfig(d_in=12, n_latents=40, k=5).resolved(12))

@@ -1,6 +1,6 @@
-"""Input normalisation: the constant is estimated as METHODS.md §2.4 defines it, training sees scaled inputs,
-and the exported checkpoint (constant folded into the weights) gives on raw activations exactly what the
-in-training model gives on scaled ones, scaled back. Also: initialisation per METHODS.md §1.2."""
+"""Input normalisation: the constant c (``sqrt_d``: √d / E‖x‖; ``unit_msn``: 1 / √E‖x‖²) is estimated from the
+init sample, training sees scaled inputs, and the exported checkpoint (c folded into the weights) gives on raw
+activations exactly what the in-training model gives on scaled ones, scaled back. Also: b_dec initialisation."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import planted_data
 
-from sparsedict.dictionaries import build
+from sparsedict.dictionaries import build, from_pretrained
 from sparsedict.dictionaries.base import geometric_median
 from sparsedict.dictionaries.topk import TopKConfig
-from sparsedict.hub import from_pretrained, read_config
+from sparsedict.formats.native import read_config
 from sparsedict.train import TensorSource, TrainConfig, Trainer
 
 D, N_LAT, K = 32, 128, 4
@@ -38,8 +38,7 @@ def test_export_folds_scale_and_matches_in_training_outputs(tmp_path, how):
     x = _data()
     trainer, model = _train(tmp_path, how, x)
     c = float(model.input_scale)
-    sample = TensorSource(x, batch_size=256).sample(4096, seed=0)
-    sample = sample[0] if isinstance(sample, tuple) else sample
+    sample, _ = TensorSource(x, batch_size=256).sample(4096, seed=0)
     norms = sample.double().norm(dim=1)
     expected_c = D**0.5 / norms.mean() if how == "sqrt_d" else 1 / norms.pow(2).mean().sqrt()
     assert c == pytest.approx(float(expected_c), rel=1e-5)
@@ -83,8 +82,7 @@ def test_initialisation_per_methods(how):
     trainer = Trainer({"sae": model}, {(cfg.hookpoint, ""): TensorSource(x, batch_size=256)}, tc)
     trainer.initialise()
     c = float(model.input_scale)
-    sample = TensorSource(x, batch_size=256).sample(2048, seed=0)
-    sample = (sample[0] if isinstance(sample, tuple) else sample).double() * c
+    sample = TensorSource(x, batch_size=256).sample(2048, seed=0)[0].double() * c
     if how == "mean":
         expect = sample.mean(0)
     else:  # independent check of the geometric median: no point has a lower sum of distances nearby

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsedict.eval.bench import main, parse_sweep
+from sparsedict.cli import main
+from sparsedict.sweep import parse_sweep
 
 
 def test_parse_sweep_and_errors():
@@ -25,16 +26,18 @@ def test_parse_sweep_and_errors():
         parse_sweep("topk")
 
 
+@pytest.mark.usefixtures("one_thread")  # shared 2-core machine: one thread is much faster under contention
 def test_pareto_end_to_end(tmp_path):
     from sparsedict.cache import ActivationStore
-    from sparsedict.hub import from_pretrained
+    from sparsedict.dictionaries import from_pretrained
 
-    torch.set_num_threads(1)  # shared 2-core machine: one thread is much faster under contention
     out = tmp_path / "pareto"
-    argv = ["pareto", "--hookpoint", "resid_post.3", "--dataset", "embedded-sample", "--max_tokens", "2000",
-            "--context_length", "64", "--sweep", "topk:k=4,16", "relu:l1_coefficient=1,10", "--expansion", "2",
-            "--batch_size", "256", "--max_steps", "12", "--eval_tokens", "1500", "--splice_tokens", "128",
-            "--threads", "1", "--out_dir", str(out)]  # fmt: skip
+    argv = ["bench", "pareto", "--cache.hookpoints", "resid_post.3", "--cache.dataset", "embedded-sample",
+            "--cache.max_tokens", "2000", "--cache.context_length", "64", "--cache.num_threads", "1",
+            "--sweep", "topk:k=4,16", "relu:l1_coefficient=1,10", "--expansion", "2",
+            "--train.batch_size", "256", "--train.max_steps", "12", "--train.threads", "1",
+            "--eval.max_tokens", "1500", "--eval.splice_tokens", "128", "--eval.threads", "1",
+            "--out_dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     png = out / "pareto.png"
     assert png.exists() and png.stat().st_size > 10_000

@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from sparsedict import quickstart
 from sparsedict.cache import ActivationStore
-from sparsedict.hub import from_pretrained
+from sparsedict.cli import main
+from sparsedict.dictionaries import from_pretrained
 
 FVU_BOUND = 0.5  # a TopK SAE (k=32) after ~100 steps on ~4k tokens: far below 1 (predicting the mean)
 
@@ -21,8 +21,9 @@ FVU_BOUND = 0.5  # a TopK SAE (k=32) after ~100 steps on ~4k tokens: far below 1
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
-    rc = quickstart.main(["--out", str(out), "--dataset", "embedded-sample", "--tokens", "4000",
-                          "--eval-tokens", "2000", "--epochs", "25", "--batch-size", "1000"])
+    rc = main(["quickstart", "--out_dir", str(out), "--cache.dataset", "embedded-sample",
+               "--eval_cache.dataset", "embedded-sample", "--cache.max_tokens", "4000",
+               "--eval_cache.max_tokens", "2000", "--train.epochs", "25", "--train.batch_size", "1000"])  # fmt: skip
     assert rc == 0
     report = capsys.readouterr().out
     assert "identical codes and reconstructions" in report

@@ -1,4 +1,5 @@
-"""Every recipe under recipes/ parses into the config classes; the multi-GPU ones meet issue 9's brief.
+"""Every recipe under recipes/ parses into the config classes; the multi-GPU ones are realistic (bf16, CUDA,
+a width between 16k and 131k latents).
 
 A file with a ``dictionaries`` section is a training recipe (``load_recipe``: strict, every section);
 a file with only ``cache`` is a caching recipe (``CacheConfig``). The memory table in recipes/README.md

@@ -9,6 +9,7 @@ Public API (imported lazily so ``import sparsedict`` stays fast)::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ from typing import Any
 # 2-core machine; the workqueue layer does not. Set before numba is first imported; users may override.
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
-__version__ = "0.1.0"
+from sparsedict._version import __version__
 
 _LAZY = {
     "cache_activations": "sparsedict.cache",
@@ -25,9 +26,8 @@ _LAZY = {
     "ActivationStore": "sparsedict.cache",
     "Trainer": "sparsedict.train",
     "TrainConfig": "sparsedict.train",
-    "train": "sparsedict.train",
-    "from_pretrained": "sparsedict.hub",
-    "save_pretrained": "sparsedict.hub",
+    "from_pretrained": "sparsedict.dictionaries",
+    "save_pretrained": "sparsedict.dictionaries",
     "Dictionary": "sparsedict.dictionaries",
     "DictionaryConfig": "sparsedict.dictionaries",
 }
@@ -38,4 +38,8 @@ __all__ = ["__version__", *_LAZY]
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if (
+        not name.startswith("_") and importlib.util.find_spec(f"sparsedict.{name}") is not None
+    ):  # a subpackage: sparsedict.train, ...
+        return importlib.import_module(f"sparsedict.{name}")
     raise AttributeError(f"module 'sparsedict' has no attribute {name!r}")

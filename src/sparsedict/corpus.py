@@ -12,7 +12,8 @@ files back through ``datasets.load_dataset("json", ...)``.
 Licences: the Python documentation is under the PSF licence (Python Software Foundation License
 Version 2), the PostgreSQL documentation under the PostgreSQL licence (BSD-style).
 
-``tests/data/corpus_sample.jsonl`` ships a small sample of the same prose so tests need no build.
+``sparsedict/data/corpus_sample.jsonl`` (package data) is a small sample of the same prose, so tests and
+``dataset: embedded-sample`` need no build.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import hashlib
 import html
 import json
 import re
-import sys
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+
+from sparsedict.data import CORPUS_SAMPLE
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 POSTGRES_DOCS = Path("/usr/share/doc/postgresql-doc-15/html")
@@ -37,7 +39,6 @@ TEST_FRACTION = 0.05
 """Fraction of documents held out as the ``test`` split (by stable hash of the source path)."""
 MIN_CHARS = 200
 """Documents with less prose than this are dropped (index pages, stubs)."""
-SAMPLE_PATH = Path(__file__).resolve().parents[2] / "tests" / "data" / "corpus_sample.jsonl"
 
 # reST directives whose body is code, tables or machinery rather than prose.
 _DROP_DIRECTIVES = {
@@ -233,9 +234,9 @@ def corpus_files(split: str = "train", sample: bool = False) -> list[str]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if sample:
-        if not SAMPLE_PATH.exists():
-            raise FileNotFoundError(f"{SAMPLE_PATH} is missing (it ships with the source tree)")
-        return [str(SAMPLE_PATH)]
+        if not CORPUS_SAMPLE.exists():
+            raise FileNotFoundError(f"{CORPUS_SAMPLE} is missing: reinstall sparsedict (it is package data)")
+        return [str(CORPUS_SAMPLE)]
     path = corpus_dir() / f"{split}.jsonl"
     if not path.exists():
         build_corpus()
@@ -245,7 +246,7 @@ def corpus_files(split: str = "train", sample: bool = False) -> list[str]:
 def load_corpus(split: str = "train", sample: bool = False):
     """The embedded corpus as a ``datasets.Dataset`` with columns ``text`` and ``source``.
 
-    ``sample=True`` reads the small prose sample shipped in ``tests/data`` (its documents are
+    ``sample=True`` reads the small prose sample shipped as package data (its documents are
     filtered by the same hash split, so ``train``/``test`` stay disjoint there too).
     """
     import datasets
@@ -254,35 +255,3 @@ def load_corpus(split: str = "train", sample: bool = False):
     if sample:
         ds = ds.filter(lambda row: split_of(row["source"]) == split)
     return ds
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``sparsedict corpus [--out DIR] [--count-tokens]``: build the embedded corpus and report it."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="sparsedict corpus", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: cache_dir()/corpus)"
-    )
-    parser.add_argument("--no-count-tokens", action="store_true", help="skip counting SmolLM2 tokens")
-    args = parser.parse_args(argv)
-    try:
-        counts = build_corpus(args.out)
-    except FileNotFoundError as err:
-        print(f"sparsedict corpus: {err}", file=sys.stderr)
-        return 1
-    out = args.out or corpus_dir()
-    print(f"wrote {out}/train.jsonl ({counts['train']} docs) and test.jsonl ({counts['test']} docs)")
-    print(f"{counts['chars']:,} characters of prose")
-    if not args.no_count_tokens:
-        from sparsedict.lm import load_model
-
-        _, tok = load_model()
-        n = 0
-        for split in ("train", "test"):
-            with (out / f"{split}.jsonl").open() as f:
-                texts = [json.loads(line)["text"] for line in f]
-            n += sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
-        print(f"{n:,} SmolLM2 tokens")
-    print(f"licences: {LICENCE_NOTE}")
-    return 0

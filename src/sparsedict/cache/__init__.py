@@ -15,18 +15,23 @@ projection, as SAELens' ``hook_z`` with ``reshape_activations: hook_z``); the ma
 Dictionaries trained on ``attn_z.6.h3`` splice and evaluate like any other (``hooks.replace`` swaps that head
 only). ``LiveSource`` (no disk) offers the same iterator straight from the model; ``hooks`` resolves
 hookpoint names and records or replaces activations in a forward pass.
+
+Every reader checks each shard's digest the first time a process touches it (:mod:`sparsedict.cache.digest`);
+``verify_cache(path)`` checks a whole cache and ``repair_cache(path)`` recomputes its bad shards.
 """
 
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
+from sparsedict.cache.digest import ShardError
 from sparsedict.cache.manifest import CacheError, read_manifest
 from sparsedict.cache.runner import cache_activations
 from sparsedict.cache.store import ActivationStore
+from sparsedict.cache.verify import VerifyReport, repair_cache, verify_cache
 from sparsedict.cache.writer import CacheWriteError
 
 __all__ = [
-    "ActivationStore", "CacheConfig", "CacheError", "CacheWriteError", "LiveSource", "cache_activations", "hooks",
-    "read_manifest",
+    "ActivationStore", "CacheConfig", "CacheError", "CacheWriteError", "LiveSource", "ShardError", "VerifyReport",
+    "cache_activations", "hooks", "read_manifest", "repair_cache", "verify_cache",
 ]  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """Shard columns of an activation cache: positioned reads of row ranges (all features or one head's slice).
 
 Rows are read with ``os.preadv`` straight into caller-owned buffers rather than through long-lived memory maps,
-whose resident file pages would count against the process's RSS and grow with the cache size.
+whose resident file pages would count against the process's RSS and grow with the cache size. With ``verify``
+(the default of every reader) a shard's digest is checked when the column first opens it, before any of its rows
+are read (see :mod:`sparsedict.cache.digest`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsedict.cache.manifest import CacheError
-from sparsedict.cache.writer import check_shard, read_header, st_dtype
+from sparsedict.cache import digest
+from sparsedict.cache.digest import ShardError
+from sparsedict.cache.writer import check_shard, expected_tensors, read_header, st_dtype
 
 NP_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
 """numpy dtype holding each safetensors storage dtype (bfloat16 as its uint16 bit pattern)."""
@@ -52,28 +55,42 @@ class Column:
         if head is not None:
             d_head = int(info["d_head"])
             self.cols, self.d = (head * d_head, (head + 1) * d_head), d_head
-        self.files, self.offsets, self.rows = [], [], []
+        self.verify = verify
+        self.files, self.entries, self.offsets, self.rows = [], [], [], []
         for shard in manifest["shards"]:
             entry = shard["files"][name]
             path = root / entry["file"]
-            expect = {"activations": (self.code, (shard["rows"], self.d_stored))}
-            header = check_shard(path, entry, expect, verify)
+            header = check_shard(path, entry, expected_tensors(manifest, shard, name), checksum=False)
             self.files.append(path)
+            self.entries.append(entry)
             self.offsets.append(read_header(path)[1] + header["activations"]["data_offsets"][0])
             self.rows.append(int(shard["rows"]))
         self._fds: dict[int, int] = {}
 
-    def _pread(self, shard: int, a: int, out: np.ndarray) -> None:
-        """Read full stored rows ``[a, a + len(out))`` of ``shard`` into the C-contiguous ``out``."""
+    def _open(self, shard: int) -> int:
+        """The open file of ``shard``; opening it first checks its digest (with ``verify``)."""
         fd = self._fds.get(shard)
         if fd is None:
-            fd = self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
+            fd = os.open(self.files[shard], os.O_RDONLY)
+            try:
+                if self.verify:
+                    digest.verify_fd(self.files[shard], fd, self.entries[shard])
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[shard] = fd
+        return fd
+
+    def _pread(self, shard: int, a: int, out: np.ndarray) -> None:
+        """Read full stored rows ``[a, a + len(out))`` of ``shard`` into the C-contiguous ``out``."""
+        fd = self._open(shard)
         view, pos = memoryview(out).cast("B"), self.offsets[shard] + a * self.d_stored * out.itemsize
         while len(view):
             n = os.preadv(fd, [view], pos)
             if n == 0:
-                raise CacheError(
-                    f"shard {self.files[shard]} is truncated; delete it and re-run `sparsedict cache`"
+                path = self.files[shard]
+                raise ShardError(
+                    path, f"shard {path} is truncated: it ends at byte {pos}, before row {a + len(out)}"
                 )
             view, pos = view[n:], pos + n
 
@@ -106,6 +123,7 @@ class Column:
 
     def memmap(self, shard: int) -> np.ndarray:
         """Read-only memory map ``[rows, d_stored]`` of ``shard`` (for random access)."""
+        self._open(shard)
         return np.memmap(self.files[shard], dtype=self.np_dtype, mode="r", offset=self.offsets[shard],
                          shape=(self.rows[shard], self.d_stored))  # fmt: skip
 

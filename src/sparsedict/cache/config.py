@@ -24,8 +24,8 @@ class CacheConfig:
     model: str = "smollm2-135m"
     """HF model id (local HF cache), local model directory, or "smollm2-135m" for the embedded model."""
     dataset: str = "embedded"
-    """Text source: "embedded" (Debian manuals corpus), "embedded-sample" (the small sample shipped in
-    tests/data), a `datasets` name/path, or a local .json/.jsonl/.txt/.parquet file."""
+    """Text source: "embedded" (Debian manuals corpus), "embedded-sample" (the small sample shipped
+    with the package), a `datasets` name/path, or a local .json/.jsonl/.txt/.parquet file."""
     dataset_config: str | None = None
     """Dataset configuration name passed to `datasets.load_dataset` (e.g. "wikitext-103-raw-v1")."""
     split: str = "train"

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from sparsedict.util import did_you_mean
 
 _LAYER_LISTS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers")
 ALIASES = ("resid_pre", "resid_post", "attn_out", "attn_z", "mlp_in", "mlp_hidden", "mlp_out")
@@ -162,10 +163,25 @@ def available(model: nn.Module) -> list[str]:
 
 
 def resolve(model: nn.Module, name: str) -> Hookpoint:
-    """Resolve an alias (``resid_post.6``) or raw path (``model.layers.6.mlp:in``) to a :class:`Hookpoint`."""
+    """Resolve an alias (``resid_post.6``) or raw path (``model.layers.6.mlp:in``) to a :class:`Hookpoint`.
+
+    A raw path relative to the base model (sparsify's ``layers.6`` for ``model.layers.6``) resolves too; the
+    hookpoint keeps the name as given.
+    """
+    try:
+        return _resolve(model, name)
+    except HookpointError:
+        prefix = getattr(model, "base_model_prefix", "")
+        if prefix and not name.startswith(prefix + "."):
+            with contextlib.suppress(HookpointError):
+                return dataclasses.replace(_resolve(model, f"{prefix}.{name}"), name=name)
+        raise
+
+
+def _resolve(model: nn.Module, name: str) -> Hookpoint:
     base, head = split_head(name)
     if head is not None and name not in dict(model.named_modules()):
-        hp = resolve(model, base)
+        hp = _resolve(model, base)
         layout = head_layout(model, hp)
         if layout is None:
             raise HookpointError(
@@ -186,12 +202,10 @@ def resolve(model: nn.Module, name: str) -> Hookpoint:
     modules = dict(model.named_modules())
     if side not in ("in", "out") or path not in modules or not path:
         valid = available(model)
-        near = difflib.get_close_matches(name, valid, n=3)
-        hint = f" Did you mean {', '.join(near)}?" if near else ""
         aliases = ", ".join(f"{a}.L" for a in ALIASES)
         raise HookpointError(
-            f"unknown hookpoint {name!r} for {type(model).__name__}.{hint} Use an alias ({aliases}) or a raw "
-            f"module path with optional ':in'/':out'. Valid names include: {', '.join(valid[:40])} ... "
+            f"unknown hookpoint {name!r} for {type(model).__name__}{did_you_mean(name, valid, n=3) or '.'} Use an "
+            f"alias ({aliases}) or a raw module path with optional ':in'/':out'. Valid names include: {', '.join(valid[:40])} ... "
             f"(all {len(valid)} from sparsedict.cache.hooks.available(model))"
         )
     layer = None

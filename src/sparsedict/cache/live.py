@@ -6,7 +6,8 @@ hooks, accumulated into a shuffle buffer of ``shuffle_buffer_rows`` rows, permut
 ``seed``, epoch and buffer index) and served as ``(x [B, d_in], y [B, d_out] | None)``. An epoch is one
 pass over the plan; with ``loop=True`` iteration continues with the next epoch (new permutations).
 Resuming (``load_state_dict``) recomputes the epoch up to the saved batch, so it is exact but costs
-the forward passes again.
+the forward passes again. :meth:`LiveSource.sample` (initialisation data) runs the first contexts of the
+plan, whatever the rank. A :class:`~sparsedict.cache.source.Source`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import torch
 
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
+from sparsedict.cache.source import EpochIterator
 from sparsedict.cache.tokens import plan_shards
+from sparsedict.lm import load_model
 
 
-class LiveSource:
-    """Batches from model hooks with the :class:`ActivationStore` interface (``d_in``, ``d_out``, ``epoch``)."""
+class LiveSource(EpochIterator):
+    """Batches from model hooks: the :class:`~sparsedict.cache.source.Source` of ``cfg`` without a disk cache.
+
+    ``n_rows`` is ``cfg.max_tokens`` (None: the whole dataset, of unknown length).
+    """
 
     def __init__(self, cfg: CacheConfig | str = "smollm2-135m", hookpoint: str | None = None,
                  target: str | None = None, batch_size: int = 4096, seed: int = 0, rank: int = 0,
@@ -35,8 +41,6 @@ class LiveSource:
         self.hookpoint = hookpoint or cfg.hookpoints[0]
         self.target = target
         if model is None:
-            from sparsedict.lm import load_model
-
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
         self.model, self.tok = model, tokenizer
         self._hps = [
@@ -50,10 +54,13 @@ class LiveSource:
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer_rows, self.dtype, self.loop = max(shuffle_buffer_rows, batch_size), dtype, loop
         self.epoch, self._batch = 0, 0
+        self.meta: dict = {}
+        """Provenance recorded in the checkpoints trained on this source (none by default)."""
 
-    def _chunks(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _chunks(self, every_rank: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Activations ``{hookpoint: [rows, d]}`` of the plan's shards (this rank's, or all of them)."""
         for plan in plan_shards(self.cfg, self.tok):
-            if plan.index % self.world_size != self.rank:
+            if not every_rank and plan.index % self.world_size != self.rank:
                 continue
             parts: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in self._hps}
             for a in range(0, len(plan.token_ids), self.cfg.batch_size):
@@ -65,11 +72,25 @@ class LiveSource:
                     parts[hp.name].append(acts[hp.name][keep].to(self.dtype))
             yield {k: torch.cat(v) for k, v in parts.items()}
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        while True:
-            yield from self._epoch_batches()
-            if not self.loop:
-                return
+    def sample(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x [n, d_in], y [n, d_out] | None)``: ``n_rows`` rows drawn with ``seed`` from the first shards of
+        the plan that hold at least ``n_rows`` rows (all of it when it is shorter), the same on every rank."""
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        have = 0
+        for chunk in self._chunks(every_rank=True):
+            xs.append(chunk[self.hookpoint])
+            if self.target:
+                ys.append(chunk[self.target])
+            have += len(xs[-1])
+            if have >= n_rows:
+                break
+        if not have:
+            raise ValueError(f"{self.cfg.dataset!r} gave no rows for {self.hookpoint!r}: nothing to sample")
+        rng = np.random.default_rng(seed)
+        rows = torch.from_numpy(np.sort(rng.choice(have, size=min(n_rows, have), replace=False)))
+        rows = rows[torch.from_numpy(rng.permutation(len(rows)))]
+        return torch.cat(xs)[rows], (torch.cat(ys)[rows] if ys else None)
 
     def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         epoch, B = self.epoch, self.batch_size

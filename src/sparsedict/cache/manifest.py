@@ -16,9 +16,10 @@ concurrent ranks never write the same file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from sparsedict.util import write_json_atomic
 
 FORMAT = "sparsedict-activation-cache"
 VERSION = 1
@@ -41,31 +42,6 @@ def shard_file(kind: str, index: int) -> str:
 
 def receipt_file(index: int) -> str:
     return f"shards/_receipts/{index:06d}.json"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file, fsync, rename over ``path`` (readers see the old or the new file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

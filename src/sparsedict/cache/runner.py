@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
+from sparsedict.cache.digest import ShardError
 from sparsedict.cache.manifest import (
     FORMAT,
     TOKENS,
@@ -27,10 +29,10 @@ from sparsedict.cache.manifest import (
     rebuild,
     receipt_file,
     shard_file,
-    write_json_atomic,
 )  # fmt: skip
 from sparsedict.cache.tokens import RULES, ShardPlan, plan_shards
-from sparsedict.cache.writer import check_shard, st_dtype, write_shard
+from sparsedict.cache.writer import check_shard, expected_tensors, write_shard
+from sparsedict.util import write_json_atomic
 
 
 def _dist() -> tuple[int, int, int]:
@@ -88,16 +90,23 @@ def _heads(model, hp: hooks.Hookpoint, d: int) -> dict:
 
 
 def _shard_done(root: Path, rec: dict | None, manifest: dict) -> bool:
-    """A receipt exists and every file it names is present with the right size, dtype and shape."""
+    """A receipt exists and every file it names is present with the right size, dtype, shape and digest (a
+    shard that fails a check is reported and recomputed)."""
     if rec is None:
         return False
     try:
-        for name, info in manifest["hookpoints"].items():
-            shape = (rec["rows"], info["d"])
+        for name in [*manifest["hookpoints"], TOKENS]:
             check_shard(root / rec["files"][name]["file"], rec["files"][name],
-                        {"activations": (st_dtype(getattr(torch, info["dtype"])), shape)}, checksum=False)  # fmt: skip
-        check_shard(root / rec["files"][TOKENS]["file"], rec["files"][TOKENS], {}, checksum=False)
-    except (CacheError, KeyError):
+                        expected_tensors(manifest, rec, name), checksum=True)  # fmt: skip
+    except KeyError as err:
+        print(
+            f"sparsedict cache: receipt of shard {rec.get('index')} lacks {err}; recomputing it",
+            file=sys.stderr,
+        )
+        return False
+    except CacheError as err:
+        problem = err.problem if isinstance(err, ShardError) else str(err)
+        print(f"sparsedict cache: {problem}; recomputing shard {rec['index']}", file=sys.stderr)
         return False
     return True
 

@@ -15,6 +15,10 @@ Rows are read with positioned reads (``os.preadv``) of contiguous block ranges s
 window buffer rather than through long-lived memory maps, whose resident file pages would count
 against the process's RSS and grow with the cache size. ``state_dict()`` holds (epoch, batch, seed):
 resuming replays nothing but the window that holds the next batch.
+
+Every read path (iteration, ``sample``, ``rows``, ``tokens``, ``norm_stats``) checks each shard's digest the
+first time the process touches that shard, before any of its rows are served (``verify=False`` skips it; the
+rule and its cost are in :mod:`sparsedict.cache.digest`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsedict.cache import digest
 from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
-from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest, write_json_atomic
-from sparsedict.cache.writer import check_shard
+from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest
+from sparsedict.cache.source import EpochIterator
+from sparsedict.cache.writer import expected_tensors, load_shard
+from sparsedict.util import write_json_atomic
 
 RAM_SLACK = 1.1
 """Factor on the window's read buffer (page rounding, small temporaries)."""
@@ -41,7 +48,7 @@ RAM_FIXED = 20 << 20
 """Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
 
 
-class ActivationStore:
+class ActivationStore(EpochIterator):
     """Batches ``(x [B, d_in], y [B, d_out] | None)`` from an activation cache directory.
 
     ``hookpoint``/``target`` accept the name given at caching time or its resolved module path.
@@ -51,9 +58,8 @@ class ActivationStore:
     manifest's ``n_heads``/``d_head`` (also ``self.n_heads``/``self.d_head``) give the layout, so the merged
     batch reshapes with ``x.view(B, n_heads, d_head)``. A head store reads whole rows and keeps the slice.
     ``loop=True`` (default) iterates forever, epoch after epoch (``epoch`` counts them); ``loop=False``
-    serves the rest of the current epoch. ``normalise=True`` multiplies x (and y) by
-    ``c = sqrt(d) / sqrt(E‖x‖²)`` from :meth:`norm_stats` (so E‖c·x‖² = d); ``scale_in``/``scale_out``
-    hold the constants.
+    serves the rest of the current epoch. Batches are raw activations: input normalisation is the trainer's
+    (``TrainConfig.normalise_inputs``). A :class:`~sparsedict.cache.source.Source`.
 
     RAM: the window is one read buffer ``[shuffle_buffer_rows, d]`` in the storage dtype; every batch is
     gathered from it in shuffled order into a new tensor (the caller may keep batches without pinning the
@@ -61,12 +67,16 @@ class ActivationStore:
     ``RAM_SLACK · buffer + RAM_BATCHES batch-sized blocks + RAM_FIXED <= max_ram_bytes`` (a bound too small
     for a window of one batch is an error). Peak RSS above the process before the store stays under the
     bound for float32 and bfloat16 caches larger than it (measured in tests/test_cache_ram.py).
+
+    ``verify=True`` (default): a shard is hashed in full (read through one ``digest.WINDOW``-byte buffer, counted
+    in the bound) and checked against the manifest the first time this process reads any of it; a mismatch,
+    truncation or missing file raises :class:`~sparsedict.cache.digest.ShardError` naming the shard and the fix.
     """
 
     def __init__(self, path: str | Path, hookpoint: str, target: str | None = None, batch_size: int = 4096,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int = 262_144,
-                 max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32, normalise: bool = False,
-                 block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = False,
+                 max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
+                 block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = True,
                  device: str | torch.device = "cpu") -> None:  # fmt: skip
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
@@ -100,10 +110,8 @@ class ActivationStore:
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch, self._batch = 0, 0
-        self.scale_in = self.scale_out = 1.0
-        if normalise:
-            self.scale_in = self._scale(self.hookpoint)
-            self.scale_out = self._scale(self.target) if self.target else 1.0
+        self.meta: dict = {}
+        """Provenance recorded in the checkpoints trained on this store (none by default)."""
 
     def _window_rows(self, max_ram_bytes: int) -> int:
         """Largest window with ``RAM_SLACK · buffer + batch allowance + RAM_FIXED <= max_ram_bytes``."""
@@ -114,6 +122,7 @@ class ActivationStore:
         # extension, plus those the allocator keeps after they are freed (measured: <= RAM_BATCHES in all)
         batch = self.batch_size * sum(c.d * (RAM_BATCHES * out + 2 * c.np_dtype.itemsize) for c in cols)
         fixed = RAM_FIXED + batch + SCRATCH_BYTES * sum(c.head is not None for c in cols)
+        fixed += digest.WINDOW if self._x.verify else 0
         rows = int((max_ram_bytes - fixed) // per_row)
         if rows < self.batch_size:
             need = int(fixed + self.batch_size * per_row)
@@ -218,18 +227,12 @@ class ActivationStore:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{self.n_rows} rows over {self.world_size} rank(s) cannot fill one batch of {self.batch_size}; "
                 "cache more tokens or use a smaller batch_size"
             )
-        while True:
-            yield from self._epoch_batches()
-            if not self.loop:
-                return
-
-    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         epoch, B = self.epoch, self.batch_size
         plan = self._blocks(epoch)
         n_windows = math.ceil(self.rows_per_rank / self.shuffle_buffer_rows)
@@ -259,10 +262,7 @@ class ActivationStore:
                 )
                 if len(tail_x) == B or last:
                     self._batch += 1
-                    yield (
-                        self._out(tail_x, self.scale_in),
-                        (self._out(tail_y, self.scale_out) if sy is not None else None),
-                    )
+                    yield self._out(tail_x), (self._out(tail_y) if sy is not None else None)
                     tail_x = tail_y = None
             while self._batch < self.batches_per_epoch and (
                 len(perm) - pos >= B or (last and pos < len(perm))
@@ -271,10 +271,7 @@ class ActivationStore:
                 pos += len(idx)
                 bx, by = self._take(self._x, sx, idx, pieces), self._take(self._y, sy, idx, pieces)
                 self._batch += 1
-                yield (
-                    self._out(bx, self.scale_in),
-                    (self._out(by, self.scale_out) if by is not None else None),
-                )
+                yield self._out(bx), (self._out(by) if by is not None else None)
                 bx = by = None
             if pos < len(perm):
                 rest_x, rest_y = (
@@ -291,9 +288,8 @@ class ActivationStore:
             trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
         self.epoch, self._batch = epoch + 1, 0
 
-    def _out(self, t: torch.Tensor, scale: float) -> torch.Tensor:
-        t = t.to(self.device, non_blocking=True)
-        return t * scale if scale != 1.0 else t
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         """Position for exact resume: ``{"epoch", "batch", "seed", "rank", "world_size", "n_rows"}``."""
@@ -322,23 +318,21 @@ class ActivationStore:
                 del mm
         return torch.cat(parts).to(self.dtype)
 
-    def sample(self, n_rows: int, seed: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``n_rows`` random rows of the whole cache, ``x [n, d_in]`` (and ``y [n, d_out]``), e.g. for init."""
+    def sample(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x [n, d_in], y [n, d_out] | None)``: ``n_rows`` random rows of the whole cache (e.g. for init)."""
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(self.n_rows, size=min(n_rows, self.n_rows), replace=False))
         order = torch.from_numpy(rng.permutation(len(rows)))
-        x = self._gather(self._x, rows)[order] * self.scale_in
-        if self._y is None:
-            return x
-        return x, self._gather(self._y, rows)[order] * self.scale_out
+        x = self._gather(self._x, rows)[order]
+        return x, (None if self._y is None else self._gather(self._y, rows)[order])
 
     def rows(
         self, start: int = 0, stop: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows ``[start, stop)`` in cache order (shard by shard), unshuffled: ``x`` (and ``y``)."""
         idx = np.arange(start, self.n_rows if stop is None else min(stop, self.n_rows))
-        x = self._gather(self._x, idx) * self.scale_in
-        return x if self._y is None else (x, self._gather(self._y, idx) * self.scale_out)
+        x = self._gather(self._x, idx)
+        return x if self._y is None else (x, self._gather(self._y, idx))
 
     def tokens(self, shards: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Stored contexts: ``token_ids [n_ctx, T]``, ``attention_mask``/``keep [n_ctx, T]`` bool,
@@ -347,21 +341,22 @@ class ActivationStore:
         Row ``i`` of the store (shard order) is ``token_ids[row_context[i] - first, row_position[i]]``;
         ``keep`` marks the same positions (row-major), so eval can rebuild and splice the contexts.
         """
-        from safetensors.torch import load_file
-
         out: dict[str, list[torch.Tensor]] = {}
         for s in shards if shards is not None else range(len(self.manifest["shards"])):
-            entry = self.manifest["shards"][s]["files"][TOKENS]
-            check_shard(self.root / entry["file"], entry, {}, checksum=False)
-            for key, value in load_file(self.root / entry["file"]).items():
+            for key, value in read_tokens(self.root, self.manifest, s, self._x.verify).items():
                 out.setdefault(key, []).append(value)
         return {k: torch.cat(v) for k, v in out.items()}
 
     def verify(self) -> None:
-        """Check every shard of this store's hookpoints against its sha256 (reads all the data)."""
+        """Hash every shard of this store's hookpoints and its tokens now and check them (reads all the data)."""
         for col in (self._x, self._y):
             if col is not None:
-                Column(self.root, self.manifest, col.name, verify=True)
+                for path, entry in zip(col.files, col.entries):
+                    digest.verify_file(path, entry, fresh=True)
+        for shard in self.manifest["shards"]:
+            if TOKENS in shard["files"]:
+                entry = shard["files"][TOKENS]
+                digest.verify_file(self.root / entry["file"], entry, fresh=True)
 
     # ----------------------------------------------------------------- statistics
     def norm_stats(self, hookpoint: str | None = None) -> dict:
@@ -393,11 +388,7 @@ class ActivationStore:
         for col in (self._x, self._y):
             if col is not None and (col.name, col.head) == (base, head):
                 return col
-        return Column(self.root, self.manifest, base, verify=False, head=head)
-
-    def _scale(self, name: str) -> float:
-        stats = self.norm_stats(name)
-        return math.sqrt(self._column(name).d / stats["mean_sq_norm"])
+        return Column(self.root, self.manifest, base, verify=self._x.verify, head=head)
 
     def close(self) -> None:
         self._x.close()
@@ -409,4 +400,12 @@ class ActivationStore:
             self.close()
 
 
-__all__ = ["ActivationStore"]
+def read_tokens(root: str | Path, manifest: dict, shard: int, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tokens file of shard ``shard`` (``token_ids``, ``attention_mask``, ``keep``, ``row_context``,
+    ``row_position``, ``doc_index``), read once and checked against its digest (once a process)."""
+    info = manifest["shards"][shard]
+    entry = info["files"][TOKENS]
+    return load_shard(Path(root) / entry["file"], entry, expected_tensors(manifest, info, TOKENS), verify)
+
+
+__all__ = ["ActivationStore", "read_tokens"]

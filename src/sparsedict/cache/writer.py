@@ -1,24 +1,27 @@
 """Crash-safe shard files: write to a temp name, fsync, rename; validate what is read back.
 
-A shard is a safetensors file. ``write_shard`` serialises it in memory, hashes the bytes (sha256),
+A shard is a safetensors file. ``write_shard`` serialises it in memory, hashes the bytes (xxh3_128),
 writes them under ``.<name>.tmp-<pid>``, fsyncs and renames, so a reader (or a resumed run) only ever
 sees complete files. ``check_shard`` validates a file against its manifest entry: present, header
-readable, byte size, dtype and shape, and (optionally) checksum.
+readable, byte size, dtype and shape, and (optionally) its digest; ``load_shard`` reads a whole small
+shard once, checks its digest on those bytes and parses them.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 
-from sparsedict.cache.manifest import CacheError, fsync_dir
+from sparsedict.cache import digest
+from sparsedict.cache.digest import ShardError
+from sparsedict.cache.manifest import TOKENS, CacheError
+from sparsedict.util import fsync_dir
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
               "I64": torch.int64, "BOOL": torch.bool, "U8": torch.uint8, "I16": torch.int16}  # fmt: skip
@@ -37,7 +40,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], done_shards: int = 0) -> dict:
-    """Atomically write ``tensors`` to ``path``; return ``{"file", "bytes", "sha256"}``."""
+    """Atomically write ``tensors`` to ``path``; return ``{"bytes", "xxh3_128"}`` (its size and digest)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = save({k: v.contiguous() for k, v in tensors.items()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -53,62 +56,70 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], done_shards: int =
             "the directory there), then run the same `sparsedict cache` command again to resume."
         ) from err
     fsync_dir(path.parent)
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"bytes": len(data), **digest.hash_views([data], [digest.WRITTEN])}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """Return ``(safetensors header, data offset)`` of ``path`` or raise a CacheError naming it."""
-    fix = "delete it and run the same `sparsedict cache` command again to recompute this shard"
+    """Return ``(safetensors header, data offset)`` of ``path`` or raise a :class:`ShardError` naming it."""
     try:
         with path.open("rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CacheError(f"shard {path} is truncated ({len(raw)} bytes, no header); {fix}")
+                raise ShardError(path, f"shard {path} is truncated ({len(raw)} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000:
-                raise CacheError(f"shard {path} has a corrupt header (length {n}); {fix}")
+                raise ShardError(path, f"shard {path} has a corrupt header (length {n})")
             header = json.loads(f.read(n))
     except FileNotFoundError as err:
-        raise CacheError(
-            f"shard {path} listed in the manifest is missing; run the same `sparsedict cache` command again to "
-            "recompute missing shards (completed ones are kept)"
-        ) from err
+        raise ShardError(path, f"shard {path} listed in the manifest is missing") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"shard {path} has a corrupt header ({err}); {fix}") from err
+        raise ShardError(path, f"shard {path} has a corrupt header ({err})") from err
     return header, 8 + n
 
 
 def check_shard(
     path: Path, entry: dict, expect: dict[str, tuple[str, tuple[int, ...]]], checksum: bool
 ) -> dict:
-    """Validate ``path`` against its manifest ``entry`` and ``{tensor: (dtype, shape)}``; return the header."""
-    fix = "delete it and run the same `sparsedict cache` command again to recompute this shard"
+    """Validate ``path`` against its manifest ``entry`` and ``{tensor: (dtype, shape)}``; return the header.
+
+    ``checksum`` also checks the file's digest (once a process: see :mod:`sparsedict.cache.digest`).
+    """
     header, offset = read_header(path)
     size = path.stat().st_size
     for name, (dtype, shape) in expect.items():
         info = header.get(name)
         if info is None:
-            raise CacheError(f"shard {path} has no tensor {name!r}; {fix}")
+            raise ShardError(path, f"shard {path} has no tensor {name!r}")
         if info["dtype"] != dtype or tuple(info["shape"]) != tuple(shape):
-            raise CacheError(
+            raise ShardError(
+                path,
                 f"shard {path}: tensor {name!r} is {info['dtype']}{info['shape']} but the manifest says "
-                f"{dtype}{list(shape)} (dtype/dimension mismatch: was the file replaced by another cache?); {fix}"
+                f"{dtype}{list(shape)} (dtype/dimension mismatch: was the file replaced by another cache?)",
             )
         end = info["data_offsets"][1]
         if offset + end > size:
-            raise CacheError(f"shard {path} is truncated (tensor {name!r} ends past the file end); {fix}")
+            raise ShardError(
+                path,
+                f"shard {path} is truncated: tensor {name!r} ends at byte {offset + end}, the file at {size}",
+            )
     if size != entry["bytes"]:
-        raise CacheError(
-            f"shard {path} is {size} bytes but the manifest records {entry['bytes']} (truncated?); {fix}"
-        )
+        raise ShardError(path, digest.truncated(path, size, entry["bytes"]))
     if checksum:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry["sha256"]:
-            raise CacheError(f"shard {path} fails its sha256 checksum (corrupted on disk); {fix}")
+        digest.verify_file(path, entry)
     return header
+
+
+def load_shard(
+    path: Path, entry: dict, expect: dict[str, tuple[str, tuple[int, ...]]], checksum: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors of the shard ``path`` (read once; the digest is checked on those bytes, once a process)."""
+    check_shard(path, entry, expect, checksum=False)
+    with path.open("rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    if checksum:
+        digest.verify_bytes(path, data, entry, st)
+    return load(data)
 
 
 def st_dtype(dtype: torch.dtype) -> str:
@@ -116,5 +127,11 @@ def st_dtype(dtype: torch.dtype) -> str:
     return next(k for k, v in _ST_DTYPES.items() if v == dtype)
 
 
-def torch_dtype(code: str) -> torch.dtype:
-    return _ST_DTYPES[code]
+def expected_tensors(manifest: dict, shard: dict, kind: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor: (dtype, shape)}`` the file of ``kind`` (a hookpoint or ``"tokens"``) of ``shard`` must hold."""
+    if kind != TOKENS:
+        info = manifest["hookpoints"][kind]
+        return {"activations": (st_dtype(getattr(torch, info["dtype"])), (shard["rows"], int(info["d"])))}
+    n_ctx, rows, t = shard["contexts"], shard["rows"], manifest["context_length"]
+    return {"token_ids": ("I32", (n_ctx, t)), "attention_mask": ("BOOL", (n_ctx, t)), "keep": ("BOOL", (n_ctx, t)),
+            "row_context": ("I64", (rows,)), "row_position": ("I32", (rows,)), "doc_index": ("I64", (n_ctx,))}  # fmt: skip

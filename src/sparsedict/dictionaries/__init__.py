@@ -1,7 +1,7 @@
 """Dictionary architectures. Importing this package registers every architecture.
 
-Adding one: a module here with ``@register("name", NameConfig)`` on a :class:`Dictionary` subclass,
-plus one import line below.
+Adding one: a module here with ``@register("name", NameConfig)`` on a :class:`Dictionary` subclass, its
+capabilities declared on the class, plus one import line below (ARCHITECTURE.md lists the steps).
 """
 
 from sparsedict.dictionaries import (
@@ -14,15 +14,22 @@ from sparsedict.dictionaries import (
     snmf,  # noqa: F401  (registers)
     topk,  # noqa: F401  (registers)
 )
+from sparsedict.dictionaries.attach import Attachment, reconstruct
 from sparsedict.dictionaries.base import (
+    ARCHITECTURES,
     Dictionary,
     DictionaryConfig,
     Output,
     SparseCode,
     available,
     build,
+    from_pretrained,
     lookup,
     register,
+    save_pretrained,
 )
 
-__all__ = ["Dictionary", "DictionaryConfig", "Output", "SparseCode", "available", "build", "lookup", "register"]
+__all__ = [
+    "ARCHITECTURES", "Attachment", "Dictionary", "DictionaryConfig", "Output", "SparseCode", "available", "build",
+    "from_pretrained", "lookup", "reconstruct", "register", "save_pretrained",
+]  # fmt: skip

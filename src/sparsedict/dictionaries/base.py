@@ -5,21 +5,36 @@ direction), ``b_dec [d_out]``, optional ``W_skip [d_out, d_in]`` (skip transcode
 dictionary whose ``target`` hookpoint differs from its ``hookpoint``; there is no separate class hierarchy.
 
 Every architecture is one module in this package that subclasses :class:`Dictionary`, declares its own
-config dataclass (a subclass of :class:`DictionaryConfig`) and registers both with ``@register("name")``.
-Gradient-trained dictionaries return their loss terms in ``Output.losses`` (already weighted; the trainer
-sums them). Dictionaries with their own solver (SNMF) set ``trains_by_gradient = False`` and implement
-``fit_step(x, y)``; the trainer's data loop, checkpoints and logging are the same for both.
+config dataclass (a subclass of :class:`DictionaryConfig` whose ``architecture`` defaults to the name) and
+registers both with ``@register("name", NameConfig)``. What an architecture can do is declared on its class
+(``supports_transcoder``, ``supports_latent_sharding``, ``fused_decoder_update``, ``input_normalisation``,
+``saelens_architecture``, ``sparsity_fields``, ...): the trainer, the formats and the generic tests read these
+instead of probing. Gradient-trained dictionaries return their loss terms in ``Output.losses`` (already
+weighted; the trainer sums them). Dictionaries with their own solver (SNMF) set ``trains_by_gradient = False``
+and implement ``fit_step(x, y) -> Output``; the trainer's data loop, metrics, checkpoints and logging are the
+same for both.
+
+``save_pretrained``/``from_pretrained``/``push_to_hub``/``hook`` call down into :mod:`sparsedict.formats`,
+:mod:`sparsedict.hub` and :mod:`sparsedict.dictionaries.attach`, which never import this package: the
+registry is handed to the loaders.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from sparsedict import hub
+from sparsedict.dictionaries.attach import Attachment
+from sparsedict.formats import load_dir, native
+from sparsedict.kernels import sparse_decode
+from sparsedict.util import did_you_mean
 
 
 @dataclass
@@ -57,12 +72,19 @@ class DictionaryConfig:
         d_out = self.d_out or (d_out if d_out is not None else d_in)
         n = self.n_latents or self.expansion * d_in
         if self.d_in and self.d_in != d_in:
-            raise ValueError(f"config says d_in={self.d_in} but the data has d={d_in}: fix d_in or the hookpoint")
+            raise ValueError(
+                f"config says d_in={self.d_in} but the data has d={d_in}: fix d_in or the hookpoint"
+            )
         return dataclasses.replace(self, d_in=d_in, d_out=d_out, n_latents=n)
 
     @property
     def is_transcoder(self) -> bool:
         return bool(self.target) and self.target != self.hookpoint
+
+    @property
+    def source_key(self) -> tuple[str, str]:
+        """``(hookpoint, target)`` of the data this dictionary reads (target ``""`` for an SAE)."""
+        return (self.hookpoint, self.target if self.is_transcoder else "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,41 +134,60 @@ class Output:
     """Weighted loss terms; the trainer minimises their sum."""
 
 
-_REGISTRY: dict[str, tuple[type[Dictionary], type[DictionaryConfig]]] = {}
+class Registry:
+    """Architecture name -> (Dictionary subclass, its config class); the one list of architectures."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[type[Dictionary], type[DictionaryConfig]]] = {}
+
+    def register(self, name: str, config_cls: type[DictionaryConfig]):
+        """Class decorator: make an architecture available under ``name`` with its config class.
+
+        ``config_cls.architecture`` must default to ``name`` (``build`` dispatches on it), so a config copied
+        from another architecture cannot silently build that one.
+        """
+
+        def wrap(cls: type[Dictionary]) -> type[Dictionary]:
+            if name in self._entries:
+                raise ValueError(f"architecture {name!r} is registered twice")
+            default = {f.name: f.default for f in dataclasses.fields(config_cls)}.get("architecture")
+            if default != name:
+                raise ValueError(
+                    f"{config_cls.__name__}.architecture defaults to {default!r} but {cls.__name__} is registered "
+                    f"as {name!r}: declare `architecture: str = {name!r}` in {config_cls.__name__}"
+                )
+            self._entries[name] = (cls, config_cls)
+            cls.architecture = name
+            cls.config_class = config_cls
+            return cls
+
+        return wrap
+
+    def available(self) -> list[str]:
+        return sorted(self._entries)
+
+    def lookup(self, name: str) -> tuple[type[Dictionary], type[DictionaryConfig]]:
+        if name not in self._entries:
+            raise KeyError(
+                f"unknown architecture {name!r}{did_you_mean(name, self._entries) or '.'} "
+                f"Registered: {', '.join(self.available())}"
+            )
+        return self._entries[name]
+
+    def build(self, cfg: DictionaryConfig) -> Dictionary:
+        """Instantiate the registered class for ``cfg.architecture`` (cfg must be resolved: d_in, n set)."""
+        cls, _ = self.lookup(cfg.architecture)
+        if not cfg.d_in or not cfg.n_latents:
+            raise ValueError("build() needs a resolved config: call cfg.resolved(d_in) first")
+        return cls(cfg)
 
 
-def register(name: str, config_cls: type[DictionaryConfig]):
-    """Class decorator: make an architecture available under ``name`` with its config class."""
-
-    def wrap(cls: type[Dictionary]) -> type[Dictionary]:
-        if name in _REGISTRY:
-            raise ValueError(f"architecture {name!r} is registered twice")
-        _REGISTRY[name] = (cls, config_cls)
-        cls.architecture = name
-        cls.config_class = config_cls
-        return cls
-
-    return wrap
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def lookup(name: str) -> tuple[type[Dictionary], type[DictionaryConfig]]:
-    if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise KeyError(f"unknown architecture {name!r}.{hint} Registered: {', '.join(available())}")
-    return _REGISTRY[name]
-
-
-def build(cfg: DictionaryConfig) -> Dictionary:
-    """Instantiate the registered class for ``cfg.architecture`` (cfg must be resolved: d_in, n set)."""
-    cls, _ = lookup(cfg.architecture)
-    if not cfg.d_in or not cfg.n_latents:
-        raise ValueError("build() needs a resolved config: call cfg.resolved(d_in) first")
-    return cls(cfg)
+ARCHITECTURES = Registry()
+"""Every registered architecture (each module of this package registers its own on import)."""
+register = ARCHITECTURES.register
+available = ARCHITECTURES.available
+lookup = ARCHITECTURES.lookup
+build = ARCHITECTURES.build
 
 
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
@@ -164,34 +205,65 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
 
 
 class Dictionary(nn.Module):
-    """Base class: parameters in the canonical layout, encode/decode/forward, decoder normalisation."""
+    """Base class: parameters in the canonical layout, encode/decode/forward, decoder normalisation.
+
+    Capabilities are class attributes an architecture overrides (the trainer, the formats and the generic
+    tests read them; nothing probes with ``getattr``). Architectures without the linear encoder
+    ``W_enc``/``b_enc`` override :meth:`_init_encoder`.
+    """
 
     architecture: ClassVar[str] = ""
     config_class: ClassVar[type[DictionaryConfig]] = DictionaryConfig
     unit_norm_decoder: ClassVar[bool] = True
     """If True the trainer keeps decoder rows at unit norm (parallel gradient removed, rows renormalised)."""
+    fused_decoder_update: ClassVar[bool] = True
+    """The unit-norm decoder update is this class's ``remove_parallel_grad`` -> optimiser step ->
+    ``normalise_decoder`` of the base class, so the one-pass fused kernel may replace it (Adam, CUDA). An
+    architecture that overrides either method sets False."""
     auto_train: ClassVar[dict[str, Any]] = {}
     """Adam preset applied under ``TrainConfig.optimizer='auto'`` (keys: betas, lr_rule, lr_dec_scale,
     warmup_fraction; :func:`sparsedict.train.optim.auto_preset`). Empty: Adam with the width-rule LR."""
     trains_by_gradient: ClassVar[bool] = True
     """False for dictionaries trained by their own solver through ``fit_step``."""
+    supports_transcoder: ClassVar[bool] = True
+    """The architecture can map a hookpoint to another (a ``target``, d_out ≠ d_in) and take a ``skip``."""
+    supports_latent_sharding: ClassVar[bool] = False
+    """``TrainConfig.shard_latents`` can split the latents across ranks (:func:`sparsedict.dictionaries.sharded.shard`)."""
+    latent_sharded: ClassVar[bool] = False
+    """This object is one rank's slice of a dictionary (its gradients are complete, not averaged)."""
+    input_normalisation: ClassVar[str] = "none"
+    """Input normalisation the config defaults assume ('none', 'sqrt_d', 'unit_msn'); what
+    ``TrainConfig.normalise_inputs='auto'`` applies."""
+    saelens_architecture: ClassVar[str | None] = None
+    """SAELens architecture this one is saved as ('standard', 'topk', 'jumprelu', 'gated'; transcoder and skip
+    variants are derived from the config); None: SAELens has no equivalent."""
+    sparsity_fields: ClassVar[tuple[str, ...]] = ()
+    """Config fields that set the sparsity (shown in the model card and benchmark tables)."""
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__()
         self.cfg = cfg
+        self.meta: dict[str, Any] = {}
+        """Provenance of a loaded checkpoint (model, hookpoint, training data, metrics, source format)."""
+        self._dead_mask: Tensor | None = None
         d, n, d_out = cfg.d_in, cfg.n_latents, cfg.d_out or cfg.d_in
         dtype = getattr(torch, cfg.dtype)
         w_dec = torch.randn(n, d_out, dtype=dtype)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        # W_enc = W_dec^T (a copy, not tied); for transcoders d_out may differ from d_in.
-        w_enc = w_dec.T.clone() if d_out == d else torch.randn(d, n, dtype=dtype) / d**0.5
-        self.W_enc = nn.Parameter(w_enc.contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self._init_encoder(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         self.W_skip = nn.Parameter(torch.zeros(d_out, d, dtype=dtype)) if cfg.skip else None
         # Input normalisation: the model sees x * input_scale and reconstructs y * input_scale.
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+
+    def _init_encoder(self, w_dec: Tensor, bias: bool = True) -> None:
+        """Allocate ``W_enc [d_in, n]`` = W_dec^T (a copy, not tied; random for d_out ≠ d_in) and ``b_enc = 0``
+        (``bias=False``: no b_enc parameter)."""
+        d, n, dtype = self.cfg.d_in, self.cfg.n_latents, w_dec.dtype
+        w_enc = w_dec.T.clone() if w_dec.shape[1] == d else torch.randn(d, n, dtype=dtype) / d**0.5
+        self.W_enc = nn.Parameter(w_enc.contiguous())
+        self.register_parameter("b_enc", nn.Parameter(torch.zeros(n, dtype=dtype)) if bias else None)
 
     # -- shapes ----------------------------------------------------------------------------------
     @property
@@ -219,19 +291,19 @@ class Dictionary(nn.Module):
             )
 
     # -- the forward pass --------------------------------------------------------------------------
+    def _x_in(self, x: Tensor) -> Tensor:
+        """The encoder's input: ``x − b_dec`` where the dictionary subtracts b_dec, else ``x``."""
+        return x - self.b_dec if self.subtracts_b_dec else x
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """Dense encoder pre-activations ``[B, n]`` (used by dense architectures and AuxK)."""
-        if self.subtracts_b_dec:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return self._x_in(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> SparseCode:
         raise NotImplementedError
 
     def decode(self, code: SparseCode, x: Tensor | None = None) -> Tensor:
         """``x̂ = code · W_dec + b_dec`` (+ ``x W_skip^T`` when a skip connection exists and x is given)."""
-        from sparsedict.kernels import sparse_decode
-
         if code.indices is None:
             out = code.values @ self.W_dec + self.b_dec
         else:
@@ -258,13 +330,14 @@ class Dictionary(nn.Module):
         """Called by the trainer before each step (coefficient warmups, threshold schedules)."""
 
     def after_step(self, out: Output) -> None:
-        """Called by the trainer after each optimiser step with that step's output (threshold EMAs)."""
+        """Called by the trainer after each optimiser step with that step's output (threshold estimates)."""
 
     def set_dead_mask(self, dead: Tensor | None) -> None:
         """The trainer hands over the current dead-latent mask ``[n]`` (for AuxK)."""
         self._dead_mask = dead
 
-    def fit_step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+    def fit_step(self, x: Tensor, y: Tensor | None = None) -> Output:
+        """One solver step (``trains_by_gradient = False``): returns this batch's output before the update."""
         raise NotImplementedError(f"{type(self).__name__} is trained by gradient, not by fit_step")
 
     @torch.no_grad()
@@ -312,23 +385,44 @@ class Dictionary(nn.Module):
     def fold_extra(self, c: float) -> None:
         """Architectures with extra parameters in activation units fold them here."""
 
-    # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, path, meta: dict[str, Any] | None = None) -> None:
-        from sparsedict.hub import save_pretrained
-
-        save_pretrained(self, path, meta)
+    # -- persistence and use inside a model (implemented below this package: formats, hub, attach) ----------
+    def save_pretrained(self, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                        model_card: bool = True) -> Path:  # fmt: skip
+        """Write ``config.json`` + ``model.safetensors`` (input scale folded in) + a ``README.md`` model card."""
+        return native.save(self, path, meta, model_card)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> Dictionary:
-        from sparsedict.hub import from_pretrained
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
+                        revision: str | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> Dictionary:  # fmt: skip
+        """Load a dictionary from a local directory or an HF hub repo id, in any supported format.
 
-        return from_pretrained(path, **kwargs)
+        ``subfolder`` picks one dictionary inside a directory/repo holding several (a sparsify run, a SAELens
+        release); ``revision`` a hub branch, tag or commit. The format is detected from the files
+        (:func:`sparsedict.formats.detect_format`); the architecture is the checkpoint's, whichever class this
+        is called on. Weights come back on ``device`` in ``dtype`` (default: the checkpoint's), in eval mode.
+        """
+        return load_dir(hub.resolve(path_or_repo_id, subfolder, revision), ARCHITECTURES, device, dtype)
 
-    def hook(self, model, mode: str = "splice", exclude_first: int = 0):
+    def push_to_hub(self, repo_id: str, meta: dict[str, Any] | None = None, **kwargs: Any) -> str:
+        """Save and upload to hub repo ``repo_id`` (see :func:`sparsedict.hub.push_to_hub`); returns the commit URL."""
+        return hub.push_to_hub(self, repo_id, meta, **kwargs)
+
+    def hook(self, model: nn.Module, mode: str = "splice", exclude_first: int = 0) -> Attachment:
         """Context manager attaching this dictionary to ``model``: mode 'splice', 'codes' or 'both'."""
-        from sparsedict.attach import attach
+        return Attachment(self, model, mode, exclude_first)
 
-        return attach(self, model, mode, exclude_first)
+
+def from_pretrained(path_or_repo_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
+                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Dictionary:  # fmt: skip
+    """:meth:`Dictionary.from_pretrained` as a function (``sparsedict.from_pretrained``)."""
+    return Dictionary.from_pretrained(path_or_repo_id, subfolder, revision, device, dtype)
+
+
+def save_pretrained(model: Dictionary, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                    model_card: bool = True) -> Path:  # fmt: skip
+    """:meth:`Dictionary.save_pretrained` as a function (``sparsedict.save_pretrained``)."""
+    return native.save(model, path, meta, model_card)
 
 
 def mse_loss(x_hat: Tensor, y: Tensor) -> Tensor:

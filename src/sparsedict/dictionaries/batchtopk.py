@@ -10,11 +10,8 @@ an eval-mode forward with an unset θ falls back to batch top-k). θ must descri
 
 - only batches from ``threshold_start_step`` on enter the estimate (default: the last 20 % of the run,
   from ``int(0.8 · total_steps)``, the trainer's default LR-decay phase, where the weights move least);
-  earlier batches come from weights whose activation scale differs from the final one. On SmolLM2-135M
-  (k = 32, a 195-step run) a plain EMA with r = 0.01 from step 0 gave a θ 22 % too high for BatchTopK
-  and 27 % for Matryoshka (held-out L0 20 and 18 instead of 32); the running mean below over the second
-  half of the run still gave θ 7 % / 10 % above the mean batch minimum of the final weights (training
-  L0 26 / 24), since the smallest kept activation keeps falling while the LR is high;
+  earlier batches come from weights whose activation scale differs from the final one, and the smallest
+  kept activation keeps falling while the LR is high (measured: benchmarks/RESULTS_defaults.md);
 - the estimate is a bias-corrected running mean: the j-th batch since the start enters with rate
   ``max(r, 1/j)`` (``θ ← (1 − ρ) θ + ρ m_t``), i.e. the plain mean of the first 1/r batches, then an EMA
   with rate r that keeps following the late weights on long runs. No single batch dominates (a plain EMA
@@ -40,8 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, register
-from sparsedict.dictionaries.topk import auxk_loss
+from sparsedict import distributed
+from sparsedict.dictionaries.base import Dictionary, Output, SparseCode, register
+from sparsedict.dictionaries.topk import TopKConfig, auxk_loss
 from sparsedict.kernels import topk_encode, use_triton
 from sparsedict.kernels.topk_encode import MAX_K
 
@@ -50,15 +48,11 @@ THRESHOLD_START_FRACTION = 0.8
 
 
 @dataclass
-class BatchTopKConfig(DictionaryConfig):
+class BatchTopKConfig(TopKConfig):
     architecture: str = "batchtopk"
     """Registered architecture name."""
     k: int = 32
     """Mean active latents per token (k·B entries are kept per batch of B tokens)."""
-    aux_k: int = 0
-    """Dead latents used by the AuxK loss; 0 means d_in // 2."""
-    aux_alpha: float = 1 / 32
-    """Weight of the AuxK loss (0 turns it off)."""
     threshold_rate: float = 0.01
     """Floor r of the rate of the running estimate of the inference threshold θ: the j-th batch since
     ``threshold_start_step`` enters with rate max(r, 1/j) (a plain mean for the first 1/r batches, then an
@@ -104,6 +98,8 @@ def threshold_code(acts: Tensor, theta: Tensor) -> Tensor:
 @register("batchtopk", BatchTopKConfig)
 class BatchTopK(Dictionary):
     cfg: BatchTopKConfig
+    saelens_architecture = "jumprelu"  # the inference threshold θ
+    sparsity_fields = ("k",)
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
@@ -111,9 +107,6 @@ class BatchTopK(Dictionary):
         self._step = 0
         self._start = max(0, cfg.threshold_start_step)  # resolved from the run length in on_step
         self._updates = 0  # batches averaged into θ so far (j − 1 for the next one)
-
-    def _x_in(self, x: Tensor) -> Tensor:
-        return x - self.b_dec if self.subtracts_b_dec else x
 
     def select(self, acts: Tensor) -> Tensor:
         """Training: batch top-k. Eval: the threshold θ (batch top-k while θ is unset)."""
@@ -166,18 +159,7 @@ class BatchTopK(Dictionary):
         pos = v[v > 0]
         if pos.numel() == 0:
             return
-        m = _all_reduce_mean(pos.min())
+        m = distributed.all_reduce_mean(pos.min())  # each rank selects over its own batch: one θ for all
         self._updates += 1
         rate = 1.0 if float(self.threshold) < 0 else max(self.cfg.threshold_rate, 1.0 / self._updates)
         self.threshold.mul_(1 - rate).add_(rate * m)
-
-
-def _all_reduce_mean(t: Tensor) -> Tensor:
-    """Mean over data-parallel ranks (each selects top-k over its own batch) so replicas keep one θ."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t = t / dist.get_world_size()
-    return t

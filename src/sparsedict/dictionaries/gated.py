@@ -16,14 +16,13 @@ ReLU init where encoder and decoder start at norm 0.1; the decoder here must sta
 encoder carries the small scale), ``r_mag = b_mag = b_gate = 0``. With unit-norm ``W_enc`` about half of
 the latents fire at init and ``x̂`` overshoots ``x`` about ``n / 2d``-fold (4x at expansion 8); the first
 few hundred steps then go to shrinking the encoder, and Adam's per-coordinate steps rotate unit-norm
-columns slowly. On the planted test (d=64, 256 atoms, 6 active, 12 epochs of 40k rows, lr 3e-3, λ 2)
-this takes the mean max-cosine from 0.63 (unit-norm encoder) to 0.98.
+columns slowly (measured: benchmarks/RESULTS_defaults.md).
 
 λ: the gate's L1 with the frozen-decoder reconstruction sets a firing threshold: a latent whose
 coefficient c satisfies ``c < λ/2`` is cheaper off (``min_f (c − f)² + λf``). Under the default input
 normalisation ``E‖x‖ = √d`` (``TrainConfig.normalise_inputs = "sqrt_d"``) typical coefficients are
-``≈ √(d / L0)`` (≈ 3 both for the planted test and for d = 576 with L0 ≈ 50), so λ = 2 gates off only
-coefficients under a third of typical. Unlike the ReLU SAE, the magnitudes are not shrunk by λ.
+``≈ √(d / L0)`` (≈ 3 for d = 576 with L0 ≈ 50), so λ = 2 gates off only coefficients under a third of
+typical. Unlike the ReLU SAE, the magnitudes are not shrunk by λ.
 """
 
 from __future__ import annotations
@@ -52,12 +51,13 @@ class GatedConfig(DictionaryConfig):
 @register("gated", GatedConfig)
 class Gated(Dictionary):
     cfg: GatedConfig
+    input_normalisation = "sqrt_d"
+    saelens_architecture = "gated"
+    sparsity_fields = ("l1_coefficient",)
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
         dtype = getattr(torch, cfg.dtype)
-        del self.b_enc  # gated SAEs have b_gate/b_mag instead; keep checkpoints free of an unused tensor
-        self.b_enc = None
         with torch.no_grad():
             self.W_enc.mul_(cfg.encoder_init_norm / self.W_enc.norm(dim=0).clamp_min(1e-12))
         n = cfg.n_latents
@@ -66,11 +66,13 @@ class Gated(Dictionary):
         self.r_mag = nn.Parameter(torch.zeros(n, dtype=dtype))
         self.l1_current = cfg.l1_coefficient
 
+    def _init_encoder(self, w_dec: Tensor) -> None:
+        """``W_enc`` (the paper's W_gate) without ``b_enc``: the gate and magnitude have their own biases."""
+        super()._init_encoder(w_dec, bias=False)
+
     def pi(self, x: Tensor) -> Tensor:
         """``π = (x − b_dec) W_enc`` ``[B, n]`` (no bias)."""
-        if self.subtracts_b_dec:
-            x = x - self.b_dec
-        return x @ self.W_enc
+        return self._x_in(x) @ self.W_enc
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Gate pre-activations ``π + b_gate`` ``[B, n]``."""

@@ -6,7 +6,7 @@ reconstruct the target on its own:
 ``L = Σ_g w_g ‖y − (f[:, :m_g] W_dec[:m_g] + b_dec)‖² + α L_aux``
 
 so early latents learn general features. The code comes from one encoder, ``selection = "topk"``
-(per-token top-k) or ``"batchtopk"`` (batch top-k in training, the EMA threshold θ in eval, as in
+(per-token top-k) or ``"batchtopk"`` (batch top-k in training, the running-mean threshold θ in eval, as in
 :mod:`~sparsedict.dictionaries.batchtopk`; θ is tracked for both so either exports as a JumpReLU).
 
 Kernels: with ``selection = "topk"`` the encoder is :func:`sparsedict.kernels.topk_encode` and every

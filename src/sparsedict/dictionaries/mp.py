@@ -1,4 +1,4 @@
-"""MP-SAE: a matching-pursuit encoder over unit-norm decoder atoms (Costa et al. 2025; METHODS.md §1.9).
+"""MP-SAE: a matching-pursuit encoder over unit-norm decoder atoms (Costa et al. 2025).
 
 Pursuit over atoms ``D = W_dec [n, d]`` for ``T`` steps: ``r₀ = x − b_dec``; for t = 1..T:
 ``j_t = argmax_i ⟨D_i, r_{t−1}⟩`` (or ``argmax |·|`` with ``absolute``), ``a_t = ⟨D_{j_t}, r_{t−1}⟩``,
@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
-from sparsedict.dictionaries.mp_kernels import numba_available, pursuit_backward, pursuit_forward
+from sparsedict.dictionaries.topk import residual_variance
 from sparsedict.kernels import sparse_decode
+from sparsedict.kernels.pursuit import numba_available, pursuit_backward, pursuit_forward
 
 
 @dataclass
@@ -89,18 +90,13 @@ class PursuitFn(torch.autograd.Function):
         return d_r0, d_D, None, None, None, None
 
 
-def first_occurrence(idx: Tensor) -> Tensor:
-    """``first[b, t]`` = the smallest s with ``idx[b, s] == idx[b, t]`` (``[B, T]``, int64)."""
-    T = idx.shape[1]
-    eq = idx[:, :, None] == idx[:, None, :]  # [B, T, T]: eq[b, t, s]
-    return eq.to(torch.uint8).argmax(-1) if T > 1 else torch.zeros_like(idx)
-
-
 @register("mp", MPConfig)
 class MP(Dictionary):
     """Matching-pursuit SAE. Parameters: ``W_dec [n, d]`` (unit-norm atoms) and ``b_dec [d]``; no encoder."""
 
     cfg: MPConfig
+    supports_transcoder = False
+    sparsity_fields = ("steps",)
 
     def __init__(self, cfg: MPConfig):
         if cfg.is_transcoder or (cfg.d_out and cfg.d_out != cfg.d_in) or cfg.skip:
@@ -110,9 +106,11 @@ class MP(Dictionary):
                 "or use a TopK/BatchTopK transcoder for input -> target maps."
             )
         super().__init__(cfg)
-        # The encoder is the pursuit over W_dec: no W_enc / b_enc parameters.
-        self.W_enc = None
-        self.b_enc = None
+
+    def _init_encoder(self, w_dec: Tensor) -> None:
+        """The encoder is the pursuit over W_dec: no W_enc / b_enc parameters."""
+        self.register_parameter("W_enc", None)
+        self.register_parameter("b_enc", None)
 
     # -- pursuit ------------------------------------------------------------------------------------
     def _use_numba(self, t: Tensor) -> bool:
@@ -178,7 +176,7 @@ class MP(Dictionary):
             raise ValueError(
                 "MP-SAE reconstructs its input; a different target needs a transcoder architecture"
             )
-        dead = getattr(self, "_dead_mask", None)
+        dead = self._dead_mask
         want_aux = self.training and self.cfg.aux_alpha > 0 and self.cfg.aux_k > 0 and dead is not None
         want_aux = want_aux and bool(dead.any()) and not self.cfg.orthogonal
         code, _, cT = self.pursue(x, keep_corr=want_aux)
@@ -201,8 +199,7 @@ class MP(Dictionary):
         j = score.topk(k, dim=1, sorted=False).indices
         vals = torch.einsum("bkd,bd->bk", self.W_dec[j].float(), e).relu()
         e_hat = sparse_decode(j, vals, self.W_dec)
-        denom = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        return self.cfg.aux_alpha * (e_hat.float() - e).pow(2).sum(-1).mean() / denom
+        return self.cfg.aux_alpha * (e_hat.float() - e).pow(2).sum(-1).mean() / residual_variance(e)
 
     # -- initialisation and scaling -------------------------------------------------------------------
     @torch.no_grad()

@@ -45,6 +45,9 @@ def warmup_factor(step: int, total_steps: int, warmup_steps: int, default_fracti
 class ReLU(Dictionary):
     cfg: ReLUConfig
     unit_norm_decoder = False
+    input_normalisation = "sqrt_d"
+    saelens_architecture = "standard"
+    sparsity_fields = ("l1_coefficient",)
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
@@ -67,12 +70,3 @@ class ReLU(Dictionary):
         norms = self.W_dec.float().norm(dim=1)
         l1 = (code.values.float() @ norms).mean()
         return {"l1": self.l1_current * l1}
-
-    @torch.no_grad()
-    def fold_decoder_norms(self) -> None:
-        """Rescale so every decoder row has unit norm without changing ``x̂``: ``W_dec[i] /= s_i``,
-        ``W_enc[:, i] *= s_i``, ``b_enc[i] *= s_i`` (latent i's activation scales by ``s_i``)."""
-        s = self.W_dec.norm(dim=1).clamp_min(1e-12)
-        self.W_dec.div_(s[:, None])
-        self.W_enc.mul_(s)
-        self.b_enc.mul_(s)

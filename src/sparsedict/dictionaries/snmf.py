@@ -1,4 +1,4 @@
-"""SNMF: semi-nonnegative factorisation of MLP hidden activations (Shafran et al. 2025; METHODS.md §1.8).
+"""SNMF: semi-nonnegative factorisation of MLP hidden activations (Shafran et al. 2025).
 
 ``A ≈ F Gᵀ`` with ``A = Xᵀ [d, N]`` (tokens as columns), ``F [d, K]`` mixed-sign features (each a sparse
 combination of neurons) and ``G [N, K] ≥ 0`` per-token codes. In our layout ``W_dec = Fᵀ [K, d]`` and a code
@@ -186,6 +186,8 @@ class SNMF(Dictionary):
     cfg: SNMFConfig
     unit_norm_decoder = False
     trains_by_gradient = False
+    supports_transcoder = False
+    sparsity_fields = ("sparsity", "code_l1")
 
     def __init__(self, cfg: SNMFConfig):
         if cfg.is_transcoder or (cfg.d_out and cfg.d_out != cfg.d_in) or cfg.skip:
@@ -194,14 +196,17 @@ class SNMF(Dictionary):
                 "Remove 'target'/'skip' (SNMF on MLP hidden activations: hookpoint mlp_hidden.<layer>)."
             )
         super().__init__(cfg)
-        self.W_enc = None  # the encoder is the NNLS against W_dec
-        self.b_enc = None
         for p in self.parameters():
             p.requires_grad_(False)
         K, d = cfg.n_latents, cfg.d_in
         self.register_buffer("stat_C", torch.zeros(K, K, dtype=torch.float64))
         self.register_buffer("stat_S", torch.zeros(d, K, dtype=torch.float64))
         self.register_buffer("stat_steps", torch.zeros((), dtype=torch.long))
+
+    def _init_encoder(self, w_dec: Tensor) -> None:
+        """The encoder is the NNLS against W_dec: no W_enc / b_enc parameters."""
+        self.register_parameter("W_enc", None)
+        self.register_parameter("b_enc", None)
 
     @classmethod
     def from_factors(cls, F: Tensor, cfg: SNMFConfig | None = None, **overrides) -> SNMF:
@@ -251,21 +256,16 @@ class SNMF(Dictionary):
         self.stat_steps.zero_()
 
     @torch.no_grad()
-    def fit_step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
-        """One streaming step on a minibatch ``x [b, d]``; returns batch metrics (before the update)."""
+    def fit_step(self, x: Tensor, y: Tensor | None = None) -> Output:
+        """One streaming step on a minibatch ``x [b, d]``; returns the batch's output before the update."""
         if y is not None and y is not x and not torch.equal(y, x):
             raise ValueError("SNMF reconstructs its input; it cannot be trained with a different target")
         self.check_input(x)
         xc = self._centre(x.to(self.W_dec.dtype))
         W = self.W_dec.detach()
         g, _ = nnls(xc, W, self.cfg.code_iters, 0.0, self.cfg.code_l1)
-        res = (xc - g @ W).pow(2).sum()
-        var = (xc - xc.mean(0)).pow(2).sum().clamp_min(1e-30)
-        metrics = {
-            "fvu": float(res / var),
-            "l0": float((g > 0).sum(1).float().mean()),
-            "dead": float((g.sum(0) == 0).float().mean()),
-        }
+        x_hat = self.decode(SparseCode(g, None, self.n_latents))
+        out = Output(x_hat, SparseCode(g, None, self.n_latents), {"mse": mse_loss(x_hat, x)})
         b = x.shape[0]
         t = int(self.stat_steps) + 1
         w = max(1.0 / t, b / max(1, self.cfg.memory_tokens))
@@ -274,7 +274,7 @@ class SNMF(Dictionary):
         self.stat_S.mul_(1 - w).add_(xd.T @ gd, alpha=w / b)
         self.stat_steps.fill_(t)
         self._update_dictionary(xd, gd)
-        return metrics
+        return out
 
     @torch.no_grad()
     def _update_dictionary(self, xd: Tensor, gd: Tensor) -> None:

@@ -29,6 +29,11 @@ class TopKConfig(DictionaryConfig):
     """Weight of the AuxK loss (0 turns it off)."""
 
 
+def residual_variance(e: Tensor) -> Tensor:
+    """``Σ_t ‖e_t − ē‖² / B`` of a residual batch ``e [B, d]`` (fp32): the normaliser of the AuxK-style losses."""
+    return (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
 def auxk_loss(
     model: Dictionary, x_in: Tensor, residual: Tensor, k_aux: int, alpha: float
 ) -> dict[str, Tensor]:
@@ -38,7 +43,7 @@ def auxk_loss(
     ``residual = y − x̂``. Only the dead columns of ``W_enc`` are multiplied (a GEMM over the dead
     latents, not the full width); the aux code is decoded without b_dec.
     """
-    dead = getattr(model, "_dead_mask", None)
+    dead = model._dead_mask
     if not model.training or alpha <= 0 or dead is None or not bool(dead.any()):
         return {}
     dead_idx = dead.nonzero().squeeze(1)
@@ -46,20 +51,23 @@ def auxk_loss(
     vals, j = pre_dead.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False)
     e_hat = sparse_decode(dead_idx[j], vals.relu(), model.W_dec)
     residual = residual.detach().float()
-    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    loss = (e_hat.float() - residual).pow(2).sum(-1).mean() / denom
+    loss = (e_hat.float() - residual).pow(2).sum(-1).mean() / residual_variance(residual)
     return {"auxk": alpha * loss}
 
 
 @register("topk", TopKConfig)
 class TopK(Dictionary):
     cfg: TopKConfig
-    # Measured best on the issue-11 workload (benchmarks/RESULTS_training.md): held-out FVU 0.200 after one
-    # epoch and 0.148 after five, against 0.237 / 0.179 for sign-SGD under schedule-free.
-    auto_train: ClassVar[dict[str, Any]] = {"betas": (0.8, 0.99), "lr_rule": "budget", "lr_dec_scale": 2.0, "warmup_fraction": 0.1}
-
-    def _x_in(self, x: Tensor) -> Tensor:
-        return x - self.b_dec if self.subtracts_b_dec else x
+    # chosen by measurement: benchmarks/RESULTS_training.md
+    auto_train: ClassVar[dict[str, Any]] = {
+        "betas": (0.8, 0.99),
+        "lr_rule": "budget",
+        "lr_dec_scale": 2.0,
+        "warmup_fraction": 0.1,
+    }
+    supports_latent_sharding = True
+    saelens_architecture = "topk"
+    sparsity_fields = ("k",)
 
     def encode(self, x: Tensor) -> SparseCode:
         b_enc = self.b_enc

@@ -21,9 +21,14 @@ from typing import Any
 
 import torch
 
-from sparsedict.dictionaries.base import Dictionary
-from sparsedict.eval.metrics import reconstruction_stats
+from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
+from sparsedict.cache.manifest import read_manifest
+from sparsedict.cache.store import read_tokens
+from sparsedict.config import from_dict
+from sparsedict.dictionaries import Dictionary, from_pretrained
+from sparsedict.eval.heldout import reconstruction_stats
 from sparsedict.eval.splice import Contexts, evaluate_splicing, replaced_hookpoint
+from sparsedict.lm import cache_dir, load_model
 
 RULE_KEYS = ("prepend_bos", "exclude_bos", "exclude_first_n", "exclude_special")
 
@@ -75,8 +80,6 @@ def _rules_of_manifest(manifest: dict) -> dict:
 
 def training_cache(meta: dict) -> dict | None:
     """The manifest of the cache a checkpoint was trained on (``meta["cache"]``), when still on disk."""
-    from sparsedict.cache.manifest import read_manifest
-
     path = meta.get("cache")
     if not path or not (Path(path) / "manifest.json").exists():
         return None
@@ -96,13 +99,9 @@ def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
     """``cfg.cache``, or a held-out cache made with the training cache's settings on ``cfg.split``."""
     if cfg.cache:
         return Path(cfg.cache)
-    from sparsedict.cache import CacheConfig, cache_activations
-    from sparsedict.config import from_dict
-    from sparsedict.lm import cache_dir
-
     base: dict[str, Any] = {}
     for d in dictionaries.values():
-        manifest = training_cache(getattr(d, "meta", {}) or {})
+        manifest = training_cache(d.meta)
         if manifest:
             base = dict(manifest["config"])
             break
@@ -112,7 +111,7 @@ def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
         )
     hps: list[str] = []
     for d in dictionaries.values():
-        for h in (d.cfg.hookpoint, d.cfg.target if d.cfg.is_transcoder else ""):
+        for h in d.cfg.source_key:
             if h and h not in hps:
                 hps.append(h)
     base.update(hookpoints=hps, split=cfg.split, max_tokens=max(cfg.max_tokens, cfg.splice_tokens))
@@ -128,8 +127,6 @@ def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
 
 
 def load_checkpoints(cfg: EvalConfig) -> dict[str, Dictionary]:
-    from sparsedict.hub import from_pretrained
-
     out: dict[str, Dictionary] = {}
     for path in cfg.checkpoints:
         d = from_pretrained(path, device=cfg.device)
@@ -143,9 +140,6 @@ def load_checkpoints(cfg: EvalConfig) -> dict[str, Dictionary]:
 
 def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None) -> list[dict[str, Any]]:
     """One record per checkpoint: config, data provenance, metrics and distributions."""
-    from sparsedict.cache import ActivationStore
-    from sparsedict.cache.manifest import read_manifest
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dictionaries = dictionaries if dictionaries is not None else load_checkpoints(cfg)
@@ -155,11 +149,11 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
     manifest = read_manifest(root)
     rules = _rules_of_manifest(manifest)
     for name, d in dictionaries.items():
-        trained_on = (getattr(d, "meta", {}) or {}).get("cache")
+        trained_on = d.meta.get("cache")
         if trained_on and Path(trained_on).resolve() == root.resolve():
             warnings.warn(f"{name}: evaluating on its own training cache {root}; the metrics are not held out",
                           stacklevel=2)  # fmt: skip
-        trained = training_rules(getattr(d, "meta", {}) or {})
+        trained = training_rules(d.meta)
         if trained is None:
             warnings.warn(f"{name}: training exclusion rules unknown; evaluating with the cache's {rules}",
                           stacklevel=2)  # fmt: skip
@@ -172,7 +166,7 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
     means: dict[str, torch.Tensor] = {}
     for name, d in dictionaries.items():
         t0 = time.perf_counter()
-        target = d.cfg.target if d.cfg.is_transcoder else None
+        target = d.cfg.source_key[1] or None
         store = ActivationStore(
             root, d.cfg.hookpoint, target=target, batch_size=4096, drop_last=False, loop=False
         )
@@ -183,7 +177,7 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
             "checkpoint": name,
             "architecture": d.architecture,
             "config": d.cfg.to_dict(),
-            "meta": getattr(d, "meta", {}),
+            "meta": d.meta,
             "data": {
                 "cache": str(root),
                 "config_hash": manifest.get("config_hash"),
@@ -207,15 +201,11 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
 
 def cache_contexts(root: Path, max_tokens: int | None) -> Contexts:
     """The stored contexts of a cache (token ids, attention mask, kept positions), first ``max_tokens``."""
-    from safetensors.torch import load_file
-
-    from sparsedict.cache.manifest import read_manifest
-
     manifest = read_manifest(root)
     parts: dict[str, list[torch.Tensor]] = {}
     kept = 0
-    for shard in manifest["shards"]:
-        data = load_file(str(Path(root) / shard["files"]["tokens"]["file"]))
+    for index in range(len(manifest["shards"])):
+        data = read_tokens(root, manifest, index)
         for key in ("token_ids", "attention_mask", "keep"):
             parts.setdefault(key, []).append(data[key])
         kept += int(data["keep"].sum())
@@ -226,8 +216,6 @@ def cache_contexts(root: Path, max_tokens: int | None) -> Contexts:
 
 
 def _splice_into(records, cfg: EvalConfig, dictionaries, root: Path, manifest: dict, means: dict) -> None:
-    from sparsedict.lm import load_model
-
     t0 = time.perf_counter()
     model, _ = load_model(cfg.model or manifest["model"]["id"], device=cfg.device,
                           dtype=manifest["model"].get("dtype", "float32"))  # fmt: skip

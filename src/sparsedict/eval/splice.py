@@ -1,4 +1,4 @@
-"""Splicing dictionaries into a language model's forward pass: CE recovered, ΔLM loss, KL (METHODS.md §3).
+"""Splicing dictionaries into a language model's forward pass: CE recovered, ΔLM loss, KL.
 
 A dictionary trained at hookpoint ``h`` (an SAE) replaces the activation at ``h`` by its reconstruction
 ŷ; a transcoder reads its input at ``h`` and replaces the activation at its ``target``. Only kept
@@ -14,18 +14,16 @@ next token is real (not padding).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sparsedict.attach import resolve_hookpoint
 from sparsedict.cache import hooks
+from sparsedict.dictionaries.attach import Attachment, OnOutput
 from sparsedict.dictionaries.base import Dictionary, SparseCode
-from sparsedict.eval.metrics import ReconstructionStats, SpliceStats, reconstruct, token_ce, token_kl
-
-OnOutput = Callable[[Tensor, Tensor, SparseCode], None]
+from sparsedict.metrics import ReconstructionStats, SpliceStats, token_ce, token_kl
 
 
 @dataclass
@@ -79,6 +77,24 @@ def replaced_hookpoint(dictionary: Dictionary) -> str:
     return cfg.target if cfg.is_transcoder else cfg.hookpoint
 
 
+def splice(
+    model: torch.nn.Module,
+    dictionary: Dictionary,
+    keep: Tensor | None = None,
+    error_term: bool = False,
+    on_output: OnOutput | None = None,
+) -> Attachment:
+    """Within the block, ``model``'s activation at the dictionary's (target) hookpoint becomes ŷ.
+
+    ``keep [B, T]`` selects the replaced positions of the next forward (None: all); only those rows go through
+    the dictionary. ``error_term`` splices ``ŷ + (y − ŷ)`` instead (SAELens ``use_error_term``: must reproduce
+    the clean model). ``on_output(y [M, d], ŷ [M, d], code)`` sees every reconstruction (for reconstruction
+    metrics). The splice is ``dictionary.hook``'s :class:`~sparsedict.dictionaries.attach.Attachment`.
+    """
+    replaced_hookpoint(dictionary)  # a clear error for a dictionary without a hookpoint
+    return Attachment(dictionary, model, "splice", keep=keep, error_term=error_term, on_output=on_output)
+
+
 def _scatter(act: Tensor, keep: Tensor | None, new_rows: Tensor) -> Tensor:
     """``act [B, T, d]`` with the kept positions replaced by ``new_rows [M, d]``."""
     if keep is None:
@@ -86,57 +102,6 @@ def _scatter(act: Tensor, keep: Tensor | None, new_rows: Tensor) -> Tensor:
     out = act.clone()
     out[keep] = new_rows.to(act)
     return out
-
-
-@contextlib.contextmanager
-def splice(
-    model: torch.nn.Module,
-    dictionary: Dictionary,
-    keep: Tensor | None = None,
-    error_term: bool = False,
-    on_output: OnOutput | None = None,
-) -> Iterator[None]:
-    """Within the block, ``model``'s activation at the dictionary's (target) hookpoint becomes ŷ.
-
-    ``keep [B, T]`` selects the replaced positions of the next forward (None: all). ``error_term``
-    splices ``ŷ + (y − ŷ)`` instead (SAELens ``use_error_term``: must reproduce the clean model).
-    ``on_output(y [M, d], ŷ [M, d], code)`` sees every reconstruction (for reconstruction metrics).
-    """
-    cfg = dictionary.cfg
-    captured: dict[str, Tensor] = {}
-
-    def rows(act: Tensor) -> Tensor:
-        return act[keep] if keep is not None else act.reshape(-1, act.shape[-1])
-
-    def capture(act: Tensor) -> Tensor:
-        captured["x"] = act
-        return act
-
-    def swap(act: Tensor) -> Tensor:
-        y = rows(act).float()
-        if cfg.is_transcoder:
-            if "x" not in captured:
-                raise RuntimeError(
-                    f"transcoder input {cfg.hookpoint!r} did not fire before its target {cfg.target!r}; "
-                    "the input hookpoint must come earlier in the forward pass than the target"
-                )
-            x = rows(captured.pop("x")).float()
-            y_hat, code = reconstruct(dictionary, x, y)
-        else:
-            y_hat, code = reconstruct(dictionary, y)
-        if on_output is not None:
-            on_output(y, y_hat, code)
-        if error_term:
-            y_hat = y_hat + (y - y_hat)
-        return _scatter(act, keep, y_hat)
-
-    with contextlib.ExitStack() as stack:
-        if cfg.is_transcoder:
-            stack.enter_context(hooks.replace(model, resolve_hookpoint(model, cfg.hookpoint), capture))
-        stack.enter_context(
-            hooks.replace(model, resolve_hookpoint(model, replaced_hookpoint(dictionary)), swap)
-        )
-        yield
 
 
 @contextlib.contextmanager
@@ -150,7 +115,7 @@ def ablate(
         fill = act.new_zeros(n, act.shape[-1]) if value is None else value.to(act).expand(n, -1)
         return _scatter(act, keep, fill)
 
-    with hooks.replace(model, resolve_hookpoint(model, hookpoint), swap):
+    with hooks.replace(model, hookpoint, swap):
         yield
 
 
@@ -167,7 +132,7 @@ def activation_means(model, hookpoints: list[str], contexts: Contexts, batch_siz
     sums: dict[str, Tensor] = {}
     count = 0
     for ids, attn, keep in contexts.batches(batch_size):
-        hps = [resolve_hookpoint(model, h) for h in hookpoints]
+        hps = [hooks.resolve(model, h) for h in hookpoints]
         acts = hooks.record(model, hps, ids.to(device), attention_mask=attn.long().to(device))
         for name, hp in zip(hookpoints, hps):
             s = acts[hp.name][keep.to(device)].double().sum(0).cpu()

@@ -1,20 +1,27 @@
 """saprmarks/dictionary_learning checkpoints: ``ae.pt`` (a torch state dict) + ``config.json``.
 
 ``ae.pt`` is read with ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
-containers (no arbitrary pickle code runs). Classes and their state dicts (METHODS.md §5); ``nn.Linear``
+containers (no arbitrary pickle code runs). Classes and their state dicts; ``nn.Linear``
 weights are ``[out, in]``, so ``encoder.weight [n, d]`` and ``decoder.weight [d, n]`` are both transposed
 into our layout:
 
-- ``AutoEncoder``: ``bias [d]`` subtracted before encoding and added after decoding -> relu, apply_b_dec.
+- ``AutoEncoder``: ``bias [d]`` subtracted before encoding and added after decoding -> relu, apply_b_dec. Its
+  ``from_pretrained`` normalises the decoder columns by default (``encoder.weight`` rows and ``encoder.bias``
+  times ‖decoder column i‖, the columns divided by it, skipped when all norms are already 1), and so does this
+  loader: the same codes and reconstruction as the library's loaded model.
 - ``AutoEncoderNew``: ``decoder.bias [d]``, no pre-bias -> relu without b_dec subtraction.
 - ``AutoEncoderTopK``: per-token TopK of ``ReLU(encoder(x − b_dec))`` -> topk.
 - ``BatchTopKSAE`` / ``MatryoshkaBatchTopKSAE``: at inference ``f = a·1[a > θ]`` with one scalar θ
   (``a = ReLU((x − b_dec) W_enc + b_enc)``) -> batchtopk (eval mode uses θ) / matryoshka with its group sizes.
-- ``JumpReluAutoEncoder``: no b_dec subtraction; codes are multiplied by ‖W_dec[i]‖ after the jump and divided
-  again before decoding, so the norms are folded in (``W_enc[:, i]``, ``b_enc[i]``, ``θ_i`` times ‖W_dec[i]‖,
-  ``W_dec[i]`` divided), which reproduces both its codes and its reconstruction.
+- ``JumpReluAutoEncoder``: ``f = ReLU(z·1[z > θ])`` with ``z = x W_enc + b_enc`` (no b_dec subtraction),
+  ``x̂ = f W_dec + b_dec``; taken as is (no decoder-norm scaling anywhere in its encode or decode).
 - ``GatedAutoEncoder``: gate ``1[x_enc + gate_bias > 0]``, magnitude ``ReLU(exp(r_mag)·x_enc + mag_bias)`` with
-  ``x_enc = encoder(x − decoder_bias)``; codes scaled by decoder norms as above (folded the same way).
+  ``x_enc = encoder(x − decoder_bias)``; taken as is (its ``encode``/``decode`` scale by decoder norms only when
+  called with ``normalize_decoder=True``, which is not the default).
+
+``config.json``'s ``trainer.dict_class`` names the class, except that ``StandardTrainerAprilUpdate`` writes
+``"AutoEncoder"`` whatever class it trained: when the named class's tensors are absent and the file's tensors
+are exactly another class's, the tensors decide (recorded in ``meta["dict_class_in_config"]``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsedict.formats import FormatError, build_dictionary, load_state, parse_dtype, require, set_threshold
+from sparsedict.formats.common import (
+    Architectures,
+    FormatError,
+    build_dictionary,
+    load_state,
+    parse_dtype,
+    require,
+    set_threshold,
+)
 
 _KEYS = {
     "AutoEncoder": ["bias", "encoder.weight", "encoder.bias", "decoder.weight"],
@@ -61,16 +76,12 @@ def _guess_class(t: dict[str, Tensor]) -> str:
     raise FormatError(f"cannot tell the dictionary_learning class from the tensors {sorted(t)}")
 
 
-def _batchtopk_arch(cls: str, t: dict[str, Tensor]) -> str:
+def _batchtopk_arch(cls: str, registry: Architectures) -> str:
     """Our architecture for a BatchTopK-family checkpoint: matryoshka when registered and it has groups."""
-    from sparsedict.dictionaries import available
-
-    if cls == "MatryoshkaBatchTopKSAE" and "matryoshka" in available():
+    if cls == "MatryoshkaBatchTopKSAE" and "matryoshka" in registry.available():
         from dataclasses import fields
 
-        from sparsedict.dictionaries import lookup
-
-        if "group_sizes" in {f.name for f in fields(lookup("matryoshka")[1])}:
+        if "group_sizes" in {f.name for f in fields(registry.lookup("matryoshka")[1])}:
             return "matryoshka"
     return "batchtopk"
 
@@ -87,16 +98,14 @@ def hookpoint_name(trainer: dict[str, Any]) -> str:
     return name
 
 
-def _fold(w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, *extra: Tensor) -> tuple[Tensor, ...]:
+def _fold(w_enc: Tensor, b_enc: Tensor, w_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Fold per-latent decoder norms s into the encoder (``·s``) and decoder rows (``/s``)."""
     s = w_dec.float().norm(dim=1).clamp_min(1e-12)
-    out = [(w_enc.float() * s).to(w_enc.dtype), (b_enc.float() * s).to(b_enc.dtype)]
-    out.append((w_dec.float() / s[:, None]).to(w_dec.dtype))
-    out.extend((e.float() * s).to(e.dtype) for e in extra)
-    return tuple(out)
+    out = (w_enc.float() * s).to(w_enc.dtype), (b_enc.float() * s).to(b_enc.dtype)
+    return *out, (w_dec.float() / s[:, None]).to(w_dec.dtype)
 
 
-def load_dictionary_learning(path: str | Path):
+def load_dictionary_learning(path: str | Path, registry: Architectures):
     """Load ``ae.pt`` + ``config.json`` into the matching sparsedict architecture."""
     path = Path(path)
     where = str(path / "ae.pt")
@@ -120,6 +129,12 @@ def load_dictionary_learning(path: str | Path):
         raise FormatError(
             f"{path / 'config.json'}: dict_class {cls!r} is not supported; supported: {sorted(_KEYS)}"
         )
+    named = cls
+    if not set(_KEYS[cls]) <= set(t):
+        try:
+            cls = _guess_class(t)
+        except FormatError:
+            cls = named
     require(t, _KEYS[cls], where)
     if "W_enc" in t:
         d, n = t["W_enc"].shape
@@ -146,6 +161,11 @@ def load_dictionary_learning(path: str | Path):
     if cls == "AutoEncoder":
         arch, b_dec = "relu", t["bias"]
         fields["apply_b_dec_to_input"] = True
+        norms = w_dec.float().norm(dim=1)
+        if not torch.allclose(
+            norms, torch.ones_like(norms)
+        ):  # AutoEncoder.from_pretrained(normalize_decoder=True)
+            w_enc, b_enc, w_dec = _fold(w_enc, b_enc, w_dec)
     elif cls == "AutoEncoderNew":
         arch, b_dec = "relu", t["decoder.bias"]
         fields["apply_b_dec_to_input"] = False
@@ -159,28 +179,24 @@ def load_dictionary_learning(path: str | Path):
                 f"{where}: threshold is unset ({float(theta)}): the inference threshold was never estimated "
                 "(training stopped before threshold_start_step), so this checkpoint has no per-token encoder"
             )
-        arch, b_dec = _batchtopk_arch(cls, t), t["b_dec"]
+        arch, b_dec = _batchtopk_arch(cls, registry), t["b_dec"]
         fields.update(apply_b_dec_to_input=True, k=int(t["k"]))
         if arch == "matryoshka":
             fields["group_sizes"] = [int(g) for g in t["group_sizes"].tolist()]
     elif cls == "JumpReluAutoEncoder":
-        arch, b_dec = "jumprelu", t["b_dec"]
+        arch, b_dec, theta = "jumprelu", t["b_dec"], t["threshold"]
         fields["apply_b_dec_to_input"] = False
-        w_enc, b_enc, w_dec, theta = _fold(w_enc, b_enc, w_dec, t["threshold"])
     else:  # GatedAutoEncoder
         arch, b_dec = "gated", t["decoder_bias"]
         fields["apply_b_dec_to_input"] = True
-        w_enc, gate, w_dec, mag = _fold(w_enc, t["gate_bias"], w_dec, t["mag_bias"])
-        state.update(b_gate=gate, b_mag=mag, r_mag=t["r_mag"])
+        state.update(b_gate=t["gate_bias"], b_mag=t["mag_bias"], r_mag=t["r_mag"])
     if tuple(b_dec.shape) != (d,):
         raise FormatError(f"{where}: decoder bias has shape {list(b_dec.shape)}, expected {[d]}")
     state.update(W_enc=w_enc, W_dec=w_dec, b_dec=b_dec)
-    model = build_dictionary(arch, fields, where)
+    model = build_dictionary(registry, arch, fields, where)
     expected = model.state_dict()
     if b_enc is not None:
         state["b_enc"] = b_enc
-    elif "b_enc" in expected:  # our gated keeps an unused b_enc
-        state["b_enc"] = torch.zeros_like(expected["b_enc"])
     if theta is not None:
         set_threshold(state, expected, theta, n)
     meta = {
@@ -190,6 +206,8 @@ def load_dictionary_learning(path: str | Path):
         "hookpoint": hook,
         "model": trainer.get("lm_name", ""),
     }
+    if cls != named:
+        meta["dict_class_in_config"] = named
     if cls == "MatryoshkaBatchTopKSAE":
         meta["group_sizes"] = [int(g) for g in t["group_sizes"].tolist()]
     if "norm_factor" in trainer:

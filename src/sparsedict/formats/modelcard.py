@@ -17,10 +17,12 @@ _METRIC_ORDER = (
     "mse",
     "l0",
     "dead_fraction",
-    "ce_loss_recovered",
-    "delta_ce",
+    "ce_recovered",
+    "delta_lm_loss",
     "kl",
 )
+_NOT_METRICS = ("tokens", "cache")
+"""Entries of ``meta["eval"]`` that describe the data, not a metric."""
 
 
 def _fmt(value: Any) -> str:
@@ -35,7 +37,11 @@ def _metrics(meta: dict[str, Any]) -> dict[str, Any]:
     found = meta.get("metrics") or meta.get("eval") or {}
     if not isinstance(found, dict):
         return {}
-    flat = {k: v for k, v in found.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    flat = {
+        k: v
+        for k, v in found.items()
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in _NOT_METRICS
+    }
     ordered = {k: flat[k] for k in _METRIC_ORDER if k in flat}
     ordered.update({k: v for k, v in sorted(flat.items()) if k not in ordered})
     return ordered
@@ -76,10 +82,14 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
         ("d_out", d.get("d_out") or d.get("d_in")),
         ("latents", d.get("n_latents")),
     ]
-    for key in ("k", "l1_coefficient", "l0_coefficient"):
+    for key in config.get("sparsity_fields", ()):
         if key in d:
             rows.append((key, d[key]))
-    rows.append(("subtracts b_dec before encoding", d.get("apply_b_dec_to_input")))
+    d_out = d.get("d_out") or d.get("d_in")
+    subtracts = (
+        bool(d.get("apply_b_dec_to_input")) and kind.endswith("autoencoder") and d_out == d.get("d_in")
+    )
+    rows.append(("subtracts b_dec before encoding", subtracts))
     rows.append(("training tokens", tokens if tokens is not None else "not recorded"))
     if "input_scale_folded" in meta:
         rows.append(("input scale (folded into the weights)", meta["input_scale_folded"]))
@@ -91,8 +101,9 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
     lines += ["", "## Evaluation", ""]
     if metrics:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
-        if meta.get("eval_tokens"):
-            lines += ["", f"Measured on {_fmt(meta['eval_tokens'])} held-out tokens."]
+        tokens = (meta.get("eval") or {}).get("tokens") if isinstance(meta.get("eval"), dict) else None
+        if tokens:
+            lines += ["", f"Measured on {_fmt(tokens)} held-out tokens."]
     else:
         lines.append("No evaluation metrics were recorded with this checkpoint.")
     load_arg = json.dumps(repo_id or "path/to/this/directory")

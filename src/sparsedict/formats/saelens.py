@@ -1,28 +1,45 @@
 """SAELens (≥ 6.0) checkpoints: ``cfg.json`` + ``sae_weights.safetensors``, read and written.
 
-Layout (METHODS.md §5) is ours: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``,
+Layout is ours: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``,
 ``b_dec [d_out]``; jumprelu ``threshold [d_sae]``; gated ``b_gate, b_mag, r_mag [d_sae]`` (no ``b_enc``);
 skip transcoders ``W_skip [d_out, d_in]`` (used as ``x W_skipᵀ``). SAELens encodes
 ``z = (x − apply_b_dec_to_input·b_dec) W_enc + b_enc`` and decodes ``f W_dec + b_dec``.
 
 Architecture map (SAELens -> ours): standard -> relu, topk -> topk, jumprelu -> jumprelu, gated -> gated,
 transcoder -> relu with a target, skip_transcoder -> relu with ``skip``, jumprelu_transcoder -> jumprelu with a
-target. ``batchtopk``/``matryoshka_batchtopk`` are training-only in SAELens and are saved as ``jumprelu``.
-A topk ``rescale_acts_by_decoder_norm`` checkpoint is folded (``W_enc[:, i]``, ``b_enc[i]`` times ‖W_dec[i]‖,
-``W_dec[i]`` divided by it), which leaves both the codes and the reconstruction unchanged.
+target, jumprelu_skip_transcoder -> jumprelu with a target and ``skip``. ``batchtopk``/``matryoshka_batchtopk``
+are training-only in SAELens: its inference export is a ``jumprelu``, and a training checkpoint of theirs
+(``topk_threshold``, no ``threshold``) is read the way that export writes it (θ = ``topk_threshold`` for every
+latent). A ``rescale_acts_by_decoder_norm`` checkpoint (topk and the batchtopk family) is folded (``W_enc[:, i]``,
+``b_enc[i]`` times ‖W_dec[i]‖, ``W_dec[i]`` divided by it), which leaves both the codes and the reconstruction
+unchanged.
+
+``normalize_activations = "expected_average_only_in"``: SAELens trains on ``c·x`` (``c = √d_in / E‖x‖``) and
+folds c into the weights only at the end of training (``W_enc·c``, ``W_dec/c``, ``b_dec/c``, and
+``topk_threshold/c`` for a rescaled batchtopk), where it also sets ``normalize_activations`` to ``"none"``. A
+directory that still says ``expected_average_only_in`` holds unfolded weights: c is read from its
+``activation_scaler.json`` and folded the same way; without that file it is refused.
+
+A checkpoint trained on a TransformerLens model loaded with weight processing (``fold_ln``,
+``center_writing_weights``, ``fold_value_biases``, ``refactor_factored_attn_matrices`` in
+``metadata.model_from_pretrained_kwargs``; SAELens loads ``HookedTransformer`` models with
+``from_pretrained_no_processing`` plus those kwargs) saw activations that differ from the raw Hugging Face
+model's; loading it warns.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsedict.formats import (
+from sparsedict.formats.common import (
+    Architectures,
     FormatError,
     build_dictionary,
     check_shape,
@@ -32,11 +49,14 @@ from sparsedict.formats import (
     require,
     set_threshold,
 )
+from sparsedict.util import atomic_write, write_json_atomic
 
 SAE_LENS_VERSION = "6.0.0"
 """Written into ``metadata.sae_lens_version``: SAELens treats a config without it as pre-6.0 (legacy converter)."""
 
-_TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder"}
+_TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
+_SKIP = {"skip_transcoder", "jumprelu_skip_transcoder"}
+_BATCHTOPK = {"batchtopk", "matryoshka_batchtopk"}
 _ARCH = {
     "standard": "relu",
     "topk": "topk",
@@ -45,7 +65,19 @@ _ARCH = {
     "transcoder": "relu",
     "skip_transcoder": "relu",
     "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
+    "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
 }
+_UNSUPPORTED = {
+    "abstopk": "it keeps the k largest |pre-activations| with their sign (no ReLU), which no sparsedict "
+    "architecture computes",
+    "matching_pursuit": "its pursuit stops on a residual-norm threshold or a repeated support, while sparsedict's "
+    "'mp' runs a fixed number of steps",
+    "temporal": "its encoder attends over previous tokens; sparsedict dictionaries encode each token alone",
+}
+_TL_PROCESSING = ("fold_ln", "center_writing_weights", "fold_value_biases", "refactor_factored_attn_matrices")
+"""TransformerLens ``from_pretrained`` flags that change hooked activations (``center_unembed`` only changes logits)."""
 
 
 def _read_cfg(path: Path) -> dict[str, Any]:
@@ -59,7 +91,7 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_saelens(path: str | Path):
+def load_saelens(path: str | Path, registry: Architectures):
     """Load a SAELens directory into the matching sparsedict architecture (see module docstring)."""
     path = Path(path)
     where = str(path / "sae_weights.safetensors")
@@ -70,8 +102,10 @@ def load_saelens(path: str | Path):
         if key in cfg and key not in meta_in:
             meta_in[key] = cfg[key]
     arch_in = cfg.get("architecture", "standard")
-    if arch_in in ("batchtopk", "matryoshka_batchtopk"):
-        arch_in = "jumprelu"  # SAELens saves these as jumprelu with the estimated threshold
+    if arch_in in _UNSUPPORTED:
+        raise FormatError(
+            f"{path / 'cfg.json'}: SAELens architecture {arch_in!r} cannot be loaded: {_UNSUPPORTED[arch_in]}"
+        )
     if arch_in not in _ARCH:
         raise FormatError(
             f"{path / 'cfg.json'}: SAELens architecture {arch_in!r} is not supported; supported: {sorted(_ARCH)}"
@@ -80,13 +114,24 @@ def load_saelens(path: str | Path):
     if norm in ("constant_norm_rescale", "layer_norm"):
         raise FormatError(
             f"{path / 'cfg.json'}: normalize_activations={norm!r} rescales every token at run time, which no "
-            "sparsedict architecture does; only 'none' and 'expected_average_only_in' (a constant that SAELens "
-            "does not apply at inference) can be loaded"
+            "sparsedict architecture does; only 'none' and 'expected_average_only_in' (with its "
+            "activation_scaler.json) can be loaded"
         )
-    if (cfg.get("reshape_activations") or "none") != "none" or cfg.get("hook_head_index") is not None:
+    if norm == "covariance_whitening":
+        raise FormatError(
+            f"{path / 'cfg.json'}: normalize_activations='covariance_whitening' means unfolded weights trained on "
+            "whitened activations (an intermediate SAELens checkpoint); load it with SAELens, call "
+            "sae.fold_activation_whitening(...) with the statistics in activation_whitening.safetensors, save it "
+            "with normalize_activations='none' and load that"
+        )
+    if norm not in ("none", "expected_average_only_in"):
+        raise FormatError(f"{path / 'cfg.json'}: unknown normalize_activations={norm!r}")
+    scale = _scaling_factor(path) if norm == "expected_average_only_in" else 1.0
+    head = cfg.get("hook_head_index", meta_in.get("hook_head_index"))
+    if (cfg.get("reshape_activations") or "none") != "none" or head is not None:
         raise FormatError(
             f"{path / 'cfg.json'}: per-head SAEs (reshape_activations={cfg.get('reshape_activations')!r}, "
-            f"hook_head_index={cfg.get('hook_head_index')!r}) are not supported; flatten heads into hook_z"
+            f"hook_head_index={head!r}) are not supported; flatten heads into hook_z"
         )
     d_in, n = int(cfg["d_in"]), int(cfg["d_sae"])
     d_out = int(cfg.get("d_out") or d_in)
@@ -96,6 +141,19 @@ def load_saelens(path: str | Path):
     t = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in t.items()}
     gated = arch == "gated"
     require(t, ["W_enc", "W_dec", "b_dec"] + (["b_gate", "b_mag", "r_mag"] if gated else ["b_enc"]), where)
+    if (
+        arch_in in _BATCHTOPK and "threshold" not in t
+    ):  # a training checkpoint: θ is the running topk_threshold
+        require(t, ["topk_threshold"], where)
+        t["threshold"] = t["topk_threshold"].reshape(-1).expand(int(cfg["d_sae"])).clone()
+    if (
+        arch == "jumprelu" and "threshold" not in t and "log_threshold" in t
+    ):  # older JumpReLU training checkpoints
+        t["threshold"] = t["log_threshold"].exp()
+    if scale != 1.0:
+        t = _fold_input_scale(
+            t, scale, rescaled=arch_in in _BATCHTOPK and bool(cfg.get("rescale_acts_by_decoder_norm"))
+        )
     hint = f"cfg.json (d_in={d_in}, d_sae={n}, d_out={d_out})"
     check_shape(t["W_enc"], (d_in, n), "W_enc", where, hint)
     check_shape(t["W_dec"], (n, d_out), "W_dec", where, hint)
@@ -109,21 +167,20 @@ def load_saelens(path: str | Path):
         "d_in": d_in,
         "d_out": d_out,
         "n_latents": n,
-        "skip": arch_in == "skip_transcoder",
+        "skip": arch_in in _SKIP,
         "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", not transcoder)) and not transcoder,
         "dtype": parse_dtype(cfg.get("dtype"), str(path / "cfg.json")),
     }
     state = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if not gated:
+        state["b_enc"] = t["b_enc"]
     if arch == "topk":
         fields["k"] = int(cfg.get("k", 0)) or _missing(path, "k")
-        state["b_enc"] = t["b_enc"]
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            s = t["W_dec"].float().norm(dim=1)
-            state["W_enc"] = (t["W_enc"].float() * s).to(t["W_enc"].dtype)
-            state["b_enc"] = (t["b_enc"].float() * s).to(t["b_enc"].dtype)
-            state["W_dec"] = (t["W_dec"].float() / s[:, None]).to(t["W_dec"].dtype)
-    elif not gated:
-        state["b_enc"] = t["b_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm") and (arch == "topk" or arch_in in _BATCHTOPK):
+        s = t["W_dec"].float().norm(dim=1)
+        state["W_enc"] = (t["W_enc"].float() * s).to(t["W_enc"].dtype)
+        state["b_enc"] = (t["b_enc"].float() * s).to(t["b_enc"].dtype)
+        state["W_dec"] = (t["W_dec"].float() / s[:, None]).to(t["W_dec"].dtype)
     if fields["skip"]:
         require(t, ["W_skip"], where)
         check_shape(t["W_skip"], (d_out, d_in), "W_skip", where, hint)
@@ -136,8 +193,21 @@ def load_saelens(path: str | Path):
         "hookpoint": fields["hookpoint"],
         "normalize_activations": norm,
     }
+    if scale != 1.0:
+        meta["input_scale_folded"] = scale
+    processing = _tl_processing(meta_in)
+    if processing:
+        meta["transformerlens_processing"] = processing
+        warnings.warn(
+            f"{path}: this SAE was trained on {meta_in.get('model_name') or 'a model'} loaded by TransformerLens "
+            f"with {', '.join(f'{k}=True' for k in processing)} (metadata.model_from_pretrained_kwargs), so its "
+            "activations differ from the raw Hugging Face model's that sparsedict hooks; encode activations of "
+            "a model processed the same way, or expect worse reconstructions",
+            UserWarning,
+            stacklevel=3,
+        )
     meta.update({k: meta_in[k] for k in ("context_size", "dataset_path", "sae_lens_version") if k in meta_in})
-    model = build_dictionary(arch, fields, where)
+    model = build_dictionary(registry, arch, fields, where)
     expected = model.state_dict()
     if arch == "jumprelu":
         require(t, ["threshold"], where)
@@ -147,9 +217,53 @@ def load_saelens(path: str | Path):
         for name in ("b_gate", "b_mag", "r_mag"):
             check_shape(t[name], (n,), name, where, hint)
             state[name] = t[name]
-        if "b_enc" in expected:  # our gated keeps an unused b_enc
-            state["b_enc"] = torch.zeros_like(expected["b_enc"])
     return load_state(model, state, where, meta)
+
+
+def _scaling_factor(path: Path) -> float:
+    """The factor c of an unfolded ``expected_average_only_in`` checkpoint, from its ``activation_scaler.json``."""
+    file = path / "activation_scaler.json"
+    fix = (
+        f"{path / 'cfg.json'}: normalize_activations='expected_average_only_in' means unfolded weights trained on "
+        "c·x (c = √d_in / mean ‖x‖), but"
+    )
+    how = (
+        'write {"scaling_factor": c} to activation_scaler.json next to cfg.json (SAELens\' pretrained_saes.yaml '
+        "lists norm_scaling_factor for registry releases), or load it with SAELens, call "
+        "sae.fold_activation_norm_scaling_factor(c) and save it"
+    )
+    if not file.exists():
+        raise FormatError(f"{fix} {file.name} is missing, so c is unknown: {how}")
+    try:
+        c = json.loads(file.read_text()).get("scaling_factor")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise FormatError(f"{file} is not a JSON object with 'scaling_factor' ({err})") from err
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c <= 0:
+        raise FormatError(f"{fix} {file} gives scaling_factor={c!r}, not a positive number: {how}")
+    return float(c)
+
+
+def _fold_input_scale(t: dict[str, torch.Tensor], c: float, rescaled: bool) -> dict[str, torch.Tensor]:
+    """SAELens ``fold_activation_norm_scaling_factor``: ``W_enc·c``, ``W_dec/c``, ``b_dec/c`` (same codes on raw x).
+
+    A rescaled batchtopk compares ``z·‖W_dec[i]‖`` with its threshold, so that threshold is divided by c too.
+    """
+    out = dict(t)
+    for name, op in (("W_enc", c), ("W_dec", 1 / c), ("b_dec", 1 / c)):
+        out[name] = (t[name].float() * op).to(t[name].dtype)
+    if rescaled:
+        out["threshold"] = (t["threshold"].float() / c).to(t["threshold"].dtype)
+    return out
+
+
+def _tl_processing(meta: dict[str, Any]) -> list[str]:
+    """TransformerLens weight-processing flags a SAELens config asks for when it loads its model."""
+    if (meta.get("model_class_name") or "HookedTransformer") != "HookedTransformer":
+        return []
+    kwargs = meta.get("model_from_pretrained_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return []
+    return [k for k in _TL_PROCESSING if kwargs.get(k)]
 
 
 def _missing(path: Path, key: str):
@@ -160,30 +274,29 @@ def _missing(path: Path, key: str):
 
 
 def saelens_architecture(model) -> str:
-    """The SAELens architecture name for our dictionary, or a FormatError when SAELens has none."""
-    arch, cfg = model.architecture, model.cfg
+    """The SAELens architecture name for our dictionary (its class's ``saelens_architecture`` and the config's
+    transcoder/skip variant), or a FormatError when SAELens has none."""
+    arch, cfg, base = model.architecture, model.cfg, type(model).saelens_architecture
     transcoder = cfg.is_transcoder or model.d_out != model.d_in
-    if arch == "relu":
+    if base == "standard":
         if cfg.skip:
             return "skip_transcoder"
         return "transcoder" if transcoder else "standard"
-    if cfg.skip:
+    if cfg.skip and base is not None:
         raise FormatError(f"SAELens has no skip-connection variant of {arch!r}; only relu (skip_transcoder)")
-    if arch == "jumprelu" or arch in ("batchtopk", "matryoshka"):
+    if base == "jumprelu":
         return "jumprelu_transcoder" if transcoder else "jumprelu"
-    if arch in ("topk", "gated") and not transcoder:
-        return arch
+    if base is not None and not transcoder:
+        return base
     raise FormatError(
         f"architecture {arch!r}{' (transcoder)' if transcoder else ''} has no SAELens equivalent; "
-        "SAELens supports relu (standard/transcoder/skip_transcoder), topk, jumprelu, gated, batchtopk, matryoshka"
+        "SAELens has standard/transcoder/skip_transcoder, topk, jumprelu and jumprelu_transcoder, gated"
     )
 
 
 def inference_threshold(model) -> torch.Tensor:
     """Per-latent θ ``[n]`` of a jumprelu, or the inference threshold of batchtopk/matryoshka."""
     sd = model.state_dict()
-    if "log_threshold" in sd:
-        return sd["log_threshold"].float().exp()
     if "threshold" in sd:
         th = sd["threshold"].float().reshape(-1)
         if th.numel() == 1 and float(th) < 0:
@@ -236,8 +349,8 @@ def save_saelens(model, path: str | Path, meta: dict[str, Any] | None = None) ->
         cfg["d_out"] = model.d_out
         cfg["metadata"]["hook_name_out"] = model.cfg.target
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "sae_weights.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "sae_weights.safetensors")
-    (path / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    atomic_write(
+        path / "sae_weights.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+    )
+    write_json_atomic(path / "cfg.json", cfg, indent=2)
     return path

@@ -1,6 +1,6 @@
 """EleutherAI sparsify checkpoints: one directory per hookpoint with ``cfg.json`` + ``sae.safetensors``.
 
-Tensors (METHODS.md §5): ``encoder.weight [n, d_in]`` (an ``nn.Linear``, so ours is its transpose),
+Tensors: ``encoder.weight [n, d_in]`` (an ``nn.Linear``, so ours is its transpose),
 ``encoder.bias [n]``, ``W_dec [n, d_in]`` (already our orientation — do not transpose it), ``b_dec [d_in]``,
 optional ``W_skip [d_in, d_in]`` used as ``x W_skipᵀ``. sparsify's forward:
 ``f = TopK(ReLU((x − b_dec·[not transcode]) encoder.weightᵀ + encoder.bias))``, ``ŷ = f W_dec + b_dec
@@ -16,7 +16,15 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from sparsedict.formats import FormatError, build_dictionary, check_shape, load_state, parse_dtype, require
+from sparsedict.formats.common import (
+    Architectures,
+    FormatError,
+    build_dictionary,
+    check_shape,
+    load_state,
+    parse_dtype,
+    require,
+)
 
 
 def hookpoint_names(rel: str, transcode: bool) -> tuple[str, str]:
@@ -31,7 +39,7 @@ def hookpoint_names(rel: str, transcode: bool) -> tuple[str, str]:
     return rel, ""
 
 
-def load_sparsify(path: str | Path):
+def load_sparsify(path: str | Path, registry: Architectures):
     """Load one sparsify hookpoint directory into our ``topk`` architecture."""
     path = Path(path)
     where = str(path / "sae.safetensors")
@@ -103,5 +111,5 @@ def load_sparsify(path: str | Path):
             meta["model"] = run.get("model", "")
         except json.JSONDecodeError:
             pass
-    model = build_dictionary("topk", fields, where)
+    model = build_dictionary(registry, "topk", fields, where)
     return load_state(model, state, where, meta)

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sparsedict import distributed as dist
+from sparsedict.util import atomic_write
+
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 
@@ -77,24 +80,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Atomically write ``state`` (nested dicts/lists of tensors and JSON values) to directory ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(state, "s", tensors)
-    tmp_t = path / (STATE_TENSORS + ".tmp")
-    save_file(tensors, str(tmp_t))
-    _fsync_replace(tmp_t, path / STATE_TENSORS)
-    tmp_j = path / (STATE_JSON + ".tmp")
-    tmp_j.write_text(json.dumps(skeleton))
-    _fsync_replace(tmp_j, path / STATE_JSON)
+    atomic_write(path / STATE_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path / STATE_JSON, json.dumps(skeleton))
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -129,16 +122,13 @@ def _step_dir(step: int) -> str:
 
 def save_checkpoint(root: str | os.PathLike, state: dict[str, Any], step: int) -> Path:
     """Collective: every rank saves ``state`` (its own part), then rank 0 commits step ``step``."""
-    from sparsedict.train import distributed as dist
-
     root = Path(root)
     step_dir = root / _step_dir(step)
     save_state(step_dir / f"rank_{dist.rank()}", state)
     dist.barrier()
     if dist.is_main():
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": dist.world_size(), "dir": step_dir.name}))
-        _fsync_replace(tmp, root / LATEST)
+        latest = {"step": step, "world_size": dist.world_size(), "dir": step_dir.name}
+        atomic_write(root / LATEST, json.dumps(latest))
         for old in root.glob("step_*"):
             if old.name != step_dir.name:
                 _rmtree(old)
@@ -153,8 +143,6 @@ def load_checkpoint(root: str | os.PathLike) -> dict[str, Any] | None:
     optimiser states from rank 0's directory. A checkpoint written by the single-file
     :func:`save_state` layout (no ``latest.json``) is read as rank 0's state.
     """
-    from sparsedict.train import distributed as dist
-
     root = Path(root)
     if not (root / LATEST).exists():
         return load_state(root) if dist.world_size() == 1 else None

@@ -37,7 +37,8 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0: off)."""
     normalise_inputs: str = "none"
-    """'none', 'sqrt_d' (E‖x‖ = √d, SAELens/Anthropic) or 'unit_msn' (E‖x‖² = 1, Gemma Scope). Folded on export."""
+    """'none', 'sqrt_d' (E‖x‖ = √d, SAELens/Anthropic), 'unit_msn' (E‖x‖² = 1, Gemma Scope) or 'auto' (each
+    architecture's ``input_normalisation``, the one its defaults assume). Folded on export."""
     init_rows: int = 32768
     """Rows sampled from the store to initialise b_dec and normalisation constants."""
     dead_tokens: int = 10_000_000
@@ -66,8 +67,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("auto", "adam", "signum_sf"):
             raise ValueError(f"optimizer must be 'adam' or 'signum_sf' (or 'auto'), not {self.optimizer!r}")
-        if self.normalise_inputs not in ("none", "sqrt_d", "unit_msn"):
-            raise ValueError(f"normalise_inputs must be 'none', 'sqrt_d' or 'unit_msn', not {self.normalise_inputs!r}")
+        if self.normalise_inputs not in ("none", "sqrt_d", "unit_msn", "auto"):
+            raise ValueError(
+                f"normalise_inputs must be 'none', 'sqrt_d', 'unit_msn' or 'auto', not {self.normalise_inputs!r}"
+            )
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be 'none' or 'bf16', not {self.autocast!r}")
         if self.batch_size <= 0:

@@ -1,4 +1,4 @@
-"""In-memory data source with the ActivationStore interface (tests, planted dictionaries, small data)."""
+"""In-memory data source (tests, planted dictionaries, small data): a :class:`~sparsedict.cache.source.Source`."""
 
 from __future__ import annotations
 
@@ -11,17 +11,24 @@ from torch import Tensor
 class TensorSource:
     """Shuffled minibatches of in-memory rows ``x [N, d_in]`` (and targets ``y [N, d_out]``).
 
-    Same interface as :class:`sparsedict.cache.ActivationStore`: iterate for ``(x, y)`` batches
-    (``y`` is None for an SAE), ``d_in``/``d_out``/``n_rows``, ``sample``, ``state_dict`` for exact
-    resume. Each epoch is a fresh permutation drawn from ``seed + epoch`` (the same on every rank).
+    A :class:`~sparsedict.cache.source.Source` like :class:`sparsedict.cache.ActivationStore`: iterate for
+    ``(x, y)`` batches (``y`` is None for an SAE), ``d_in``/``d_out``/``n_rows``, ``sample``, ``state_dict`` for
+    exact resume. Each epoch is a fresh permutation drawn from ``seed + epoch`` (the same on every rank).
     ``batch_size`` is the per-rank batch ``b``; one step consumes the global batch of ``b · world_size``
     consecutive rows of the permutation and rank ``r`` takes rows ``[r·b, (r+1)·b)`` of it, so the union
     of the ranks' batches at every step is exactly the batch one process with ``batch_size = b · world``
     would read (data-parallel training is then equivalent to single-process training).
     """
 
-    def __init__(self, x: Tensor, y: Tensor | None = None, batch_size: int = 4096, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        batch_size: int = 4096,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if y is not None and y.shape[0] != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         self.x, self.y = x, y
@@ -34,8 +41,8 @@ class TensorSource:
         return self.x.shape[1]
 
     @property
-    def d_out(self) -> int:
-        return (self.y if self.y is not None else self.x).shape[1]
+    def d_out(self) -> int | None:
+        return None if self.y is None else self.y.shape[1]
 
     @property
     def n_rows(self) -> int:

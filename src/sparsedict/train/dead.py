@@ -5,31 +5,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsedict import distributed
 from sparsedict.dictionaries.base import SparseCode
 
 
 class DeadLatentTracker:
     """Counts, per latent, the training tokens since it last fired (int64 on the device).
 
-    A latent is *dead* when that count exceeds ``window`` tokens. ``fired_total`` counts firings over
-    the whole run (for firing-frequency histograms).
+    A latent is *dead* when that count exceeds ``window`` tokens.
     """
 
     def __init__(self, n_latents: int, window: int, device: torch.device | str = "cpu", sync: bool = True):
         self.window = window
         self.sync = sync  # False when every rank already sees the global code (latent-sharded dictionaries)
         self.since = torch.zeros(n_latents, dtype=torch.long, device=device)
-        self.fired_total = torch.zeros(n_latents, dtype=torch.long, device=device)
         self.tokens = 0
 
     def update(self, code: SparseCode, n_tokens: int) -> None:
         counts = code.active()
         if self.sync:
-            counts = _all_reduce_sum(counts)
-            n_tokens = int(_all_reduce_sum(torch.tensor(n_tokens, device=counts.device)))
+            counts = distributed.all_reduce_sum(counts)
+            n_tokens = int(distributed.all_reduce_sum(torch.tensor(n_tokens, device=counts.device)))
         fired = counts > 0
         self.since.add_(n_tokens).masked_fill_(fired, 0)
-        self.fired_total.add_(counts)
         self.tokens += n_tokens
 
     def dead_mask(self) -> Tensor:
@@ -39,18 +37,8 @@ class DeadLatentTracker:
         return float(self.dead_mask().float().mean())
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"since": self.since, "fired_total": self.fired_total, "tokens": torch.tensor(self.tokens)}
+        return {"since": self.since, "tokens": torch.tensor(self.tokens)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.since.copy_(state["since"])
-        self.fired_total.copy_(state["fired_total"])
         self.tokens = int(state["tokens"])
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-    return t

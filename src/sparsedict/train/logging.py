@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sparsedict import distributed
 from sparsedict.train.config import TrainConfig
 
 
@@ -29,10 +30,10 @@ class _Bar:
 class RunLogger:
     """Writes ``out_dir/log.jsonl`` and, with ``wandb_project`` set, logs to wandb (rank 0 only)."""
 
-    def __init__(self, cfg: TrainConfig, enabled: bool | None = None, run_config: dict[str, Any] | None = None):
-        from sparsedict.train.distributed import is_main
-
-        self.enabled = is_main() if enabled is None else enabled
+    def __init__(
+        self, cfg: TrainConfig, enabled: bool | None = None, run_config: dict[str, Any] | None = None
+    ):
+        self.enabled = distributed.is_main() if enabled is None else enabled
         self.cfg = cfg
         self.path = Path(cfg.out_dir) / "log.jsonl"
         self.wandb = None
@@ -50,7 +51,9 @@ class RunLogger:
             return
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
+        )
         try:
             yield _Bar(bar)
         finally:

@@ -62,11 +62,6 @@ def _schedule_free(base: torch.optim.Optimizer, momentum: float):
     return _Wrapper(base, momentum=momentum)
 
 
-def resolve_optimizer(model: nn.Module, name: str) -> str:
-    """``'auto'`` -> ``'adam'`` (with the architecture's preset, :func:`auto_preset`), else ``name``."""
-    return "adam" if name == "auto" else name
-
-
 def auto_preset(model: nn.Module, name: str) -> dict:
     """The training preset that ``optimizer='auto'`` applies: ``type(model).auto_train`` (empty otherwise).
 
@@ -74,7 +69,7 @@ def auto_preset(model: nn.Module, name: str) -> dict:
     rule), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
     fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale) take precedence.
     """
-    return dict(getattr(type(model), "auto_train", {})) if name == "auto" else {}
+    return dict(type(model).auto_train) if name == "auto" else {}
 
 
 class DictionaryOptimizer:
@@ -89,7 +84,7 @@ class DictionaryOptimizer:
         self.model = model
         self.cfg = cfg
         self.total_steps = total_steps
-        self.name = resolve_optimizer(model, cfg.optimizer)
+        self.name = "adam" if cfg.optimizer == "auto" else cfg.optimizer  # 'auto': Adam with the preset
         preset = auto_preset(model, cfg.optimizer)
         if cfg.lr:
             self.base_lr = cfg.lr
@@ -122,7 +117,6 @@ class DictionaryOptimizer:
 
     def _fused_decoder(self, fused: bool | None) -> nn.Parameter | None:
         """W_dec when its update runs through ``normalised_adam_step``; None for the unfused sequence."""
-        from sparsedict.dictionaries.base import Dictionary
         from sparsedict.kernels import use_triton
         from sparsedict.kernels._common import use_cpu_kernels
 
@@ -130,13 +124,12 @@ class DictionaryOptimizer:
         w = getattr(m, "W_dec", None)
         eligible = (
             not self.schedule_free
-            and getattr(m, "unit_norm_decoder", False)
+            and m.unit_norm_decoder
             and isinstance(w, nn.Parameter)
             and w.requires_grad
             and w.ndim == 2
             # the fused step reproduces the base class's projection/renormalisation, not overrides of them
-            and type(m).remove_parallel_grad is Dictionary.remove_parallel_grad
-            and type(m).normalise_decoder is Dictionary.normalise_decoder
+            and m.fused_decoder_update
         )
         if not eligible:
             if fused:
@@ -165,7 +158,7 @@ class DictionaryOptimizer:
         With the fused decoder update and no clipping, the returned norm is taken before W_dec's gradient
         is projected (the projection happens inside the fused step).
         """
-        unit = getattr(self.model, "unit_norm_decoder", False)
+        unit = self.model.unit_norm_decoder
         fused = self.fused_param
         if unit and (fused is None or self.cfg.grad_clip > 0):
             self.model.remove_parallel_grad()

@@ -20,13 +20,15 @@ An unknown key anywhere is an error naming the nearest valid key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparsedict.cache.config import CacheConfig
 from sparsedict.config import ConfigError, from_dict, load_yaml
 from sparsedict.dictionaries import DictionaryConfig, lookup
 from sparsedict.train.config import TrainConfig
+from sparsedict.util import did_you_mean
 
 SECTIONS = ("cache", "eval_cache", "train", "dictionaries")
 
@@ -34,13 +36,15 @@ SECTIONS = ("cache", "eval_cache", "train", "dictionaries")
 @dataclass
 class Recipe:
     train: TrainConfig
+    """How the dictionaries are trained."""
     dictionaries: list[DictionaryConfig]
-    cache: Any = None
-    """CacheConfig of the training activations (None: sources are supplied by the caller)."""
-    eval_cache: Any = None
-    """CacheConfig of held-out activations for the final evaluation (optional)."""
+    """One config per dictionary (the class is picked by each entry's ``architecture``)."""
+    cache: CacheConfig | None = None
+    """The training activations (None: sources are supplied by the caller)."""
+    eval_cache: CacheConfig | None = None
+    """Held-out activations for the final evaluation (optional)."""
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Where the recipe came from (a path), for error messages."""
 
 
 def parse_dictionary(entry: dict[str, Any], where: str) -> DictionaryConfig:
@@ -53,15 +57,17 @@ def parse_dictionary(entry: dict[str, Any], where: str) -> DictionaryConfig:
     return from_dict(cfg_cls, entry, where=f"{where}.")
 
 
-def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
-    import difflib
-
+def check_sections(data: dict[str, Any], source: str) -> None:
+    """Refuse a recipe section that is not one of :data:`SECTIONS` (naming the nearest)."""
     for key in data:
         if key not in SECTIONS:
-            near = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"{source}: unknown section {key!r}{hint} Sections: {', '.join(SECTIONS)}")
-    from sparsedict.cache import CacheConfig
+            raise ConfigError(
+                f"{source}: unknown section {key!r}{did_you_mean(key, SECTIONS) or '.'} Sections: {', '.join(SECTIONS)}"
+            )
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    check_sections(data, source)
     from sparsedict.cache.hooks import split_head
 
     dicts = data.get("dictionaries") or []

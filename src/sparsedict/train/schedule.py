@@ -14,15 +14,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_fraction: fl
     return 1.0
 
 
-def linear_warmup(step: int, warmup_steps: int) -> float:
-    """Coefficient warmup from 0 to 1 over ``warmup_steps`` (sparsity penalties)."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
 def width_lr(n_latents: int, optimizer: str) -> float:
-    """Default LR from the width rule ``base / sqrt(n / 2^14)`` (METHODS.md §1.2)."""
+    """Default LR from the width rule ``base / sqrt(n / 2^14)`` (Adam 2e-4, sign-SGD 5e-3 at n = 2^14)."""
     base = 2e-4 if optimizer == "adam" else 5e-3
     return base / (n_latents / 2**14) ** 0.5
 
@@ -30,9 +23,8 @@ def width_lr(n_latents: int, optimizer: str) -> float:
 def budget_lr(n_latents: int, total_steps: int) -> float:
     """Adam LR for a run of ``total_steps`` steps: ``0.0209 / (steps^(1/3) · sqrt(n / 2^14))``.
 
-    The width rule's ``1/sqrt(n)`` times a run-length factor fitted on the issue-11 workload (SmolLM2
-    resid_post.14, n = 4608, batch 4096; benchmarks/RESULTS_training.md): the best held-out FVU came at
-    1e-2 for 61 steps and 6e-3 for 305 steps, i.e. LR ∝ steps^(-1/3). At 10^5 steps and n = 2^14 it
-    gives 4.5e-4, the order of the width rule fitted for runs of billions of tokens.
+    The width rule's ``1/sqrt(n)`` times a run-length factor ``steps^(-1/3)`` fitted on two run lengths
+    (benchmarks/RESULTS_training.md). At 10^5 steps and n = 2^14 it gives 4.5e-4, the order of the width
+    rule for runs of billions of tokens.
     """
     return 0.0209 / (max(1, total_steps) ** (1 / 3) * (n_latents / 2**14) ** 0.5)

@@ -1,18 +1,21 @@
 """The one training loop for every architecture, for one or many dictionaries sharing a data pass.
 
 ``Trainer(dictionaries, sources, cfg)``: ``dictionaries`` maps a name to a :class:`Dictionary`;
-``sources`` maps a ``(hookpoint, target)`` key to a data source (ActivationStore, LiveSource,
-TensorSource). Dictionaries on the same key share each batch read; different keys are read in
-lockstep. Gradient-trained dictionaries go through ``forward -> sum(losses) -> backward ->``
-:class:`DictionaryOptimizer`; solver-trained ones (SNMF) through ``fit_step``. Checkpoints hold
-everything needed to resume exactly (weights, optimiser state, dead-latent counters, RNG, the data
-position of every source).
+``sources`` maps a ``(hookpoint, target)`` key to a :class:`~sparsedict.cache.source.Source`
+(ActivationStore, LiveSource, TensorSource). Dictionaries on the same key share each batch read; different
+keys are read in lockstep. Gradient-trained dictionaries go through ``forward -> sum(losses) -> backward ->``
+:class:`DictionaryOptimizer`; solver-trained ones (SNMF) through ``fit_step``. The logged FVU and L0 are
+those of :class:`~sparsedict.metrics.ReconstructionStats` over the step's global batch (sums merged across
+ranks); ``dead`` is the fraction of latents that have not fired for ``dead_tokens`` training tokens.
+Checkpoints hold everything needed to resume exactly (weights, optimiser state, dead-latent counters, RNG,
+the data position of every source).
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,9 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsedict.dictionaries.base import Dictionary
+from sparsedict import distributed
+from sparsedict.cache.source import Source
+from sparsedict.dictionaries.base import Dictionary, Output
+from sparsedict.dictionaries.sharded import shard
+from sparsedict.metrics import ReconstructionStats
 from sparsedict.train import checkpoint as ckpt
-from sparsedict.train import distributed
 from sparsedict.train.config import TrainConfig
 from sparsedict.train.dead import DeadLatentTracker
 from sparsedict.train.logging import RunLogger
@@ -34,7 +40,8 @@ SourceKey = tuple[str, str]
 
 
 def source_key(model: Dictionary) -> SourceKey:
-    return (model.cfg.hookpoint, model.cfg.target if model.cfg.is_transcoder else "")
+    """The ``(hookpoint, target)`` a dictionary reads (target ``""`` for an SAE)."""
+    return model.cfg.source_key
 
 
 @dataclass
@@ -46,65 +53,78 @@ class Member:
     key: SourceKey
     opt: DictionaryOptimizer | None
     dead: DeadLatentTracker
+    normalisation: str
+    """The input normalisation this member trains with ('none', 'sqrt_d' or 'unit_msn')."""
 
 
 class Trainer:
-    def __init__(self, dictionaries: dict[str, Dictionary], sources: dict[SourceKey, Any], cfg: TrainConfig,
-                 logger: RunLogger | None = None):
+    def __init__(self, dictionaries: dict[str, Dictionary], sources: dict[SourceKey, Source], cfg: TrainConfig,
+                 logger: RunLogger | None = None):  # fmt: skip
         self.cfg = cfg
         self.sources = sources
         self.device = torch.device(cfg.device)
         for name, model in dictionaries.items():
             if source_key(model) not in sources:
-                raise KeyError(f"dictionary {name!r} needs data for {source_key(model)}; sources: {list(sources)}")
-        first = next(iter(sources.values()))
-        self.world_size = getattr(first, "world_size", 1)
-        self.local_batch = cfg.batch_size // self.world_size
-        rows = min(s.n_rows for s in sources.values())
-        self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * rows / cfg.batch_size))
+                raise KeyError(
+                    f"dictionary {name!r} needs data for {source_key(model)}; sources: {list(sources)}"
+                )
+        self.world_size = next(iter(sources.values())).world_size
+        self.total_steps = cfg.max_steps or self._steps_from_epochs()
         if cfg.shard_latents:
-            from sparsedict.train.sharded import shard_dictionaries
-
-            if self.world_size > 1:
-                raise ValueError("shard_latents: every rank must read the same rows; open the sources with "
-                                 "rank=0, world_size=1 and the global batch_size")
-
-            dictionaries = shard_dictionaries(dictionaries, cfg)
+            dictionaries = shard_dictionaries(dictionaries, cfg, self.world_size)
         self.members = [
             Member(name, model.to(self.device), source_key(model),
                    DictionaryOptimizer(model, cfg, self.total_steps) if model.trains_by_gradient else None,
-                   DeadLatentTracker(model.n_latents, cfg.dead_tokens, self.device,
-                                     sync=not getattr(model, "latent_sharded", False)))
+                   DeadLatentTracker(model.n_latents, cfg.dead_tokens, self.device, sync=not model.latent_sharded),
+                   type(model).input_normalisation if cfg.normalise_inputs == "auto" else cfg.normalise_inputs)
             for name, model in dictionaries.items()
-        ]
+        ]  # fmt: skip
         self.step = 0
         self.tokens = 0
         self.logger = logger or RunLogger(cfg)
+        self.batch_stats: dict[str, ReconstructionStats] = {}
+        """This rank's reconstruction statistics of the last logged step, by member name."""
         self._stop = False
+
+    def _steps_from_epochs(self) -> int:
+        rows = [s.n_rows for s in self.sources.values()]
+        if None in rows:
+            raise ValueError(
+                "a source has no known length (a LiveSource with max_tokens=None): set train.max_steps"
+            )
+        return max(1, math.floor(self.cfg.epochs * min(rows) / self.cfg.batch_size))
+
+    def is_log_step(self, step: int) -> bool:
+        """Whether the step that ends with ``self.step == step`` is logged (every ``log_every``, and the last)."""
+        return step % self.cfg.log_every == 0 or step >= self.total_steps
 
     # -- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
     def initialise(self) -> None:
         """Normalisation constants and b_dec from a data sample (before the first step)."""
         for m in self.members:
-            sample = self.sources[m.key].sample(self.cfg.init_rows, seed=self.cfg.seed)
-            x, y = sample if isinstance(sample, tuple) else (sample, None)
+            x, y = self.sources[m.key].sample(self.cfg.init_rows, seed=self.cfg.seed)
             x = x.to(self.device, torch.float32)
             y = x if y is None else y.to(self.device, torch.float32)
-            m.model.input_scale.fill_(input_scale(x, self.cfg.normalise_inputs))
+            m.model.input_scale.fill_(input_scale(x, m.normalisation))
             c = float(m.model.input_scale)
             m.model.init_from_data(x * c, y * c)
             distributed.broadcast_model(m.model)  # replicas start identical (rank 0's values)
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, batches: dict[SourceKey, tuple[Tensor, Tensor | None]]) -> dict[str, float]:
-        """One optimiser step for every dictionary on its batch; returns scalar metrics by name.
+        """One optimiser (or solver) step for every dictionary on its batch; returns scalar metrics by name.
 
-        Loss terms and LR every step; batch FVU, L0 and dead fraction only on the steps :meth:`fit` logs.
+        Loss terms and LR every step; this rank's batch FVU, L0 and the dead fraction on the steps :meth:`fit`
+        logs (their statistics are kept in ``batch_stats`` for the cross-rank merge).
         """
         metrics: dict[str, float] = {}
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.autocast == "bf16" else nullcontext()
-        log_step = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 >= self.total_steps
+        amp = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.cfg.autocast == "bf16"
+            else nullcontext()
+        )
+        log_step = self.is_log_step(self.step + 1)
         for m in self.members:
             x, y = batches[m.key]
             c = float(m.model.input_scale)
@@ -113,48 +133,50 @@ class Trainer:
             if c != 1.0:
                 x, y = x * c, (None if y is None else y * c)
             m.model.on_step(self.step, self.total_steps)
-            if m.opt is None:
-                out_metrics = m.model.fit_step(x, y)
-                metrics.update({f"{m.name}/{k}": float(v) for k, v in out_metrics.items()})
-                continue
-            lr = m.opt.set_step(self.step)
-            m.model.set_dead_mask(m.dead.dead_mask())
-            m.model.train()
-            with amp:
-                out = m.model(x, y)
-            loss = sum(out.losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{m.name}: loss is {float(loss)} at step {self.step}; check the activations for NaN/inf "
-                    f"or lower the learning rate (lr={lr:g})"
-                )
-            loss.backward()
-            self.sync_grads(m)
-            grad_norm = m.opt.step()
-            m.model.after_step(out)
+            out, extra = (m.model.fit_step(x, y), {}) if m.opt is None else self._gradient_step(m, x, y, amp)
             m.dead.update(out.code, x.shape[0])
             metrics.update({f"{m.name}/{k}": float(v.detach()) for k, v in out.losses.items()})
-            metrics[f"{m.name}/loss"] = float(loss.detach())
-            metrics[f"{m.name}/lr"] = lr
-            if log_step:  # batch FVU / L0 / dead only on the steps fit() logs (a few [B, d] passes each)
-                with torch.no_grad():
-                    target = x if y is None else y
-                    res = (out.x_hat.float() - target).pow(2).sum()
-                    var = (target - target.mean(0)).pow(2).sum()
-                metrics[f"{m.name}/fvu"] = float(res / var)
-                metrics[f"{m.name}/l0"] = float(out.code.l0().float().mean())
-                metrics[f"{m.name}/dead"] = m.dead.dead_fraction()
-            if grad_norm:
-                metrics[f"{m.name}/grad_norm"] = grad_norm
+            metrics.update({f"{m.name}/{k}": v for k, v in extra.items()})
+            if log_step:  # a few [B, d] passes: only on the steps fit() logs
+                stats = ReconstructionStats(m.model.n_latents)
+                stats.update(x if y is None else y, out.x_hat.detach(), out.code)
+                self.batch_stats[m.name] = stats
+                metrics.update({f"{m.name}/fvu": stats.fvu, f"{m.name}/l0": stats.l0,
+                                f"{m.name}/dead": m.dead.dead_fraction()})  # fmt: skip
         self.step += 1
         self.tokens += self.cfg.batch_size
         return metrics
 
-    def sync_grads(self, m: Member) -> None:
-        """Average gradients over data-parallel ranks (no-op in a single process)."""
-        from sparsedict.train.distributed import all_reduce_grads
+    def _gradient_step(self, m: Member, x: Tensor, y: Tensor | None, amp) -> tuple[Output, dict[str, float]]:
+        """forward -> sum(losses) -> backward -> gradients averaged over ranks -> optimiser; ``(out, loss/lr)``."""
+        lr = m.opt.set_step(self.step)
+        m.model.set_dead_mask(m.dead.dead_mask())
+        m.model.train()
+        with amp:
+            out = m.model(x, y)
+        loss = sum(out.losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{m.name}: loss is {float(loss)} at step {self.step}; check the activations for NaN/inf "
+                f"or lower the learning rate (lr={lr:g})"
+            )
+        loss.backward()
+        distributed.all_reduce_grads(m.model)
+        grad_norm = m.opt.step()
+        m.model.after_step(out)
+        extra = {"loss": float(loss.detach()), "lr": lr}
+        if grad_norm:
+            extra["grad_norm"] = grad_norm
+        return out, extra
 
-        all_reduce_grads(m.model)
+    def merged_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``metrics`` of a logged step over all ranks: losses averaged, FVU and L0 from the summed statistics."""
+        out = distributed.mean_metrics(metrics, self.device)
+        if distributed.is_dist():
+            for name, stats in self.batch_stats.items():
+                merged = stats.from_packed(distributed.all_reduce_sum(stats.packed().to(self.device)).cpu())
+                out[f"{name}/fvu"], out[f"{name}/l0"] = merged.fvu, merged.l0
+        return out
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> dict[str, float]:
@@ -178,8 +200,8 @@ class Trainer:
                     last = self.train_step(batches)
                     tps = (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0)
                     bar.update(1, tps, last)
-                    if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                        last = distributed.mean_metrics(last, self.device)
+                    if self.is_log_step(self.step):
+                        last = self.merged_metrics(last)
                         self.logger.log(self.step, self.tokens, {**last, "tokens_per_s": tps})
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                         self.save_checkpoint()
@@ -236,23 +258,43 @@ class Trainer:
 
     def save(self, meta: dict[str, Any] | None = None) -> dict[str, Path]:
         """Save every dictionary with ``save_pretrained`` under ``out_dir/<name>``."""
-        from sparsedict.train.distributed import is_main
-
         paths = {}
         for m in self.members:
             path = Path(self.cfg.out_dir) / m.name
-            model = m.model.unshard() if getattr(m.model, "latent_sharded", False) else m.model  # collective
-            if is_main():
-                info = dict(getattr(self.sources[m.key], "meta", {}) or {})
-                info.update(meta or {})
-                info.update(training_tokens=self.tokens, training_steps=self.step,
-                            normalisation=self.cfg.normalise_inputs)
+            model = m.model.unshard() if m.model.latent_sharded else m.model  # collective
+            if distributed.is_main():
+                info = {**self.sources[m.key].meta, **(meta or {})}
+                info.update(
+                    training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation
+                )
                 model.save_pretrained(path, info)
             paths[m.name] = path
         return paths
 
 
-def _next_batch(iters: dict, key: SourceKey, source: Any) -> tuple[Tensor, Tensor | None]:
+def shard_dictionaries(
+    dictionaries: dict[str, Dictionary], cfg: TrainConfig, world: int
+) -> dict[str, Dictionary]:
+    """Replace every dictionary by this rank's latent slice (``TrainConfig.shard_latents``).
+
+    Each rank keeps only its own slice of the freshly built dictionary; the slices need not agree on
+    anything (their initialisations are independent), while ``b_dec`` and ``input_scale`` are set from
+    data and broadcast from rank 0 in :meth:`Trainer.initialise`.
+    """
+    if world > 1:
+        raise ValueError(
+            "shard_latents: every rank must read the same rows; open the sources with rank=0, world_size=1 and "
+            "the global batch_size"
+        )
+    if cfg.grad_clip > 0:
+        raise ValueError(
+            "grad_clip with shard_latents would clip each shard by its own norm; set grad_clip: 0"
+        )
+    rank, ranks = distributed.rank(), distributed.world_size()
+    return {name: shard(model, rank, ranks) for name, model in dictionaries.items()}
+
+
+def _next_batch(iters: dict, key: SourceKey, source: Source) -> tuple[Tensor, Tensor | None]:
     """Next batch of ``key``; a source whose iterator ends after an epoch is restarted."""
     try:
         return next(iters[key])
@@ -273,6 +315,4 @@ def input_scale(x: Tensor, how: str) -> float:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,228 @@
+"""Matching-pursuit forward/backward kernels: a numba CPU kernel and a batched torch fallback.
+
+Both compute the same thing (the maths is in :mod:`sparsedict.dictionaries.mp`, which calls these):
+
+- ``pursuit_forward(r0 [B,d], D [n,d], c [B,n], G [n,n], T, absolute, use_numba)`` ->
+  ``(a [B,T], idx [B,T], first [B,T], rT [B,d])``. ``c`` holds ``r0 Dᵀ`` on entry and the final
+  correlations ``r_T Dᵀ`` on exit (updated in place with ``c -= a_t G[j_t]``); ``a_t`` is recomputed
+  exactly from the running residual; ``first[b, t]`` is the first step that picked the same atom.
+- ``pursuit_backward(grad_a, D, a, idx, rT, use_numba)`` -> ``(d_r0 [B,d], d_D [n,d])``: the reverse sweep.
+
+The numba kernel runs one row per task (rows in parallel), keeping that row's ``c`` (n floats) and
+residual in cache through all T steps: one pass over ``n`` per step, no [B, n] temporaries. The torch
+loop is the path for GPUs (and machines without numba): per step one gather of ``G`` rows and one
+argmax over ``[B, n]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from sparsedict.kernels.topk_cpu import numba_available, numba_threads
+from torch import Tensor
+
+__all__ = ["first_occurrence", "numba_available", "pursuit_backward", "pursuit_forward"]
+
+
+def first_occurrence(idx: Tensor) -> Tensor:
+    """``first[b, t]`` = the smallest s with ``idx[b, s] == idx[b, t]`` (``[B, T]``, int64)."""
+    T = idx.shape[1]
+    eq = idx[:, :, None] == idx[:, None, :]  # [B, T, T]: eq[b, t, s]
+    return eq.to(torch.uint8).argmax(-1) if T > 1 else torch.zeros_like(idx)
+
+
+@functools.cache
+def _kernels():
+    import numba
+    import numpy as np
+
+    # Reassociation lets LLVM vectorise the max and dot reductions; no 'nnan'/'ninf' (we compare with -inf).
+    fm = {"reassoc", "contract", "nsz", "arcp"}
+
+    @numba.njit(fastmath=fm, inline="always")
+    def upd_max(cb, Gj, a, absolute, ninf):
+        """``cb -= a·Gj`` in place; returns ``max(cb)`` (or ``max |cb|``)."""
+        n = cb.shape[0]
+        n8 = n - n % 8
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf  # -inf in the array dtype (no fp64 promotion)
+        for i in range(0, n8, 8):
+            v0 = cb[i] - a * Gj[i]
+            v1 = cb[i + 1] - a * Gj[i + 1]
+            v2 = cb[i + 2] - a * Gj[i + 2]
+            v3 = cb[i + 3] - a * Gj[i + 3]
+            v4 = cb[i + 4] - a * Gj[i + 4]
+            v5 = cb[i + 5] - a * Gj[i + 5]
+            v6 = cb[i + 6] - a * Gj[i + 6]
+            v7 = cb[i + 7] - a * Gj[i + 7]
+            cb[i], cb[i + 1], cb[i + 2], cb[i + 3] = v0, v1, v2, v3
+            cb[i + 4], cb[i + 5], cb[i + 6], cb[i + 7] = v4, v5, v6, v7
+            if absolute:
+                v0, v1, v2, v3, v4, v5, v6, v7 = (
+                    abs(v0),
+                    abs(v1),
+                    abs(v2),
+                    abs(v3),
+                    abs(v4),
+                    abs(v5),
+                    abs(v6),
+                    abs(v7),
+                )
+            m0, m1, m2, m3 = max(m0, v0), max(m1, v1), max(m2, v2), max(m3, v3)
+            m4, m5, m6, m7 = max(m4, v4), max(m5, v5), max(m6, v6), max(m7, v7)
+        best = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+        for i in range(n8, n):
+            v = cb[i] - a * Gj[i]
+            cb[i] = v
+            best = max(best, abs(v) if absolute else v)
+        return best
+
+    @numba.njit(parallel=True, cache=True, fastmath=fm)
+    def forward(r0, D, c, G, T, absolute, a_out, idx_out, first_out, rT, ninf_arr):
+        ninf = ninf_arr[0]
+        B, n = c.shape
+        d = D.shape[1]
+        for b in numba.prange(B):
+            cb = c[b]
+            r = rT[b]
+            for i in range(d):
+                r[i] = r0[b, i]
+            best = ninf
+            for i in range(n):
+                best = max(best, abs(cb[i]) if absolute else cb[i])
+            for t in range(T):
+                # index of the maximum found by the previous (vectorised) pass: first match wins
+                j = 0
+                for i in range(n):
+                    if (abs(cb[i]) if absolute else cb[i]) == best:
+                        j = i
+                        break
+                Dj = D[j]
+                a = 0.0
+                for i in range(d):
+                    a += Dj[i] * r[i]
+                a_out[b, t] = a
+                a = a_out[b, t]  # in the array dtype, so the loops below stay in fp32
+                for i in range(d):
+                    r[i] -= a * Dj[i]
+                # c -= a G[j] fused with the max of the new scores (8 accumulators: LLVM vectorises it)
+                best = upd_max(cb, G[j], a, absolute, ninf)
+                idx_out[b, t] = j
+                f = t
+                for s in range(t):
+                    if idx_out[b, s] == j:
+                        f = s
+                        break
+                first_out[b, t] = f
+
+    @numba.njit(parallel=True, cache=True, fastmath=fm)
+    def backward(grad_a, D, a, idx, rT, parts, d_r0, d_D_parts):
+        B, T = a.shape
+        d = D.shape[1]
+        for p in numba.prange(parts):
+            acc = d_D_parts[p]
+            r = np.empty(d, dtype=rT.dtype)
+            rho = np.zeros(d, dtype=rT.dtype)
+            for b in range(p * B // parts, (p + 1) * B // parts):
+                for i in range(d):
+                    r[i] = rT[b, i]
+                    rho[i] = 0.0
+                for t in range(T - 1, -1, -1):
+                    j = idx[b, t]
+                    Dj = D[j]
+                    at = a[b, t]
+                    dot = 0.0
+                    for i in range(d):
+                        dot += rho[i] * Dj[i]
+                    s = grad_a[b, t] - dot
+                    for i in range(d):
+                        rp = r[i] + at * Dj[i]
+                        acc[j, i] += s * rp - at * rho[i]
+                        rho[i] += s * Dj[i]
+                        r[i] = rp
+                for i in range(d):
+                    d_r0[b, i] = rho[i]
+
+    return forward, backward
+
+
+@torch.no_grad()
+def pursuit_forward(
+    r0: Tensor, D: Tensor, c: Tensor, G: Tensor, T: int, absolute: bool, use_numba: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Greedy pursuit (see module docstring). All float tensors must share one dtype and be contiguous."""
+    B, d = r0.shape
+    if use_numba:
+        fwd, _ = _kernels()
+        numba_threads()
+        a = torch.empty(B, T, dtype=r0.dtype)
+        idx = torch.empty(B, T, dtype=torch.long)
+        first = torch.empty(B, T, dtype=torch.long)
+        rT = torch.empty(B, d, dtype=r0.dtype)
+        ninf = torch.full((1,), float("-inf"), dtype=r0.dtype)
+        fwd(
+            r0.numpy(),
+            D.numpy(),
+            c.numpy(),
+            G.numpy(),
+            T,
+            absolute,
+            a.numpy(),
+            idx.numpy(),
+            first.numpy(),
+            rT.numpy(),
+            ninf.numpy(),
+        )
+        return a, idx, first, rT
+    r = r0.clone()
+    a_list, idx_list = [], []
+    for _ in range(T):
+        j = (c.abs() if absolute else c).argmax(1)
+        Dj = D[j]
+        at = (Dj * r).sum(1)
+        r.sub_(at[:, None] * Dj)
+        c.sub_(at[:, None] * G[j])
+        a_list.append(at)
+        idx_list.append(j)
+    a, idx = torch.stack(a_list, 1), torch.stack(idx_list, 1)
+    return a, idx, first_occurrence(idx), r
+
+
+@torch.no_grad()
+def pursuit_backward(
+    grad_a: Tensor, D: Tensor, a: Tensor, idx: Tensor, rT: Tensor, use_numba: bool
+) -> tuple[Tensor, Tensor]:
+    """Reverse sweep: gradients of ``Σ_t grad_a[:, t]·a_t`` wrt ``r0`` and ``D`` (selection held fixed)."""
+    B, T = a.shape
+    n, d = D.shape
+    dtype = D.dtype
+    grad_a, a, rT = grad_a.to(dtype).contiguous(), a.to(dtype).contiguous(), rT.to(dtype).contiguous()
+    if use_numba:
+        _, bwd = _kernels()
+        parts = min(numba_threads(), 16, max(1, B))
+        d_r0 = torch.empty(B, d, dtype=dtype)
+        d_D_parts = torch.zeros(parts, n, d, dtype=dtype)
+        bwd(
+            grad_a.numpy(),
+            D.contiguous().numpy(),
+            a.numpy(),
+            idx.contiguous().numpy(),
+            rT.numpy(),
+            parts,
+            d_r0.numpy(),
+            d_D_parts.numpy(),
+        )
+        return d_r0, d_D_parts.sum(0)
+    r = rT.clone()
+    rho = torch.zeros_like(r)
+    d_D = torch.zeros(n, d, dtype=dtype, device=D.device)
+    for t in range(T - 1, -1, -1):
+        j = idx[:, t]
+        Dj = D[j]
+        at = a[:, t : t + 1]
+        s = grad_a[:, t : t + 1] - (rho * Dj).sum(1, keepdim=True)
+        r_prev = r + at * Dj
+        d_D.index_add_(0, j, s * r_prev - at * rho)
+        rho = rho + s * Dj
+        r = r_prev
+    return rho, d_D

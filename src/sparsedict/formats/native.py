@@ -1,0 +1,110 @@
+"""Our own checkpoint format: ``config.json`` + ``model.safetensors`` (+ a generated ``README.md`` model card).
+
+``config.json`` holds ``{"sparsedict_version", "architecture", "dictionary": <DictionaryConfig fields>,
+"sparsity_fields", "meta": {model, hookpoint, normalisation constant, training tokens, exclusions, metrics,
+...}}``. Weights are saved with the input normalisation folded in, so a loaded dictionary works on raw
+activations. Every file is written atomically; :func:`update_meta` adds to ``meta`` later (held-out metrics)
+and re-renders the model card, so the card never disagrees with ``config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparsedict._version import __version__
+from sparsedict.formats.common import Architectures, build_dictionary, load_state
+from sparsedict.formats.modelcard import render
+from sparsedict.util import atomic_write, write_json_atomic
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+
+
+def save(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, model_card: bool = True) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (input scale folded into the weights) + ``README.md``.
+
+    ``meta`` defaults to the ``meta`` a loaded dictionary carries; ``model_card=False`` skips the README.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    scale = float(model.input_scale)
+    export = copy.deepcopy(model)
+    export.fold_scaling()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in export.state_dict().items() if k != "input_scale"}
+    meta = dict(meta if meta is not None else model.meta)
+    meta.setdefault("input_scale_folded", scale)
+    config = {
+        "sparsedict_version": __version__,
+        "architecture": model.architecture,
+        "dictionary": model.cfg.to_dict(),
+        "sparsity_fields": list(type(model).sparsity_fields),
+        "meta": meta,
+    }
+    config = json.loads(json.dumps(config, default=str))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_json_atomic(path / CONFIG_NAME, config, indent=2)
+    if model_card:
+        atomic_write(path / CARD_NAME, render(config))
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.exists():
+        raise FileNotFoundError(
+            f"{cfg_path} not found: {path} is not a sparsedict checkpoint (expected {CONFIG_NAME} + {WEIGHTS_NAME})"
+        )
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{cfg_path} is not valid JSON ({err}); the checkpoint is corrupt, re-save it"
+        ) from err
+
+
+def update_meta(path: str | os.PathLike, repo_id: str | None = None, **entries: Any) -> dict[str, Any]:
+    """Add ``entries`` to ``meta`` in ``path/config.json`` and re-render the model card; returns the config."""
+    path = Path(path)
+    config = read_config(path)
+    config.setdefault("meta", {}).update(json.loads(json.dumps(entries, default=str)))
+    write_json_atomic(path / CONFIG_NAME, config, indent=2)
+    if (path / CARD_NAME).exists() or repo_id is not None:
+        atomic_write(path / CARD_NAME, render(config, repo_id=repo_id))
+    return config
+
+
+def load(path: str | os.PathLike, registry: Architectures, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None):  # fmt: skip
+    """Load a sparsedict checkpoint directory into its registered architecture (in eval mode)."""
+    path = Path(path)
+    config = read_config(path)
+    arch = config.get("architecture")
+    if arch is None or "dictionary" not in config:
+        raise ValueError(f"{path / CONFIG_NAME} lacks 'architecture'/'dictionary': not a sparsedict config")
+    _, cfg_cls = registry.lookup(arch)
+    known = set(cfg_cls.__dataclass_fields__)
+    extra = set(config["dictionary"]) - known
+    if extra:
+        warnings.warn(
+            f"{path / CONFIG_NAME}: ignoring unknown keys {sorted(extra)} (newer sparsedict?)", stacklevel=2
+        )
+    fields = {k: v for k, v in config["dictionary"].items() if k in known}
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing: the checkpoint at {path} is incomplete")
+    model = build_dictionary(registry, arch, fields, str(path / CONFIG_NAME))
+    load_state(model, load_file(str(weights)), str(weights), config.get("meta", {}), config=CONFIG_NAME)
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.eval()

@@ -1,0 +1,89 @@
+"""Run a recipe end to end: cache (or resume caching) -> train -> save -> evaluate held-out.
+
+This is what ``sparsedict train`` and ``torchrun -m sparsedict train`` execute. Every stage reads the
+previous stage's output from disk, so an interrupted run restarts where it stopped. It is a top-level module
+(above ``train`` and ``eval``) because it runs both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsedict import distributed
+from sparsedict.cache import ActivationStore, cache_activations
+from sparsedict.dictionaries import Dictionary, build
+from sparsedict.eval.heldout import evaluate_heldout
+from sparsedict.train.logging import RunLogger
+from sparsedict.train.recipe import Recipe
+from sparsedict.train.trainer import Trainer
+
+__all__ = ["build_dictionaries", "evaluate_heldout", "open_sources", "run"]
+
+
+def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: int, world: int) -> dict:
+    """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries."""
+    sources = {}
+    for cfg in recipe.dictionaries:
+        key = cfg.source_key
+        if key not in sources:
+            sources[key] = ActivationStore(
+                cache_dir,
+                cfg.hookpoint,
+                target=key[1] or None,
+                batch_size=batch_size,
+                seed=recipe.train.seed,
+                rank=rank,
+                world_size=world,
+            )
+    return sources
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (what wandb records as the run's config)."""
+    return {
+        "train": dataclasses.asdict(recipe.train),
+        "dictionaries": [cfg.to_dict() for cfg in recipe.dictionaries],
+        "cache": dataclasses.asdict(recipe.cache) if recipe.cache is not None else None,
+        "eval_cache": dataclasses.asdict(recipe.eval_cache) if recipe.eval_cache is not None else None,
+        "source": recipe.source,
+    }
+
+
+def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary]:
+    torch.manual_seed(recipe.train.seed)
+    models = {}
+    for cfg in recipe.dictionaries:
+        src = sources[cfg.source_key]
+        models[cfg.name] = build(cfg.resolved(src.d_in, src.d_out))
+    return models
+
+
+def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
+    """Cache, train, save and (with an eval_cache) evaluate; returns paths and held-out metrics."""
+    cfg = recipe.train
+    rank, world, device = distributed.init(cfg.device, cfg.dist_timeout_min)
+    cfg.device = device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if recipe.cache is None:
+        raise ValueError(f"{recipe.source}: a recipe needs a 'cache' section naming the training activations")
+    cache_dir = cache_activations(recipe.cache)
+    if cfg.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} ranks")
+    if cfg.shard_latents:  # every rank owns a slice of the latents and reads the same (global) batch
+        sources = open_sources(recipe, cache_dir, cfg.batch_size, 0, 1)
+    else:  # data parallel: each rank reads its own part of every global batch
+        sources = open_sources(recipe, cache_dir, cfg.batch_size // world, rank, world)
+    models = build_dictionaries(recipe, sources)
+    trainer = Trainer(models, sources, cfg, logger=RunLogger(cfg, run_config=recipe_dict(recipe)))
+    trainer.fit(resume=resume)
+    paths = trainer.save({"cache": str(cache_dir)})
+    distributed.barrier()
+    results: dict[str, Any] = {"paths": {k: str(v) for k, v in paths.items()}}
+    if recipe.eval_cache is not None and distributed.is_main():
+        results["eval"] = evaluate_heldout(paths, recipe)
+    return results
