@@ -12,7 +12,8 @@ held-out rows from split ``test`` (documents held out by hash), stored under ``-
 process so its peak RSS is its own; tokens/s counts the training loop (data reads included,
 initialisation excluded).
 
-GEMM limits: the median time of the encoder GEMM ``[batch, d] @ [d, width]`` in fp32 and in bf16 (the
+GEMM limits: printed once up front (the CPU model and its bf16 flags with them: AMX tiles, AVX512-BF16),
+and per run: the median time of the encoder GEMM ``[batch, d] @ [d, width]`` in fp32 and in bf16 (the
 CPU's bf16 matrix/dot-product units: AMX on Sapphire Rapids, AVX512-BF16 on Zen 4), measured inside each
 training process right before and right after its run (5 + 5 repetitions, the median of all 10). A TopK
 step cannot be faster than its GEMM, so each row prints ``tokens/s ÷ (batch / t_gemm)`` for both dtypes.
@@ -22,6 +23,10 @@ width 4608, batch 4096, one run of 1 epoch and one of 5 epochs; reports tokens/s
 50k held-out tokens, L0, dead %, peak RSS and the GEMM fractions. ``--width/--k/--batch/--hookpoint``
 change the shape (the other shapes the results file reports: ``--width 9216 --k 64 --batch 1024``,
 ``--hookpoint resid_post.6``).
+
+``--train-model-dtype bfloat16``: the training cache comes from the model run in bf16
+(``CacheConfig.model_dtype``); the held-out cache stays fp32, so the FVU compares both caches on the
+same fp32 activations.
 
 ``--compare R``: before the runs, an in-process A/B of single training steps on the same batches: the
 plain-torch path (``SPARSEDICT_DISABLE_CPU_KERNELS=1``, fp32, the trainer's unfused optimiser) against
@@ -49,15 +54,21 @@ import torch
 HOOKPOINT = "resid_post.14"
 
 
-def bench_cache(split: str, tokens: int, threads: int, hookpoint: str = HOOKPOINT, root: str = "") -> Path:
+def bench_cache(
+    split: str,
+    tokens: int,
+    threads: int,
+    hookpoint: str = HOOKPOINT,
+    root: str = "",
+    model_dtype: str = "float32",
+) -> Path:
     """The embedded model/corpus cached at ``hookpoint`` under ``root/<config hash>`` (reused when present;
-    ``root`` defaults to ``cache_dir()/bench-caches``)."""
+    ``root`` defaults to ``cache_dir()/bench-caches``), the model run in ``model_dtype``."""
     from sparsedict.cache import CacheConfig, cache_activations
     from sparsedict.lm import cache_dir
 
-    cfg = CacheConfig(
-        hookpoints=[hookpoint], split=split, max_tokens=tokens, context_length=128, progress=True
-    )
+    cfg = CacheConfig(hookpoints=[hookpoint], split=split, max_tokens=tokens, context_length=128,
+                      progress=True, model_dtype=model_dtype)  # fmt: skip
     cfg.out_dir = str(Path(root or cache_dir() / "bench-caches") / cfg.config_hash())
     cfg.num_threads = threads or None
     return cache_activations(cfg)
@@ -207,9 +218,45 @@ def run_isolated(job: dict[str, Any]) -> dict[str, Any]:
     return run_isolated_fn(train_once, job)
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx512_vnni")
+"""CPU flags that decide what a bf16 GEMM can reach (AMX tiles on Sapphire Rapids, AVX512-BF16 dot
+products on Zen 4 / Cooper Lake; without either torch converts bf16 to fp32)."""
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name and which of :data:`BF16_FLAGS` it has (from /proc/cpuinfo where it exists)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": name, "flags": [f for f in BF16_FLAGS if f in flags]}
+
+
 def machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+    return {"cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "mkldnn_bf16": torch.backends.mkldnn.is_available(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+
+
+def print_gemm_header(batch: int, d: int, width: int, reps: int = 7) -> dict[str, dict[str, float]]:
+    """Measure and print both GEMM limits of this shape once, up front (each run measures its own too)."""
+    limits = gemm_limits(
+        batch, d, width, {g: gemm_times(batch, d, width, dt, reps) for g, dt in GEMM_DTYPES.items()}
+    )
+    f, b = limits["fp32"], limits["bf16"]
+    cpu = cpu_description()
+    print(f"# GEMM [{batch}, {d}] @ [{d}, {width}] on {torch.get_num_threads()} threads, {cpu['model']} "
+          f"(flags: {', '.join(cpu['flags']) or 'none of ' + '/'.join(BF16_FLAGS)}): fp32 {1e3 * f['seconds']:.1f} ms "
+          f"= {f['gflops']:.0f} GFLOP/s = {f['tokens_per_s']:.0f} tok/s; bf16 {1e3 * b['seconds']:.1f} ms = "
+          f"{b['gflops']:.0f} GFLOP/s = {b['tokens_per_s']:.0f} tok/s (bf16/fp32 {f['seconds'] / b['seconds']:.2f}x); "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    return limits
 
 
 VARIANTS = {  # name -> (autocast, CPU kernels on)
@@ -334,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autocast", default="none", help="TrainConfig.autocast: 'none' (fp32) or 'bf16'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument(
+        "--train-model-dtype",
+        default="float32",
+        help="CacheConfig.model_dtype of the training cache (the held-out cache is always fp32)",
+    )
+    p.add_argument(
         "--cache-root",
         default="",
         help="directory of the benchmark caches (default: cache_dir()/bench-caches)",
@@ -352,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     from sparsedict.dictionaries import available
     from sparsedict.lm import cache_dir
 
-    train = bench_cache("train", args.train_tokens, args.threads, args.hookpoint, args.cache_root)
+    train = bench_cache("train", args.train_tokens, args.threads, args.hookpoint, args.cache_root,
+                        args.train_model_dtype)  # fmt: skip
     held = (
         bench_cache("test", args.eval_tokens, args.threads, args.hookpoint, args.cache_root)
         if args.eval_tokens
@@ -361,9 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     d = ActivationStore(train, args.hookpoint, batch_size=1).d_in
     head = {"machine": machine(), "label": args.label, "train_cache": str(train), "eval_cache": str(held),
             "hookpoint": args.hookpoint, "shape": {"batch": args.batch, "d": d, "width": args.width, "k": args.k},
-            "load_average": load_average(),
+            "load_average": load_average(), "train_model_dtype": args.train_model_dtype,
             "split": "train rows from split 'train', held-out rows from split 'test'"}  # fmt: skip
     print(json.dumps(head, indent=1))
+    head["gemm"] = print_gemm_header(args.batch, d, args.width)
     base = {"cache": str(train), "eval_cache": str(held) if held else "", "eval_tokens": args.eval_tokens,
             "width": args.width, "batch": args.batch, "optimizer": args.optimizer, "threads": args.threads,
             "autocast": args.autocast, "hookpoint": args.hookpoint, "d": d,

@@ -14,11 +14,13 @@ Per row (rows in parallel), with the row viewed as ``W`` interleaved columns (en
 3. **candidates**: only the columns with ``m[c] >= t`` are scanned, keeping their entries ``>= t`` (for
    exchangeable values about ``k·(1 + 1/ln…)`` entries: at n = 4608, W = 256, k = 32 about 35 of 4608,
    from about 32 of the 256 columns).
-4. **select**: a k-heap over the candidates ordered by (value desc, index asc), insertion-sorted at the
-   end. Rows with more candidates than the buffer holds (massive ties, e.g. an all-zero row) fall back
-   to a heap scan of the whole row in index order (:func:`_kernels` ``row_heap``), with the same result.
+4. **select**: the candidates ordered by (value desc, index asc): with at most 2k of them (the usual
+   case) each one's rank is counted by branch-free comparisons against all others (``rank_select``),
+   otherwise a k-heap insertion-sorted at the end (``heap_select``). Rows with more candidates than the
+   buffer holds (massive ties, e.g. an all-zero row) fall back to a heap scan of the whole row in index
+   order (``row_heap``), with the same result. The numba functions live in ``_topk_numba.py``.
 
-Both steps 4 order by (value, index) explicitly, so the output equals a stable descending sort's first
+Every path orders by (value, index) explicitly, so the output equals a stable descending sort's first
 k entries for any input without NaN (NaN inputs give an unspecified selection; the trainer rejects
 non-finite losses). bf16 rows are widened to fp32 one row at a time (exact).
 """

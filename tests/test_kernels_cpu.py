@@ -43,11 +43,32 @@ def test_threshold_select_equals_stable_sort(dtype, n, k):
     assert torch.equal(hi, bi) and torch.equal(hv, bv)
 
 
+@pytest.mark.parametrize("distinct", [True, False])
+def test_threshold_select_with_more_than_2k_candidates(distinct):
+    """Rows whose threshold admits between 2k and the buffer's capacity of candidates (3 large entries in
+    each of k columns: 3k candidates) take the heap over the candidates, not the rank count; the result
+    is still a stable sort's first k, with distinct values and with all large entries tied."""
+    B, n, k, W = 6, 4608, 32, topk_cpu.default_lanes(4608, 32)
+    g = torch.Generator().manual_seed(7)
+    pre = torch.randn(B, n, generator=g)
+    for b in range(B):
+        cols = torch.randperm(W, generator=g)[:k]
+        for r, c in enumerate(cols.tolist()):
+            for s in range(3):
+                j = c + W * int(torch.randint(0, n // W, (1,), generator=g)) if s else c + W * (b + 1)
+                pre[b, j] = 5.0 + (1e-3 * r + 1e-4 * s if distinct else 0.0)
+    t = pre.view(B, n // W, W).amax(1).topk(k).values[:, -1:]  # the threshold pass's t
+    assert ((2 * k < (pre >= t).sum(1)) & ((pre >= t).sum(1) <= 4 * k)).all()  # heap path, within capacity
+    v, i = topk_cpu.select_topk_cpu(pre, k)
+    bv, bi = _brute(pre, k)
+    assert torch.equal(i, bi) and torch.equal(v, bv)
+
+
 def test_select_counts_fallback_rows_on_ties():
     """An all-equal row overflows the candidate buffer; the result is still the lowest k indices."""
     pre = torch.zeros(3, 4608)
     pre[1, 100] = 1.0
-    v, i = topk_cpu.select_topk_cpu(pre, 32)
+    _, i = topk_cpu.select_topk_cpu(pre, 32)
     assert torch.equal(i[0], torch.arange(32)) and torch.equal(i[2], torch.arange(32))
     assert i[1, 0] == 100 and torch.equal(i[1, 1:], torch.arange(31))
 
@@ -172,5 +193,5 @@ def test_cpu_backend_refuses_what_it_cannot_take():
     x, W, b = encode_inputs(4, 8, 20, torch.float64, "randn")
     with pytest.raises(RuntimeError, match="backend='cpu' takes CPU tensors"):
         topk_encode(x, W, b, 3, backend="cpu")
-    v, i = topk_encode(x, W, b, 3)  # auto: float64 goes to the reference
+    v, _ = topk_encode(x, W, b, 3)  # auto: float64 goes to the reference
     assert v.dtype == torch.float64
