@@ -240,7 +240,8 @@ def cpu_description() -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     return {"cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "mkldnn_bf16": torch.backends.mkldnn.is_available(),
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_bf16": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: None)()),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
 
 
