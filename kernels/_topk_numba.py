@@ -30,6 +30,18 @@ def sift_down(hv, hi, pos, k):
             return
 
 
+@numba.njit(inline="always")
+def sort_pairs(hv, hi, k):
+    """Insertion sort of the first k pairs by (value desc, index asc)."""
+    for j in range(1, k):
+        v, i = hv[j], hi[j]
+        m = j - 1
+        while m >= 0 and worse(hv[m], hi[m], v, i):
+            hv[m + 1], hi[m + 1] = hv[m], hi[m]
+            m -= 1
+        hv[m + 1], hi[m + 1] = v, i
+
+
 @numba.njit(cache=True)
 def heap_select(cv, ci, m, k, hv, hi):
     """The k best of the m pairs ``(cv, ci)`` (any order), sorted by (value desc, index asc) into hv/hi."""
@@ -43,13 +55,7 @@ def heap_select(cv, ci, m, k, hv, hi):
             hv[0] = cv[j]
             hi[0] = ci[j]
             sift_down(hv, hi, 0, k)
-    for j in range(1, k):  # insertion sort by (value desc, index asc)
-        v, i = hv[j], hi[j]
-        m2 = j - 1
-        while m2 >= 0 and worse(hv[m2], hi[m2], v, i):
-            hv[m2 + 1], hi[m2 + 1] = hv[m2], hi[m2]
-            m2 -= 1
-        hv[m2 + 1], hi[m2 + 1] = v, i
+    sort_pairs(hv, hi, k)
 
 
 @numba.njit(cache=True)
@@ -86,13 +92,23 @@ def row_heap(row, k, hv, hi):
             hi[0] = j
             sift_down(hv, hi, 0, k)
             thr = hv[0]
-    for j in range(1, k):
-        v, i = hv[j], hi[j]
-        m2 = j - 1
-        while m2 >= 0 and worse(hv[m2], hi[m2], v, i):
-            hv[m2 + 1], hi[m2 + 1] = hv[m2], hi[m2]
-            m2 -= 1
-        hv[m2 + 1], hi[m2 + 1] = v, i
+    sort_pairs(hv, hi, k)
+
+
+@numba.njit(inline="always")
+def sift_down_values(tmp, pos, k):
+    """Min-heap sift-down of ``tmp[pos]`` over the first k values."""
+    while True:
+        c = 2 * pos + 1
+        if c >= k:
+            return
+        if c + 1 < k and tmp[c + 1] < tmp[c]:
+            c += 1
+        if tmp[c] < tmp[pos]:
+            tmp[c], tmp[pos] = tmp[pos], tmp[c]
+            pos = c
+        else:
+            return
 
 
 @numba.njit(cache=True)
@@ -101,34 +117,12 @@ def kth_largest(a, k, tmp):
     for j in range(k):
         tmp[j] = a[j]
     for s in range(k // 2 - 1, -1, -1):
-        pos = s
-        while True:
-            c = 2 * pos + 1
-            if c >= k:
-                break
-            if c + 1 < k and tmp[c + 1] < tmp[c]:
-                c += 1
-            if tmp[c] < tmp[pos]:
-                tmp[c], tmp[pos] = tmp[pos], tmp[c]
-                pos = c
-            else:
-                break
+        sift_down_values(tmp, s, k)
     for j in range(k, a.shape[0]):
         v = a[j]
         if v > tmp[0]:
             tmp[0] = v
-            pos = 0
-            while True:
-                c = 2 * pos + 1
-                if c >= k:
-                    break
-                if c + 1 < k and tmp[c + 1] < tmp[c]:
-                    c += 1
-                if tmp[c] < tmp[pos]:
-                    tmp[c], tmp[pos] = tmp[pos], tmp[c]
-                    pos = c
-                else:
-                    break
+            sift_down_values(tmp, 0, k)
     return tmp[0]
 
 
@@ -172,16 +166,18 @@ def row_select(row, k, W, cap, colmax, tmp, cv, ci, hv, hi, out_v, out_i):
         out_i[j] = hi[j]
 
 
+@numba.njit(cache=True)
+def scratch(k, W, cap):
+    """One thread's buffers for :func:`row_select`: column maxima, heap temp, candidates, result heap."""
+    return (np.empty(max(W, 1), np.float32), np.empty(k, np.float32), np.empty(cap, np.float32),
+            np.empty(cap, np.int32), np.empty(k, np.float32), np.empty(k, np.int64))  # fmt: skip
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def topk_f32(pre, k, W, cap, out_v, out_i, parts):
     B = pre.shape[0]
     for p in numba.prange(parts):
-        colmax = np.empty(max(W, 1), np.float32)
-        tmp = np.empty(k, np.float32)
-        cv = np.empty(cap, np.float32)
-        ci = np.empty(cap, np.int32)
-        hv = np.empty(k, np.float32)
-        hi = np.empty(k, np.int64)
+        colmax, tmp, cv, ci, hv, hi = scratch(k, W, cap)
         for b in range(p * B // parts, (p + 1) * B // parts):
             row_select(pre[b], k, W, cap, colmax, tmp, cv, ci, hv, hi, out_v[b], out_i[b])
 
@@ -191,12 +187,7 @@ def topk_bf16(bits, k, W, cap, out_v, out_i, parts):
     """``bits`` is the bf16 matrix viewed as uint16; each row is widened to fp32 (exact) first."""
     B, n = bits.shape
     for p in numba.prange(parts):
-        colmax = np.empty(max(W, 1), np.float32)
-        tmp = np.empty(k, np.float32)
-        cv = np.empty(cap, np.float32)
-        ci = np.empty(cap, np.int32)
-        hv = np.empty(k, np.float32)
-        hi = np.empty(k, np.int64)
+        colmax, tmp, cv, ci, hv, hi = scratch(k, W, cap)
         wide = np.empty(n, np.uint32)
         for b in range(p * B // parts, (p + 1) * B // parts):
             for j in range(n):
