@@ -14,7 +14,7 @@ Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``x [B, d]``, upstream ``g
   latent for the bias gradients.
 
 :class:`SparseDecodeCPUFn` and :class:`TopKEncodeCPUFn` wire them into autograd; the TopK forward runs
-the encoder GEMM in row chunks and selects each chunk's top-k while it is in cache
+the encoder GEMM in row chunks into one reused buffer and selects each chunk's top-k
 (:func:`topk_encode_cpu`). The plain-torch references are :func:`sparsedict.kernels.sparse_decode.
 sparse_decode_ref` and :func:`sparsedict.kernels.topk_encode.topk_encode_ref`.
 """
@@ -29,8 +29,9 @@ from torch import Tensor
 
 LATENT_BLOCK = 16
 """Latents per task of :func:`grouped_sum` (one cache line of fp32 per row of the transposed output)."""
-ENCODE_CHUNK = 256
-"""Rows per encoder GEMM + selection chunk of :func:`topk_encode_cpu` (its ``[chunk, n]`` buffer stays in cache)."""
+ENCODE_CHUNK = 1024
+"""Rows per encoder GEMM + selection chunk of :func:`topk_encode_cpu`; each chunk hands the cores from torch's
+thread pool to numba's and back, so fewer, larger chunks win (measured: benchmarks/RESULTS_training.md)."""
 
 _FM = {"reassoc", "contract", "nsz"}  # vectorised reductions; no nnan/ninf (values are compared with 0)
 
