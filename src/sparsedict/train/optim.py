@@ -9,12 +9,10 @@ architecture's preset (:func:`auto_preset`: betas, a run-length LR rule, W_dec's
 cap); each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
 applies to the scheduled LR.
 
-Fused decoder update: with Adam, a unit-norm decoder and Triton usable for ``W_dec`` (CUDA), the
-projection, the bias-corrected Adam step and the row renormalisation of ``W_dec`` run as one pass
-(:func:`sparsedict.kernels.normalised_adam_step`), its state kept in the torch optimiser's
-``state[W_dec]`` with torch's layout, so checkpoints are the same either way. On CPU the unfused
-sequence is used: the reference "fused" function runs the same torch ops and measured no faster
-(benchmarks/RESULTS_training.md).
+Fused decoder update: with Adam and a unit-norm decoder, the projection, the bias-corrected Adam step
+and the row renormalisation of ``W_dec`` run as one pass (:func:`sparsedict.kernels.normalised_adam_step`:
+Triton on CUDA, numba on CPU for fp32), its state kept in the torch optimiser's ``state[W_dec]`` with
+torch's layout, so checkpoints are the same either way. Without Triton/numba the unfused sequence is used.
 
 Schedule-free (``signum_sf``): in train mode the parameters hold the gradient point ``y``; the wrapper
 keeps ``z`` in its state and the evaluation point ``x = (y − (1−β) z)/β`` is swapped in by :meth:`eval`
@@ -81,7 +79,8 @@ class DictionaryOptimizer:
     """Optimiser + schedule + decoder normalisation for one dictionary.
 
     ``fused``: None picks the one-pass decoder update where it is faster (Adam, unit-norm decoder, Triton
-    usable for W_dec); True/False force it on/off (on CPU, True runs the torch reference of the fused step).
+    usable for W_dec, or the numba CPU kernels for an fp32 W_dec); True/False force it on/off (without
+    either, True runs the torch reference of the fused step).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, fused: bool | None = None):
@@ -126,7 +125,11 @@ class DictionaryOptimizer:
             if p.requires_grad
         ]
         if self.name == "adam":
-            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=betas, eps=cfg.eps, foreach=True)
+            # torch's fused Adam: one vectorised pass per parameter on CPU (3-4x the foreach ops,
+            # same results to 1e-10; benchmarks/RESULTS_training.md); foreach elsewhere
+            cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in model.parameters())
+            kind = {"fused": True} if cpu else {"foreach": True}
+            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=betas, eps=cfg.eps, **kind)
         else:
             self.opt = _schedule_free(SignSGD(params, lr=self.base_lr), cfg.momentum)
             self.opt.train()
@@ -151,6 +154,7 @@ class DictionaryOptimizer:
     def _fused_decoder(self, fused: bool | None) -> nn.Parameter | None:
         """W_dec when its update runs through ``normalised_adam_step``; None for the unfused sequence."""
         from sparsedict.kernels import use_triton
+        from sparsedict.kernels._common import use_cpu_kernels
 
         m = self.model
         w = getattr(m, "W_dec", None)
@@ -170,7 +174,7 @@ class DictionaryOptimizer:
                 )
             return None
         if fused is None:
-            fused = use_triton(w)
+            fused = use_triton(w) or (use_cpu_kernels(w) and w.dtype == torch.float32)
         return w if fused else None
 
     def set_step(self, step: int) -> float:
