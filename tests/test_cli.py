@@ -181,7 +181,7 @@ def test_help_shows_field_docstrings(capsys):
         main(["train", QUICKSTART, "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for doc in ("Tokens per optimiser step", "The settings a run gets are printed", "Active latents per token",
+    for doc in ("Tokens per optimiser step", "warmup <= 10 % of the run", "Active latents per token",
                 "--dictionaries.0.k int", "--cache.max-tokens", "--eval_cache.split", "(default: 1024)"):  # fmt: skip
         assert doc in text, doc
 

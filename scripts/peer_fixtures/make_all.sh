@@ -2,6 +2,8 @@
 # Regenerate tests/data/peers/ with the real peer libraries, each in its own throwaway venv outside the repo.
 #   bash scripts/peer_fixtures/make_all.sh            # all peers
 #   bash scripts/peer_fixtures/make_all.sh saelens    # one (saelens | sparsify | dictionary_learning | circuit_tracer)
+# For saelens it also writes our own SAELens exports (with $SPARSEDICT_PYTHON, default the repo's .venv) and
+# has SAELens load and run them (check_sparsedict_exports.py): tests/data/peers/saelens/export_*.
 # Venvs live in $PEER_VENVS (default /tmp/peer-venvs); the CPU torch wheel is installed first in each and
 # pinned, so no peer pulls a CUDA build. Fixtures are deterministic (fixed seeds, CPU, one thread,
 # PYTHONHASHSEED=0, which fixes the key order of SAELens' inference cfg.json): rerunning rewrites identical
@@ -9,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENVS=${PEER_VENVS:-/tmp/peer-venvs}
+OURS=${SPARSEDICT_PYTHON:-../../.venv/bin/python}  # sparsedict's own venv (scripts/setup.sh), for our exports
 PY=${PYTHON:-python3}
 TORCH=torch==2.13.0
 declare -A PIN=(
@@ -39,5 +42,9 @@ for peer in "${@:-saelens sparsify dictionary_learning circuit_tracer}"; do
     "$venv/bin/python" -c "import torch; assert torch.__version__ == '${TORCH#torch==}+cpu', torch.__version__"
     echo "== $p (${PIN[$p]}) in $venv"
     "$venv/bin/python" "gen_${p}.py"
+    if [ "$p" = saelens ]; then  # our exports, loaded and run by SAELens (fails unless it reproduces ours)
+      "$OURS" gen_sparsedict_exports.py
+      "$venv/bin/python" check_sparsedict_exports.py
+    fi
   done
 done

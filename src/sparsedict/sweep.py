@@ -105,6 +105,10 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
     points = [p for entry in cfg.sweep for p in parse_sweep(entry)]
     if not points:
         raise ValueError("the sweep is empty: give --sweep 'topk:k=8,16,32' (repeatable)")
+    if cfg.train.source == "live":
+        raise ValueError(
+            "bench pareto trains from a cache; to train live use `sparsedict train --train.source live`"
+        )
     if cfg.cache_dir:
         cache = Path(cfg.cache_dir)
     else:
@@ -112,9 +116,10 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
             dataclasses.replace(cfg.cache, out_dir=cfg.cache.out_dir or str(out / "cache"))
         )
     manifest = read_manifest(cache)
+    shuffle = "window" if cfg.train.shuffle == "window" else "global"
     ram = int(cfg.train.shuffle_ram_gib * 2**30) or None
     store = ActivationStore(cache, hookpoint, target=target, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                            max_ram_bytes=ram)  # fmt: skip
+                            max_ram_bytes=ram, shuffle=shuffle)  # fmt: skip
     print(store.window_summary(), file=sys.stderr, flush=True)
     torch.manual_seed(cfg.train.seed)
     dictionaries, params = {}, {}

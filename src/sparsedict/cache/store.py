@@ -2,15 +2,21 @@
 
 Shuffling, per epoch ``e`` (all randomness from ``seed`` and ``e``, so runs are reproducible):
 
-1. Every shard is cut into blocks of ``block_rows`` consecutive rows; the blocks of all shards are
-   permuted together (one global order per epoch).
+1. ``shuffle="global"`` (default): every shard is cut into blocks of ``block_rows`` consecutive rows; the
+   blocks of all shards are permuted together (one global order per epoch). ``shuffle="window"``: the
+   rows stay in cache order (shard by shard), the order a :class:`~sparsedict.cache.live.LiveSource`
+   computes them in.
 2. The concatenated row stream is split into ``world_size`` equal contiguous parts (``N // world_size``
-   rows each; the ``N mod world_size`` rows left over change every epoch): no row is served twice across
-   ranks within an epoch, and every rank gets the same number of batches.
-3. A rank reads its part in windows of ``shuffle_buffer_rows`` rows (many blocks from all over the
-   cache) into one reusable buffer, permutes each window's rows and gathers batches from it in that
-   order. RAM is bounded by the window size, which ``max_ram_bytes`` sets; by default the bound is a share
-   of the host's available memory (:func:`auto_ram_bytes`) and the window at most ``DEFAULT_WINDOW_ROWS``.
+   rows each; the ``N mod world_size`` rows left over change every epoch under "global"): no row is served
+   twice across ranks within an epoch, and every rank gets the same number of batches.
+3. A rank reads its part in windows of ``shuffle_buffer_rows`` rows (under "global", many blocks from all
+   over the cache) into one reusable buffer, permutes each window's rows and gathers batches from it in
+   that order (:class:`~sparsedict.cache.source.WindowOrder`, shared with the live source). RAM is bounded
+   by the window size, which ``max_ram_bytes`` sets; by default the bound is a share of the host's available
+   memory (:func:`auto_ram_bytes`) and the window at most ``DEFAULT_WINDOW_ROWS``.
+
+Under "window" the store serves exactly the batches (and :meth:`ActivationStore.sample` the rows) that a
+``LiveSource`` of the cache's config serves with the same seed, batch size, ranks and window.
 
 Rows are read with positioned reads (``os.preadv``) of contiguous block ranges straight into the
 window buffer rather than through long-lived memory maps, whose resident file pages would count
@@ -37,7 +43,8 @@ from sparsedict.cache import digest
 from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest
-from sparsedict.cache.source import EpochIterator
+from sparsedict.cache.source import WINDOW_ROWS, Window, WindowOrder, check_order, head_rows, sample_rows
+from sparsedict.cache.tokens import Exclusions
 from sparsedict.cache.writer import expected_tensors, load_shard
 from sparsedict.util import write_json_atomic
 
@@ -48,7 +55,7 @@ RAM_BATCHES = 8
 tail, and freed blocks the allocator has not yet handed back (glibc keeps several; measured)."""
 RAM_FIXED = 20 << 20
 """Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
-DEFAULT_WINDOW_ROWS = 262_144
+DEFAULT_WINDOW_ROWS = WINDOW_ROWS
 """Rows of the default shuffle window when the RAM bound allows (1024 blocks of 256 rows from all over the
 cache: a batch of 4096 takes about 4 rows from each block it touches)."""
 MIN_WINDOW_BATCHES = 16
@@ -77,7 +84,28 @@ def auto_ram_bytes(sources: int = 1) -> tuple[int, str]:
     return bound, how
 
 
-class ActivationStore(EpochIterator):
+def provenance(manifest: dict, names: dict[str, tuple[str, int | None]]) -> dict:
+    """What a dictionary trained on this cache records about its data (``meta`` of the checkpoint): the model
+    (id, revision, dtype), the module path of each hookpoint it reads (``names``: the name the dictionary uses ->
+    (cached hookpoint, head)), the dataset and split, the context length and the exclusion rules (with the token ids they use)."""
+    paths = {}
+    for name, (cached, head) in names.items():
+        path = manifest["hookpoints"][cached]["path"]
+        paths[name] = path if head is None else f"{path}.h{head}"
+    model = manifest.get("model", {})
+    return {
+        "model": model.get("id"),
+        "model_revision": model.get("revision"),
+        "model_dtype": model.get("dtype"),
+        "hookpoint_paths": paths,
+        "dataset": manifest.get("dataset"),
+        "context_length": manifest.get("context_length"),
+        "exclusions": Exclusions.from_manifest(manifest).record(),
+        "cache_config_hash": manifest.get("config_hash"),
+    }
+
+
+class ActivationStore(WindowOrder):
     """Batches ``(x [B, d_in], y [B, d_out] | None)`` from an activation cache directory.
 
     ``hookpoint``/``target`` accept the name given at caching time or its resolved module path.
@@ -100,6 +128,9 @@ class ActivationStore(EpochIterator):
     ``DEFAULT_WINDOW_ROWS``, never below ``MIN_WINDOW_BATCHES`` batches (``ram_sources``: the stores a rank
     opens together, which share that bound); :meth:`window_summary` says which.
 
+    ``shuffle``: "global" (blocks of the whole cache, then windows) or "window" (cache order, then windows: the
+    order of a live source, so training on the store equals training live; see the module docstring).
+
     ``verify=True`` (default): a shard is hashed in full (read through one ``digest.WINDOW``-byte buffer, counted
     in the bound) and checked against the manifest the first time this process reads any of it; a mismatch,
     truncation or missing file raises :class:`~sparsedict.cache.digest.ShardError` naming the shard and the fix.
@@ -109,7 +140,7 @@ class ActivationStore(EpochIterator):
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int | None = None,
                  max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
                  block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = True,
-                 device: str | torch.device = "cpu", ram_sources: int = 1) -> None:  # fmt: skip
+                 device: str | torch.device = "cpu", shuffle: str = "global", ram_sources: int = 1) -> None:  # fmt: skip
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         if self.manifest["status"] != "complete":
@@ -119,6 +150,9 @@ class ActivationStore(EpochIterator):
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if shuffle not in ("global", "window"):
+            raise ValueError(f"shuffle must be 'global' or 'window', not {shuffle!r}")
+        self.shuffle = shuffle
         base, head = self._resolve(hookpoint)
         self.hookpoint = base if head is None else f"{base}.h{head}"
         self._x = Column(self.root, self.manifest, base, verify, head)
@@ -141,14 +175,17 @@ class ActivationStore(EpochIterator):
             self._window_how = f"the largest under max_ram_bytes={max_ram_bytes / 2**30:.2f} GiB"
         elif shuffle_buffer_rows is not None:
             self._window_how = "set by shuffle_buffer_rows"
+        elif shuffle == "window":  # the live source's default window, so both serve the same batches
+            shuffle_buffer_rows, self._window_how = WINDOW_ROWS, "the live source's default"
         else:
             shuffle_buffer_rows = self._auto_window(ram_sources)
         self.shuffle_buffer_rows = max(1, int(shuffle_buffer_rows))
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch, self._batch = 0, 0
-        self.meta: dict = {}
-        """Provenance recorded in the checkpoints trained on this store (none by default)."""
+        names = {hookpoint: (base, head)} | ({target: (base_y, head_y)} if target is not None else {})
+        self.meta: dict = provenance(self.manifest, names)
+        """Provenance recorded in the checkpoints trained on this store (:func:`provenance`)."""
 
     def _auto_window(self, sources: int) -> int:
         """The default window: the largest under :func:`auto_ram_bytes`, at most ``DEFAULT_WINDOW_ROWS`` rows."""
@@ -243,8 +280,9 @@ class ActivationStore(EpochIterator):
             start.append(starts)
         shard_a, start_a = np.concatenate(shard), np.concatenate(start)
         stop_a = np.minimum(start_a + self.block_rows, np.asarray(self._x.rows)[shard_a])
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(shard_a))
-        shard_a, start_a, stop_a = shard_a[order], start_a[order], stop_a[order]
+        if self.shuffle == "global":
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(shard_a))
+            shard_a, start_a, stop_a = shard_a[order], start_a[order], stop_a[order]
         cum = np.concatenate([[0], np.cumsum(stop_a - start_a)])
         return shard_a, start_a, stop_a, cum
 
@@ -293,81 +331,55 @@ class ActivationStore(EpochIterator):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{self.n_rows} rows over {self.world_size} rank(s) cannot fill one batch of {self.batch_size}; "
-                "cache more tokens or use a smaller batch_size"
-            )
-        epoch, B = self.epoch, self.batch_size
+    def _windows(self, epoch: int, first: int) -> Iterator[Window]:
+        """Windows of this rank's part, read into one reusable buffer per column (storage dtype)."""
         plan = self._blocks(epoch)
         n_windows = math.ceil(self.rows_per_rank / self.shuffle_buffer_rows)
-        off = self._batch * B
-        k = off // self.shuffle_buffer_rows
-        skip = off - k * self.shuffle_buffer_rows
         cap = min(self.shuffle_buffer_rows, self.rows_per_rank)
-        bufs = [np.empty((cap, c.d), dtype=c.np_dtype) if c is not None else None for c in (self._x, self._y)]
-        tail_x = tail_y = None  # rows of the previous window that did not fill a batch (< B)
-        while self._batch < self.batches_per_epoch and k < n_windows:
+        cols = (self._x, self._y)
+        bufs = [np.empty((cap, c.d), dtype=c.np_dtype) if c is not None else None for c in cols]
+        for k in range(first, n_windows):
             n, pieces = self._fill(plan, epoch, k, bufs)
-            sx, sy = (
-                c.as_torch(buf[:n]) if c is not None else None for c, buf in zip((self._x, self._y), bufs)
-            )
-            # the window's rows in shuffled order are src[perm]; batches gather them straight from the buffer
-            perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(n))
-            perm = perm[skip:]
-            skip, k = 0, k + 1
-            pos, last = 0, k == n_windows
-            if tail_x is not None and len(tail_x):
-                pos = min(B - len(tail_x), len(perm))
-                tail_x = torch.cat([tail_x, self._take(self._x, sx, perm[:pos], pieces)])
-                tail_y = (
-                    torch.cat([tail_y, self._take(self._y, sy, perm[:pos], pieces)])
-                    if sy is not None
-                    else None
-                )
-                if len(tail_x) == B or last:
-                    self._batch += 1
-                    yield self._out(tail_x), (self._out(tail_y) if sy is not None else None)
-                    tail_x = tail_y = None
-            while self._batch < self.batches_per_epoch and (
-                len(perm) - pos >= B or (last and pos < len(perm))
-            ):
-                idx = perm[pos : pos + B]
-                pos += len(idx)
-                bx, by = self._take(self._x, sx, idx, pieces), self._take(self._y, sy, idx, pieces)
-                self._batch += 1
-                yield self._out(bx), (self._out(by) if by is not None else None)
-                bx = by = None
-            if pos < len(perm):
-                rest_x, rest_y = (
-                    self._take(self._x, sx, perm[pos:], pieces),
-                    self._take(self._y, sy, perm[pos:], pieces),
-                )
-                tail_x = torch.cat([tail_x, rest_x]) if tail_x is not None else rest_x
-                tail_y = (
-                    (torch.cat([tail_y, rest_y]) if tail_y is not None else rest_y)
-                    if sy is not None
-                    else None
-                )
-            sx = sy = None
-            trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
-        self.epoch, self._batch = epoch + 1, 0
+            srcs = [c.as_torch(buf[:n]) if c is not None else None for c, buf in zip(cols, bufs)]
+
+            def take(idx: torch.Tensor, srcs=srcs, pieces=pieces) -> tuple[torch.Tensor | None, ...]:
+                return tuple(self._take(c, src, idx, pieces) for c, src in zip(cols, srcs))
+
+            yield Window(n, take, k + 1 == n_windows)
+            srcs = take = None
+
+    def _serve(self, cols: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, y = cols
+        return self._out(x), (self._out(y) if y is not None else None)
+
+    def _too_few(self) -> str:
+        return (f"{self.n_rows} rows over {self.world_size} rank(s) cannot fill one batch of {self.batch_size}; "
+                "cache more tokens or use a smaller batch_size")  # fmt: skip
+
+    def _after_window(self) -> None:
+        trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
-        """Position for exact resume: ``{"epoch", "batch", "seed", "rank", "world_size", "n_rows"}``."""
-        return {"epoch": self.epoch, "batch": self._batch, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "n_rows": self.n_rows, "batch_size": self.batch_size}  # fmt: skip
+        """Position for exact resume (``epoch``, ``batch``, ``seed``) and what fixes the order, checked on resume
+        (the keys a live source records too: a run may resume live where it read a cache in window order)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "rank": self.rank,
+        } | self._order()
+
+    def _order(self) -> dict:
+        order = {"world_size": self.world_size, "n_rows": self.n_rows, "batch_size": self.batch_size,
+                 "shuffle": self.shuffle, "shuffle_buffer_rows": self.shuffle_buffer_rows,
+                 "config_hash": self.manifest["config_hash"]}  # fmt: skip
+        return {**order, "block_rows": self.block_rows} if self.shuffle == "global" else order
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("n_rows", "world_size", "batch_size"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(
-                    f"store state has {key}={state[key]} but this store has {getattr(self, key)}"
-                )
+        check_order(state, self._order(), "store")
         self.epoch, self._batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
 
     # ----------------------------------------------------------------- random access
@@ -385,10 +397,10 @@ class ActivationStore(EpochIterator):
         return torch.cat(parts).to(self.dtype)
 
     def sample(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x [n, d_in], y [n, d_out] | None)``: ``n_rows`` random rows of the whole cache (e.g. for init)."""
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(self.n_rows, size=min(n_rows, self.n_rows), replace=False))
-        order = torch.from_numpy(rng.permutation(len(rows)))
+        """``(x [n, d_in], y [n, d_out] | None)``: ``n_rows`` random rows (e.g. for init) of the whole cache, or
+        under ``shuffle="window"`` of its first shards holding ``n_rows`` (what a live source samples)."""
+        available = self.n_rows if self.shuffle == "global" else head_rows(self._x.rows, n_rows)
+        rows, order = sample_rows(available, n_rows, seed)
         x = self._gather(self._x, rows)[order]
         return x, (None if self._y is None else self._gather(self._y, rows)[order])
 

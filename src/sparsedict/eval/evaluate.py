@@ -24,13 +24,16 @@ import torch
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
 from sparsedict.cache.manifest import read_manifest
 from sparsedict.cache.store import read_tokens
+from sparsedict.cache.tokens import RULE_KEYS, Exclusions
 from sparsedict.config import from_dict
 from sparsedict.dictionaries import Dictionary, from_pretrained
-from sparsedict.eval.heldout import reconstruction_stats
+from sparsedict.eval.heldout import dead_note, reconstruction_stats
 from sparsedict.eval.splice import Contexts, evaluate_splicing, replaced_hookpoint
 from sparsedict.lm import cache_dir, load_model
+from sparsedict.train.config import TrainConfig
 
-RULE_KEYS = ("prepend_bos", "exclude_bos", "exclude_first_n", "exclude_special")
+TRAINING_DEAD_TOKENS = TrainConfig.dead_tokens
+"""The trainer's default dead window, for checkpoints that do not record theirs (``meta["dead_tokens"]``)."""
 
 
 @dataclass
@@ -50,13 +53,18 @@ class EvalConfig:
     split: str = "test"
     """Held-out split for an on-the-fly cache (the embedded corpus holds out 'test')."""
     max_tokens: int = 20_000
-    """Held-out tokens (kept rows) for the reconstruction metrics."""
+    """Held-out tokens (kept rows) for the reconstruction metrics. The dead fraction counts latents with no
+    firing in these tokens; below the training dead window (10M tokens by default) the table says so."""
     splice_tokens: int = 2_048
     """Held-out tokens spliced into the model for CE/KL (0 turns splicing off)."""
     batch_size: int = 4
     """Contexts per LM forward when splicing."""
     mean_ablation: bool = True
     """Also run the mean-ablation baseline (mean of the held-out activations at the hookpoint)."""
+    zero_all_positions: bool = False
+    """Also run SAELens' zero-ablation baseline, which zeroes every position (BOS and attention sinks
+    included), for CE recovered comparable with SAELens/SAEBench (``ce_recovered_zero_all``). The default
+    baselines replace only the positions the dictionary replaces."""
     device: str = "cpu"
     """Device for the model and dictionaries."""
     threads: int = 0
@@ -74,8 +82,7 @@ class EvalConfig:
 
 
 def _rules_of_manifest(manifest: dict) -> dict:
-    rules = manifest.get("exclusions", {}).get("rules", {})
-    return {k: rules.get(k) for k in RULE_KEYS}
+    return Exclusions.from_manifest(manifest).rules
 
 
 def training_cache(meta: dict) -> dict | None:
@@ -88,20 +95,21 @@ def training_cache(meta: dict) -> dict | None:
 
 def training_rules(meta: dict) -> dict | None:
     """Exclusion rules a checkpoint was trained with: ``meta["exclusions"]`` or its training cache's."""
-    if isinstance(meta.get("exclusions"), dict):
+    if isinstance(meta.get("exclusions"), dict) and "bos_id" not in meta["exclusions"]:  # older checkpoints
         rules = meta["exclusions"].get("rules", meta["exclusions"])
         return {k: rules.get(k) for k in RULE_KEYS}
-    manifest = training_cache(meta)
-    return _rules_of_manifest(manifest) if manifest else None
+    found = Exclusions.from_meta(meta)
+    return found.rules if found else None
 
 
 def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
-    """``cfg.cache``, or a held-out cache made with the training cache's settings on ``cfg.split``."""
+    """``cfg.cache``, or a held-out cache made with the training cache's settings (or those of a live run's data,
+    ``meta["live"]``) on ``cfg.split``."""
     if cfg.cache:
         return Path(cfg.cache)
     base: dict[str, Any] = {}
     for d in dictionaries.values():
-        manifest = training_cache(d.meta)
+        manifest = training_cache(d.meta) or d.meta.get("live")
         if manifest:
             base = dict(manifest["config"])
             break
@@ -173,6 +181,7 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
         stats = reconstruction_stats(d, store, max_rows=cfg.max_tokens, device=cfg.device)
         if cfg.mean_ablation:
             means[replaced_hookpoint(d)] = store.norm_stats(target or d.cfg.hookpoint)["mean"]
+        window = int(d.meta.get("dead_tokens") or TRAINING_DEAD_TOKENS)
         records[name] = {
             "checkpoint": name,
             "architecture": d.architecture,
@@ -186,6 +195,9 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
                 "context_length": manifest["context_length"],
                 "exclusions": rules,
                 "recon_tokens": stats.tokens,
+                "dead_window_tokens": stats.tokens,
+                "training_dead_tokens": window,
+                "dead_note": dead_note(stats.tokens, window),
             },
             "metrics": stats.summary(),
             "distributions": stats.distributions(),
@@ -221,7 +233,8 @@ def _splice_into(records, cfg: EvalConfig, dictionaries, root: Path, manifest: d
                           dtype=manifest["model"].get("dtype", "float32"))  # fmt: skip
     contexts = cache_contexts(root, cfg.splice_tokens)
     stats, _ = evaluate_splicing(model, dictionaries, contexts, batch_size=cfg.batch_size, means=means,
-                                 mean_ablation=cfg.mean_ablation, device=cfg.device)  # fmt: skip
+                                 mean_ablation=cfg.mean_ablation, device=cfg.device,
+                                 zero_all=cfg.zero_all_positions)  # fmt: skip
     seconds = time.perf_counter() - t0
     for name, s in stats.items():
         records[name]["metrics"].update(s.summary())
@@ -234,7 +247,7 @@ def _splice_into(records, cfg: EvalConfig, dictionaries, root: Path, manifest: d
 COLUMNS = [("fvu", "FVU"), ("explained_variance", "EV"), ("mse", "MSE"), ("cosine", "cos"), ("l0", "L0"),
            ("dead_fraction", "dead"), ("dense_fraction", "dense"), ("ce_clean", "CE clean"),
            ("ce_spliced", "CE splice"), ("ce_zero_ablation", "CE zero"), ("ce_mean_ablation", "CE mean"),
-           ("ce_recovered", "CE rec"), ("delta_lm_loss", "ΔLM"), ("kl", "KL")]  # fmt: skip
+           ("ce_recovered", "CE rec"), ("ce_recovered_zero_all", "CE rec (all-pos zero)"), ("delta_lm_loss", "ΔLM"), ("kl", "KL")]  # fmt: skip
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
@@ -258,4 +271,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(k == "dead_fraction" for k, _ in cols):
+        notes = {r["data"]["dead_note"] for r in records if r.get("data", {}).get("dead_note")}
+        lines += [f"note: {n}" for n in sorted(notes)]
     return "\n".join(lines)

@@ -15,13 +15,13 @@ class TrainConfig:
     """Stop after this many steps (0: determined by epochs)."""
     optimizer: str = "auto"
     """'adam', 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper) or 'auto': Adam with the
-    architecture's preset (``Dictionary.auto_train``: betas, LR rule and multiplier, W_dec's LR multiplier,
-    warmup fraction; chosen by measurement, see each class). The settings a run gets are printed when
-    training starts."""
+    architecture's tuned preset (``Dictionary.auto_train``; TopK: betas (0.8, 0.99), run-length LR rule,
+    decoder LR x2, warmup <= 10 % of the run, the benchmark winner in benchmarks/RESULTS_training.md; BatchTopK and Matryoshka use it too);
+    plain Adam with the width rule for architectures without a preset."""
     lr: float = 0.0
-    """Learning rate; 0 uses the rule: under 'auto' the preset's (the run-length rule
-    ``sparsedict.train.schedule.budget_lr`` times the preset's multiplier, or the width rule); otherwise
-    the width rule adam 2e-4/sqrt(n/2^14), signum_sf 5e-3/sqrt(n/2^14). An explicit value is used as given."""
+    """Learning rate; 0 uses the architecture's rule: under 'auto' with a 'budget' preset
+    0.0209 / (steps^(1/3) sqrt(n/2^14)); otherwise the width rule adam 2e-4/sqrt(n/2^14),
+    signum_sf 5e-3/sqrt(n/2^14)."""
     betas: tuple[float, float] | None = None
     """Adam betas (None: the 'auto' preset's, else (0.9, 0.999))."""
     lr_dec_scale: float = 0.0
@@ -31,8 +31,8 @@ class TrainConfig:
     momentum: float = 0.95
     """Schedule-free momentum for 'signum_sf'."""
     warmup_steps: int = -1
-    """Linear LR warmup steps (Adam). -1: 100 steps, at most a fraction of the run (the 'auto' preset's
-    ``warmup_fraction``, else 10 %); an explicit value is used as given."""
+    """Linear LR warmup steps (Adam); -1: 100, which an 'auto' preset may cap to a fraction of the run. A value
+    >= 0 is used as given."""
     decay_fraction: float = 0.2
     """Linear LR decay to 0 over this final fraction of steps (Adam; 0 disables)."""
     grad_clip: float = 0.0
@@ -70,6 +70,16 @@ class TrainConfig:
     """Split each dictionary's latents across ranks (latent/tensor parallel) instead of replicating it."""
     dist_timeout_min: float = 10.0
     """Collective timeout in minutes: a dead rank ends the job with an error instead of a hang."""
+    source: str = "cache"
+    """Where the training activations come from: 'cache' (the recipe's cache section is written to disk, or
+    resumed, and read back) or 'live' (the model runs during training, on cache.device, with the cache
+    section's model, text, hookpoints and exclusion rules; no shards are written; one forward computes every
+    hookpoint the dictionaries read, and the model runs again every epoch)."""
+    shuffle: str = "auto"
+    """Order of the training rows: 'global' (blocks of 256 rows from the whole cache permuted, then windows of
+    262,144 rows permuted; a cache only), 'window' (the text in order, windows of 262,144 rows permuted: the
+    order a live source serves; a float32 cache read this way gives live training's batches) or 'auto'
+    (global from a cache, window live)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("auto", "adam", "signum_sf"):
@@ -82,6 +92,17 @@ class TrainConfig:
             raise ValueError(f"autocast must be 'none' or 'bf16', not {self.autocast!r}")
         if self.shuffle_ram_gib < 0:
             raise ValueError(f"shuffle_ram_gib must be >= 0 (0: automatic), got {self.shuffle_ram_gib}")
+        if self.warmup_steps < -1:
+            raise ValueError(f"warmup_steps must be >= 0 (or -1 for the default), got {self.warmup_steps}")
+        if self.source not in ("cache", "live"):
+            raise ValueError(f"source must be 'cache' or 'live', not {self.source!r}")
+        if self.shuffle not in ("auto", "global", "window"):
+            raise ValueError(f"shuffle must be 'global', 'window' or 'auto', not {self.shuffle!r}")
+        if self.source == "live" and self.shuffle == "global":
+            raise ValueError(
+                "shuffle: global needs a cache on disk; a live source serves the text in order, shuffled within "
+                "windows: use shuffle: window (or auto)"
+            )
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.betas is not None:

@@ -59,8 +59,8 @@ class RunLogger:
         finally:
             bar.close()
 
-    def info(self, text: str) -> None:
-        """Print ``text`` to stderr (rank 0 only)."""
+    def note(self, text: str) -> None:
+        """Print one line to stderr (rank 0), above the progress bar."""
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
 

@@ -5,17 +5,14 @@ remove the gradient component parallel to each decoder row (unit-norm architectu
 renormalise the decoder rows. Two optimisers: Adam (bias-corrected), and sign-SGD with momentum under
 the ``schedulefree`` wrapper (sparsify's default), whose evaluation point must be swapped in with
 :meth:`DictionaryOptimizer.eval` before measuring or exporting. ``optimizer='auto'`` is Adam with the
-architecture's preset (:func:`auto_preset`: betas, an LR rule and multiplier, W_dec's LR multiplier, the
-warmup fraction); an explicit TrainConfig value always wins, and :meth:`DictionaryOptimizer.describe` says
-what a run gets. Each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
+architecture's preset (:func:`auto_preset`: betas, a run-length LR rule, W_dec's LR multiplier, a warmup
+cap); each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
 applies to the scheduled LR.
 
-Fused decoder update: with Adam, a unit-norm decoder and Triton usable for ``W_dec`` (CUDA), the
-projection, the bias-corrected Adam step and the row renormalisation of ``W_dec`` run as one pass
-(:func:`sparsedict.kernels.normalised_adam_step`), its state kept in the torch optimiser's
-``state[W_dec]`` with torch's layout, so checkpoints are the same either way. On CPU the unfused
-sequence is used: the reference "fused" function runs the same torch ops and measured no faster
-(benchmarks/RESULTS_training.md).
+Fused decoder update: with Adam and a unit-norm decoder, the projection, the bias-corrected Adam step
+and the row renormalisation of ``W_dec`` run as one pass (:func:`sparsedict.kernels.normalised_adam_step`:
+Triton on CUDA, numba on CPU for fp32), its state kept in the torch optimiser's ``state[W_dec]`` with
+torch's layout, so checkpoints are the same either way. Without Triton/numba the unfused sequence is used.
 
 Schedule-free (``signum_sf``): in train mode the parameters hold the gradient point ``y``; the wrapper
 keeps ``z`` in its state and the evaluation point ``x = (y − (1−β) z)/β`` is swapped in by :meth:`eval`
@@ -32,6 +29,9 @@ from torch import nn
 
 from sparsedict.train.config import TrainConfig
 from sparsedict.train.schedule import budget_lr, lr_factor, width_lr
+
+DEFAULT_WARMUP = 100
+"""LR warmup steps when ``TrainConfig.warmup_steps`` is -1 (an 'auto' preset may cap it to a fraction of the run)."""
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -69,23 +69,18 @@ def auto_preset(model: nn.Module, name: str) -> dict:
     """The training preset that ``optimizer='auto'`` applies: ``type(model).auto_train`` (empty otherwise).
 
     Keys: ``betas``, ``lr_rule`` ('budget': :func:`~sparsedict.train.schedule.budget_lr`; else the width
-    rule), ``lr_scale`` (multiplier on the rule's LR), ``lr_dec_scale`` (W_dec's LR multiplier) and
-    ``warmup_fraction`` (the default warmup is at most this fraction of the run). Explicit TrainConfig
-    values (lr, betas, lr_dec_scale, warmup_steps) take precedence.
+    rule), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
+    fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale, warmup_steps) take precedence.
     """
     return dict(type(model).auto_train) if name == "auto" else {}
-
-
-DEFAULT_WARMUP_STEPS = 100
-"""Warmup of ``warmup_steps=-1``, capped to a fraction of the run (``DEFAULT_WARMUP_FRACTION`` or the preset's)."""
-DEFAULT_WARMUP_FRACTION = 0.1
 
 
 class DictionaryOptimizer:
     """Optimiser + schedule + decoder normalisation for one dictionary.
 
     ``fused``: None picks the one-pass decoder update where it is faster (Adam, unit-norm decoder, Triton
-    usable for W_dec); True/False force it on/off (on CPU, True runs the torch reference of the fused step).
+    usable for W_dec, or the numba CPU kernels for an fp32 W_dec); True/False force it on/off (without
+    either, True runs the torch reference of the fused step).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, fused: bool | None = None):
@@ -94,27 +89,35 @@ class DictionaryOptimizer:
         self.total_steps = total_steps
         self.name = "adam" if cfg.optimizer == "auto" else cfg.optimizer  # 'auto': Adam with the preset
         preset = auto_preset(model, cfg.optimizer)
-        n = model.n_latents
         if cfg.lr:
-            self.base_lr, self.lr_source = cfg.lr, "explicit"
+            self.base_lr, lr_from = cfg.lr, "set in the config"
         elif preset.get("lr_rule") == "budget":
-            scale = preset.get("lr_scale", 1.0)
-            self.base_lr = scale * budget_lr(n, total_steps)
-            self.lr_source = (
-                f"run-length rule{f' x {scale:g}' if scale != 1 else ''} (n={n}, {total_steps} steps)"
+            self.base_lr = budget_lr(model.n_latents, total_steps)
+            lr_from = f"'auto' run-length rule: {total_steps} steps, {model.n_latents} latents"
+        else:
+            self.base_lr = width_lr(model.n_latents, self.name)
+            lr_from = f"width rule: {model.n_latents} latents"
+        if cfg.warmup_steps >= 0:
+            self.warmup_steps, warmup_from = cfg.warmup_steps, "set in the config"
+        elif "warmup_fraction" in preset:
+            cap = math.ceil(preset["warmup_fraction"] * total_steps)
+            self.warmup_steps = min(DEFAULT_WARMUP, cap)
+            warmup_from = (
+                f"default {DEFAULT_WARMUP}, 'auto' cap {preset['warmup_fraction']:.0%} of the run = {cap}"
             )
         else:
-            scale = preset.get("lr_scale", 1.0)
-            self.base_lr = scale * width_lr(n, self.name)
-            self.lr_source = f"width rule{f' x {scale:g}' if scale != 1 else ''} (n={n})"
-        if cfg.warmup_steps >= 0:
-            self.warmup_steps = cfg.warmup_steps
-        else:
-            fraction = preset.get("warmup_fraction", DEFAULT_WARMUP_FRACTION)
-            self.warmup_steps = min(DEFAULT_WARMUP_STEPS, math.ceil(fraction * total_steps))
+            self.warmup_steps, warmup_from = DEFAULT_WARMUP, "default"
         betas = tuple(cfg.betas or preset.get("betas", (0.9, 0.999)))
         dec_scale = cfg.lr_dec_scale or preset.get("lr_dec_scale", 1.0)
-        self.betas, self.dec_scale = betas, dec_scale
+
+        def source(explicit: object, key: str) -> str:
+            return "set in the config" if explicit else ("'auto' preset" if key in preset else "default")
+
+        self.settings = {"optimizer": self.name, "lr": self.base_lr, "lr_from": lr_from, "lr_dec_scale": dec_scale,
+                         "lr_dec_from": source(cfg.lr_dec_scale, "lr_dec_scale"), "betas": betas,
+                         "betas_from": source(cfg.betas, "betas"), "warmup_steps": self.warmup_steps,
+                         "warmup_from": warmup_from}  # fmt: skip
+        """What this run gets and where each value comes from (:meth:`describe`)."""
         # one param group per parameter with its LR multiplier (W_dec: lr_dec_scale), so set_step can scale
         params = [
             {"params": [p], "lr_scale": dec_scale if name == "W_dec" else 1.0}
@@ -122,7 +125,11 @@ class DictionaryOptimizer:
             if p.requires_grad
         ]
         if self.name == "adam":
-            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=betas, eps=cfg.eps, foreach=True)
+            # torch's fused Adam: one vectorised pass per parameter on CPU (3-4x the foreach ops,
+            # same results to 1e-10; benchmarks/RESULTS_training.md); foreach elsewhere
+            cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in model.parameters())
+            kind = {"fused": True} if cpu else {"foreach": True}
+            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=betas, eps=cfg.eps, **kind)
         else:
             self.opt = _schedule_free(SignSGD(params, lr=self.base_lr), cfg.momentum)
             self.opt.train()
@@ -130,21 +137,24 @@ class DictionaryOptimizer:
         self.fused_param = self._fused_decoder(fused)
 
     def describe(self) -> str:
-        """What this optimiser does, in one line (printed when training starts)."""
+        """One line: the optimiser, LR (and W_dec's), betas and warmup this run gets, with their sources."""
+        s = self.settings
+        lr = f"lr {s['lr']:.3g} ({s['lr_from']})"
+        if s["lr_dec_scale"] != 1.0:
+            lr += f", W_dec lr {s['lr'] * s['lr_dec_scale']:.3g} (x{s['lr_dec_scale']:g}, {s['lr_dec_from']})"
         if self.schedule_free:
-            return (f"signum_sf lr {self.base_lr:.3g} ({self.lr_source}), momentum {self.cfg.momentum:g}, "
-                    "constant LR")  # fmt: skip
-        dec = f", W_dec lr x {self.dec_scale:g}" if self.dec_scale != 1 else ""
+            return f"{s['optimizer']}, {lr}, constant (schedule-free), momentum {self.cfg.momentum:g}"
         decay = (
-            f", linear decay over the last {self.cfg.decay_fraction:.0%}" if self.cfg.decay_fraction else ""
+            f", decay to 0 over the last {self.cfg.decay_fraction:.0%}" if self.cfg.decay_fraction > 0 else ""
         )
-        preset = " ('auto' preset)" if self.cfg.optimizer == "auto" and type(self.model).auto_train else ""
-        return (f"adam{preset} lr {self.base_lr:.3g} ({self.lr_source}){dec}, betas "
-                f"({self.betas[0]:g}, {self.betas[1]:g}), warmup {self.warmup_steps} steps{decay}")  # fmt: skip
+        betas = ", ".join(f"{b:g}" for b in s["betas"])
+        return (f"{s['optimizer']}, {lr}, betas ({betas}) ({s['betas_from']}), warmup {s['warmup_steps']} steps ({s['warmup_from']})"
+                f"{decay} of {self.total_steps} steps")  # fmt: skip
 
     def _fused_decoder(self, fused: bool | None) -> nn.Parameter | None:
         """W_dec when its update runs through ``normalised_adam_step``; None for the unfused sequence."""
         from sparsedict.kernels import use_triton
+        from sparsedict.kernels._common import use_cpu_kernels
 
         m = self.model
         w = getattr(m, "W_dec", None)
@@ -164,7 +174,7 @@ class DictionaryOptimizer:
                 )
             return None
         if fused is None:
-            fused = use_triton(w)
+            fused = use_triton(w) or (use_cpu_kernels(w) and w.dtype == torch.float32)
         return w if fused else None
 
     def set_step(self, step: int) -> float:

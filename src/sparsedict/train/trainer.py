@@ -135,7 +135,9 @@ class Trainer:
             m.model.on_step(self.step, self.total_steps)
             out, extra = (m.model.fit_step(x, y), {}) if m.opt is None else self._gradient_step(m, x, y, amp)
             m.dead.update(out.code, x.shape[0])
-            metrics.update({f"{m.name}/{k}": float(v.detach()) for k, v in out.losses.items()})
+            metrics.update(
+                {f"{m.name}/{k}": float(v.detach()) for k, v in {**out.losses, **out.logs}.items()}
+            )
             metrics.update({f"{m.name}/{k}": v for k, v in extra.items()})
             if log_step:  # a few [B, d] passes: only on the steps fit() logs
                 stats = ReconstructionStats(m.model.n_latents)
@@ -157,7 +159,7 @@ class Trainer:
         loss = sum(out.losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"{m.name}: loss is {float(loss)} at step {self.step}; check the activations for NaN/inf "
+                f"{m.name}: loss is {float(loss.detach())} at step {self.step}; check the activations for NaN/inf "
                 f"or lower the learning rate (lr={lr:g})"
             )
         loss.backward()
@@ -184,9 +186,14 @@ class Trainer:
         state = ckpt.load_checkpoint(out_dir / "checkpoint") if resume else None
         if state is not None:
             self.load_state_dict(state)
+            self.logger.note(
+                f"resuming from step {self.step} of {self.total_steps} ({out_dir / 'checkpoint'})"
+            )
         else:
             self.initialise()
-        self.logger.info(self.describe())
+        for m in self.members:
+            if m.opt is not None:
+                self.logger.note(f"{m.name}: {m.opt.describe()}")
         iters = {key: iter(src) for key, src in self.sources.items()}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         last: dict[str, float] = {}
@@ -217,17 +224,6 @@ class Trainer:
                 m.opt.eval()
         self.logger.close()
         return last
-
-    def describe(self) -> str:
-        """The settings each dictionary trains with (optimiser, LR, betas, warmup, input scale), one line each."""
-        lines = [f"training {len(self.members)} dictionar{'y' if len(self.members) == 1 else 'ies'} for "
-                 f"{self.total_steps} steps of {self.cfg.batch_size} tokens:"]  # fmt: skip
-        for m in self.members:
-            how = m.opt.describe() if m.opt is not None else "own solver (fit_step)"
-            scale = float(m.model.input_scale)
-            norm = f"inputs x {scale:.4g} ({m.normalisation})" if m.normalisation != "none" else "raw inputs"
-            lines.append(f"  {m.name}: {how}; {norm}")
-        return "\n".join(lines)
 
     def _on_sigterm(self, *_: Any) -> None:
         self._stop = True
@@ -278,9 +274,8 @@ class Trainer:
             model = m.model.unshard() if m.model.latent_sharded else m.model  # collective
             if distributed.is_main():
                 info = {**self.sources[m.key].meta, **(meta or {})}
-                info.update(
-                    training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation
-                )
+                info.update(training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation,
+                            dead_tokens=self.cfg.dead_tokens)  # fmt: skip
                 if model.train_state():  # e.g. the coefficient a controller steered to, as the run ended
                     info["train_state"] = model.train_state()
                 model.save_pretrained(path, info)
