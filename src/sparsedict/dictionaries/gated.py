@@ -28,6 +28,7 @@ typical. Unlike the ReLU SAE, the magnitudes are not shrunk by λ.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,8 @@ class GatedConfig(L0TargetFields, DictionaryConfig):
 @register("gated", GatedConfig)
 class Gated(Steered, Dictionary):
     cfg: GatedConfig
+    # width-rule Adam with the warmup at most 10 % of the run; chosen by measurement: benchmarks/RESULTS_defaults.md
+    auto_train: ClassVar[dict[str, Any]] = {"warmup_fraction": 0.1}
     input_normalisation = "sqrt_d"
     saelens_architecture = "gated"
     sparsity_fields = ("l1_coefficient", "l0_target")
