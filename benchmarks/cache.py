@@ -5,7 +5,7 @@ shard verification, and the speed of the candidate shard digests. The forward ru
 tokens/s and its activations' relative error against the float32 forward of the same contexts.
 
     .venv/bin/python benchmarks/cache.py [--tokens 4096] [--store-rows 262144] [--repeats 2] [--json out.json]
-    .venv/bin/python benchmarks/cache.py --forward-only --model-dtypes float32,bfloat16 --tokens 8192
+    .venv/bin/python benchmarks/cache.py --forward-only --model-dtypes float32,bfloat16 --layers 14 --cut-only
 
 Store reads use a synthetic cache (random rows written with the real writer and manifest format) so a
 cache larger than the RAM bound can be made in seconds; I/O cost does not depend on the values.
@@ -36,7 +36,12 @@ import torch
 
 
 def bench_forward(
-    n_tokens: int, layers: list[int], batch: int = 8, ctx: int = 128, dtypes: tuple[str, ...] = ("float32",)
+    n_tokens: int,
+    layers: list[int],
+    batch: int = 8,
+    ctx: int = 128,
+    dtypes: tuple[str, ...] = ("float32",),
+    stops: tuple[bool, ...] = (True, False),
 ) -> list[dict]:
     """Forward tokens/s up to ``resid_post.L`` (cut after the block, and the full forward) with the model in
     each of ``dtypes``, the dtypes alternating batch by batch; for a dtype other than float32 (the first),
@@ -54,7 +59,7 @@ def bench_forward(
     rows = []
     for layer in layers:
         hp = f"resid_post.{layer}"
-        for stop in (True, False):
+        for stop in stops:
             seconds = dict.fromkeys(dtypes, 0.0)
             err_sq, ref_sq, per_token = dict.fromkeys(dtypes, 0.0), 0.0, {dt: [] for dt in dtypes}
             for m in models.values():
@@ -343,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--store-only", action="store_true", help="only the digest and store read benchmarks")
     ap.add_argument("--forward-only", action="store_true", help="only the model forward benchmark")
+    ap.add_argument("--layers", default="6,14", help="blocks L of the forward benchmark's resid_post.L")
+    ap.add_argument("--cut-only", action="store_true", help="time only the forward cut after block L")
     ap.add_argument(
         "--model-dtypes",
         default="float32,bfloat16",
@@ -367,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_store(args.store_rows, 4096, n_batches, 128_000_000, "bfloat16", args.repeats)
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if not args.store_only:
-        rows += bench_forward(args.tokens, [6, 14], dtypes=dtypes)
+        layers = [int(v) for v in args.layers.split(",")]
+        stops = (True,) if args.cut_only else (True, False)
+        rows += bench_forward(args.tokens, layers, dtypes=dtypes, stops=stops)
         if not args.forward_only:
             rows += [bench_cache(args.tokens * 2, 6, dt) for dt in dtypes]
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")

@@ -99,9 +99,10 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     if recipe.cache is None:
         raise ValueError(f"{recipe.source}: a recipe needs a 'cache' section naming the training activations")
     live = cfg.source == "live"
-    if live:  # the threads the cache runner would give the model's forward
-        torch.set_num_threads(forward_threads(recipe.cache, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     cache_dir = None if live else cache_activations(recipe.cache)
+    eval_dir = cache_activations(recipe.eval_cache) if recipe.eval_cache is not None else None
+    if live:  # the threads the cache runner would give the model's forward (caching above sets its own)
+        torch.set_num_threads(forward_threads(recipe.cache, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
     def open_(batch_size: int, rank: int, world: int) -> dict:
         if live:
@@ -110,7 +111,6 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    eval_dir = cache_activations(recipe.eval_cache) if recipe.eval_cache is not None else None
     if cfg.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} ranks")
     # shard_latents: every rank owns a slice of the latents and reads the same (global) batch (live: every
