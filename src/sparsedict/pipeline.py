@@ -15,7 +15,7 @@ import torch
 
 from sparsedict import distributed
 from sparsedict.cache import ActivationStore, cache_activations
-from sparsedict.dictionaries import Dictionary, build
+from sparsedict.dictionaries import Dictionary, TranscoderSet, build, lookup
 from sparsedict.eval.heldout import evaluate_heldout
 from sparsedict.train.logging import RunLogger
 from sparsedict.train.recipe import Recipe
@@ -25,14 +25,15 @@ __all__ = ["build_dictionaries", "evaluate_heldout", "open_sources", "run"]
 
 
 def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: int, world: int) -> dict:
-    """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries."""
+    """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries (a multi-layer
+    entry's pair is the tuple of its layers' hookpoints: one store serving ``[B, L, d]`` batches)."""
     sources = {}
     for cfg in recipe.dictionaries:
         key = cfg.source_key
         if key not in sources:
             sources[key] = ActivationStore(
                 cache_dir,
-                cfg.hookpoint,
+                key[0],
                 target=key[1] or None,
                 batch_size=batch_size,
                 seed=recipe.train.seed,
@@ -53,12 +54,15 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary]:
+def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary | TranscoderSet]:
+    """Each entry's dictionary; an entry with ``layers`` of a single-layer architecture is a transcoder set."""
     torch.manual_seed(recipe.train.seed)
     models = {}
     for cfg in recipe.dictionaries:
         src = sources[cfg.source_key]
-        models[cfg.name] = build(cfg.resolved(src.d_in, src.d_out))
+        resolved = cfg.resolved(src.d_in, src.d_out)
+        layered = cfg.layers and not lookup(cfg.architecture)[0].layered
+        models[cfg.name] = TranscoderSet(resolved) if layered else build(resolved)
     return models
 
 

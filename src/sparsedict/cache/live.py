@@ -50,6 +50,7 @@ class LiveSource(EpochIterator):
         dims = {k: int(v.shape[-1]) for k, v in hooks.record(model, self._hps, probe).items()}
         self.d_in = dims[self.hookpoint]
         self.d_out = dims[target] if target else None
+        self.x_shape, self.y_shape = (self.d_in,), ((self.d_out,) if target else None)
         self.n_rows = cfg.max_tokens
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer_rows, self.dtype, self.loop = max(shuffle_buffer_rows, batch_size), dtype, loop

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,10 @@ class ActivationStore(EpochIterator):
     """Batches ``(x [B, d_in], y [B, d_out] | None)`` from an activation cache directory.
 
     ``hookpoint``/``target`` accept the name given at caching time or its resolved module path.
+    Several hookpoints in one batch: a list for ``hookpoint`` (and/or ``target``) serves the same rows of every
+    listed hookpoint stacked along dim 1, ``x [B, L, d_in]`` (``y [B, L', d_out]``), from one shuffle and one
+    read window (a cross-layer transcoder's inputs and targets, or a transcoder set's); the listed hookpoints
+    share one width. ``x_shape``/``y_shape`` give a row's shape either way (``(d_in,)`` or ``(L, d_in)``).
     Attention z (``attn_z.L``, cached merged as ``[rows, n_heads·d_head]``, the input of the output
     projection; SAELens' ``hook_z`` with ``reshape_activations: hook_z``) is also served one head at a time:
     ``"attn_z.6.h3"`` yields head 3's slice ``[B, d_head]`` (SAELens' ``hook_head_index=3``); the
@@ -73,7 +77,8 @@ class ActivationStore(EpochIterator):
     truncation or missing file raises :class:`~sparsedict.cache.digest.ShardError` naming the shard and the fix.
     """
 
-    def __init__(self, path: str | Path, hookpoint: str, target: str | None = None, batch_size: int = 4096,
+    def __init__(self, path: str | Path, hookpoint: str | Sequence[str], target: str | Sequence[str] | None = None,
+                 batch_size: int = 4096,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int = 262_144,
                  max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
                  block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = True,
@@ -87,18 +92,20 @@ class ActivationStore(EpochIterator):
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
-        base, head = self._resolve(hookpoint)
-        self.hookpoint = base if head is None else f"{base}.h{head}"
-        self._x = Column(self.root, self.manifest, base, verify, head)
-        info = self.manifest["hookpoints"][base]
-        self.head, self.n_heads, self.d_head = head, info.get("n_heads"), info.get("d_head")
-        self.target, self._y = None, None
+        self.hookpoint, self._xs = self._columns(hookpoint, verify, "hookpoint")
+        self._x = self._xs[0]
+        info = self.manifest["hookpoints"][self._x.name]
+        self.head, self.n_heads, self.d_head = self._x.head, info.get("n_heads"), info.get("d_head")
+        self.target, self._ys = None, []
         if target is not None:
-            base_y, head_y = self._resolve(target)
-            self.target = base_y if head_y is None else f"{base_y}.h{head_y}"
-            self._y = Column(self.root, self.manifest, base_y, verify, head_y)
+            self.target, self._ys = self._columns(target, verify, "target")
+        self._cols = [*self._xs, *self._ys]
         self.d_in = self._x.d
-        self.d_out = self._y.d if self._y else None
+        self.d_out = self._ys[0].d if self._ys else None
+        self.x_shape = (self.d_in,) if isinstance(self.hookpoint, str) else (len(self._xs), self.d_in)
+        self.y_shape = None
+        if self.target is not None:
+            self.y_shape = (self.d_out,) if isinstance(self.target, str) else (len(self._ys), self.d_out)
         self.n_rows = int(sum(self._x.rows))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.block_rows, self.drop_last, self.loop = block_rows, drop_last, loop
@@ -113,10 +120,30 @@ class ActivationStore(EpochIterator):
         self.meta: dict = {}
         """Provenance recorded in the checkpoints trained on this store (none by default)."""
 
+    def _columns(
+        self, names: str | Sequence[str], verify: bool, what: str
+    ) -> tuple[str | list[str], list[Column]]:
+        """``(resolved name(s), columns)`` of one hookpoint name or a list of them (one width for a list)."""
+        listed = [names] if isinstance(names, str) else list(names)
+        if not listed:
+            raise ValueError(f"{what}: an empty list of hookpoints; name at least one")
+        cols, resolved = [], []
+        for name in listed:
+            base, head = self._resolve(name)
+            cols.append(Column(self.root, self.manifest, base, verify, head))
+            resolved.append(base if head is None else f"{base}.h{head}")
+        widths = {c.d for c in cols}
+        if len(widths) > 1:
+            raise ValueError(
+                f"{what}: the listed hookpoints {resolved} have different widths {[c.d for c in cols]}; a batch "
+                "stacks them as [B, L, d], so list hookpoints of one width (open one store per width)"
+            )
+        return (resolved[0] if isinstance(names, str) else resolved), cols
+
     def _window_rows(self, max_ram_bytes: int) -> int:
         """Largest window with ``RAM_SLACK · buffer + batch allowance + RAM_FIXED <= max_ram_bytes``."""
         out = torch.empty((), dtype=self.dtype).element_size()
-        cols = [c for c in (self._x, self._y) if c is not None]
+        cols = self._cols
         per_row = RAM_SLACK * sum(c.d * c.np_dtype.itemsize for c in cols)  # the window's read buffer
         # batch-sized blocks: held by the caller, being gathered (storage dtype) and converted, the tail and its
         # extension, plus those the allocator keeps after they are freed (measured: <= RAM_BATCHES in all)
@@ -182,7 +209,7 @@ class ActivationStore(EpochIterator):
         cum = np.concatenate([[0], np.cumsum(stop_a - start_a)])
         return shard_a, start_a, stop_a, cum
 
-    def _fill(self, plan, epoch: int, k: int, bufs: list[np.ndarray | None]) -> tuple[int, list]:
+    def _fill(self, plan, epoch: int, k: int, bufs: list[np.ndarray]) -> tuple[int, list]:
         """Read window ``k`` of this rank's part of epoch ``epoch`` into ``bufs`` (one reusable
         ``[window, d]`` array per column, storage dtype); return its row count and ``(shard, a, b)`` pieces."""
         shard, start, stop, cum = plan
@@ -194,18 +221,13 @@ class ActivationStore(EpochIterator):
             a = int(start[j] + max(0, lo - cum[j]))
             b = int(stop[j] - max(0, cum[j + 1] - hi))
             pieces.append((int(shard[j]), a, b))
-            for col, buf in zip((self._x, self._y), bufs):
-                if col is not None:
-                    col.read_into(int(shard[j]), a, b, buf[at : at + b - a])
+            for col, buf in zip(self._cols, bufs):
+                col.read_into(int(shard[j]), a, b, buf[at : at + b - a])
             at += b - a
         return hi - lo, pieces
 
-    def _take(
-        self, col: Column | None, src: torch.Tensor | None, idx: torch.Tensor, pieces
-    ) -> torch.Tensor | None:
+    def _take(self, col: Column, src: torch.Tensor, idx: torch.Tensor, pieces) -> torch.Tensor:
         """Rows ``src[idx]`` as a new ``[len(idx), d]`` tensor in ``self.dtype``; NaN/inf raise naming the shard."""
-        if col is None:
-            return None
         part = src[idx]
         if not torch.isfinite(part.sum(dtype=torch.float32)):
             self._locate_nonfinite(col, src, pieces)
@@ -240,56 +262,56 @@ class ActivationStore(EpochIterator):
         k = off // self.shuffle_buffer_rows
         skip = off - k * self.shuffle_buffer_rows
         cap = min(self.shuffle_buffer_rows, self.rows_per_rank)
-        bufs = [np.empty((cap, c.d), dtype=c.np_dtype) if c is not None else None for c in (self._x, self._y)]
-        tail_x = tail_y = None  # rows of the previous window that did not fill a batch (< B)
+        cols = self._cols
+        bufs = [np.empty((cap, c.d), dtype=c.np_dtype) for c in cols]
+        tail: list[torch.Tensor] | None = None  # rows of the previous window that did not fill a batch (< B)
         while self._batch < self.batches_per_epoch and k < n_windows:
             n, pieces = self._fill(plan, epoch, k, bufs)
-            sx, sy = (
-                c.as_torch(buf[:n]) if c is not None else None for c, buf in zip((self._x, self._y), bufs)
-            )
+            srcs = [c.as_torch(buf[:n]) for c, buf in zip(cols, bufs)]
             # the window's rows in shuffled order are src[perm]; batches gather them straight from the buffer
             perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(n))
             perm = perm[skip:]
             skip, k = 0, k + 1
             pos, last = 0, k == n_windows
-            if tail_x is not None and len(tail_x):
-                pos = min(B - len(tail_x), len(perm))
-                tail_x = torch.cat([tail_x, self._take(self._x, sx, perm[:pos], pieces)])
-                tail_y = (
-                    torch.cat([tail_y, self._take(self._y, sy, perm[:pos], pieces)])
-                    if sy is not None
-                    else None
-                )
-                if len(tail_x) == B or last:
+            if tail is not None and len(tail[0]):
+                pos = min(B - len(tail[0]), len(perm))
+                tail = [
+                    torch.cat([t, self._take(c, src, perm[:pos], pieces)])
+                    for t, c, src in zip(tail, cols, srcs)
+                ]
+                if len(tail[0]) == B or last:
                     self._batch += 1
-                    yield self._out(tail_x), (self._out(tail_y) if sy is not None else None)
-                    tail_x = tail_y = None
+                    yield self._assemble(tail, self._out)
+                    tail = None
             while self._batch < self.batches_per_epoch and (
                 len(perm) - pos >= B or (last and pos < len(perm))
             ):
                 idx = perm[pos : pos + B]
                 pos += len(idx)
-                bx, by = self._take(self._x, sx, idx, pieces), self._take(self._y, sy, idx, pieces)
+                parts = [self._take(c, src, idx, pieces) for c, src in zip(cols, srcs)]
                 self._batch += 1
-                yield self._out(bx), (self._out(by) if by is not None else None)
-                bx = by = None
+                yield self._assemble(parts, self._out)
+                parts = None
             if pos < len(perm):
-                rest_x, rest_y = (
-                    self._take(self._x, sx, perm[pos:], pieces),
-                    self._take(self._y, sy, perm[pos:], pieces),
-                )
-                tail_x = torch.cat([tail_x, rest_x]) if tail_x is not None else rest_x
-                tail_y = (
-                    (torch.cat([tail_y, rest_y]) if tail_y is not None else rest_y)
-                    if sy is not None
-                    else None
-                )
-            sx = sy = None
+                rest = [self._take(c, src, perm[pos:], pieces) for c, src in zip(cols, srcs)]
+                tail = rest if tail is None else [torch.cat([t, r]) for t, r in zip(tail, rest)]
+            srcs = None
             trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
         self.epoch, self._batch = epoch + 1, 0
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
+
+    def _assemble(self, parts: list[torch.Tensor], out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x, y)`` from one tensor per column: listed hookpoints stacked along dim 1; ``out`` moves them."""
+        nx = len(self._xs)
+        x = parts[0] if isinstance(self.hookpoint, str) else torch.stack(parts[:nx], 1)
+        y = None
+        if self._ys:
+            y = parts[nx] if isinstance(self.target, str) else torch.stack(parts[nx:], 1)
+        if out is not None:
+            x, y = out(x), (None if y is None else out(y))
+        return x, y
 
     def state_dict(self) -> dict:
         """Position for exact resume: ``{"epoch", "batch", "seed", "rank", "world_size", "n_rows"}``."""
@@ -323,16 +345,15 @@ class ActivationStore(EpochIterator):
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(self.n_rows, size=min(n_rows, self.n_rows), replace=False))
         order = torch.from_numpy(rng.permutation(len(rows)))
-        x = self._gather(self._x, rows)[order]
-        return x, (None if self._y is None else self._gather(self._y, rows)[order])
+        return self._assemble([self._gather(c, rows)[order] for c in self._cols])
 
     def rows(
         self, start: int = 0, stop: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows ``[start, stop)`` in cache order (shard by shard), unshuffled: ``x`` (and ``y``)."""
         idx = np.arange(start, self.n_rows if stop is None else min(stop, self.n_rows))
-        x = self._gather(self._x, idx)
-        return x if self._y is None else (x, self._gather(self._y, idx))
+        x, y = self._assemble([self._gather(c, idx) for c in self._cols])
+        return x if y is None else (x, y)
 
     def tokens(self, shards: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Stored contexts: ``token_ids [n_ctx, T]``, ``attention_mask``/``keep [n_ctx, T]`` bool,
@@ -349,10 +370,9 @@ class ActivationStore(EpochIterator):
 
     def verify(self) -> None:
         """Hash every shard of this store's hookpoints and its tokens now and check them (reads all the data)."""
-        for col in (self._x, self._y):
-            if col is not None:
-                for path, entry in zip(col.files, col.entries):
-                    digest.verify_file(path, entry, fresh=True)
+        for col in self._cols:
+            for path, entry in zip(col.files, col.entries):
+                digest.verify_file(path, entry, fresh=True)
         for shard in self.manifest["shards"]:
             if TOKENS in shard["files"]:
                 entry = shard["files"][TOKENS]
@@ -361,7 +381,9 @@ class ActivationStore(EpochIterator):
     # ----------------------------------------------------------------- statistics
     def norm_stats(self, hookpoint: str | None = None) -> dict:
         """``{"mean": [d], "mean_sq_norm", "mean_norm", "rows"}`` over the whole cache, computed once and
-        stored in the manifest."""
+        stored in the manifest. A store of several hookpoints needs ``hookpoint`` named."""
+        if hookpoint is None and not isinstance(self.hookpoint, str):
+            raise ValueError(f"norm_stats: this store serves {self.hookpoint}; name one with hookpoint=...")
         col = self._column(hookpoint or self.hookpoint)
         name = col.name if col.head is None else f"{col.name}.h{col.head}"
         stats = self.manifest.setdefault("stats", {}).get(name)
@@ -385,15 +407,14 @@ class ActivationStore(EpochIterator):
     def _column(self, name: str) -> Column:
         """The open column for ``name`` (input or target), else a new one."""
         base, head = self._resolve(name)
-        for col in (self._x, self._y):
-            if col is not None and (col.name, col.head) == (base, head):
+        for col in self._cols:
+            if (col.name, col.head) == (base, head):
                 return col
         return Column(self.root, self.manifest, base, verify=self._x.verify, head=head)
 
     def close(self) -> None:
-        self._x.close()
-        if self._y is not None:
-            self._y.close()
+        for col in self._cols:
+            col.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
