@@ -2,7 +2,8 @@
 
 The cache is synthetic (random rows written with the real shard writer and manifest, so it can be larger
 than the bound in a second); the reader runs in a fresh process whose peak RSS (VmHWM, reset through
-/proc/self/clear_refs just before the store opens) is compared with its RSS before the store.
+/proc/self/clear_refs just before the store opens) is compared with its RSS before the store (after a warm-up on a tiny window that pays the process's one-time
+costs: lazy imports, first use of each torch op).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sparsedict.cache.writer import write_shard
 ROWS, D, BOUND, BATCH = 65_536, 576, 64_000_000, 1024
 
 READER = r"""
-import json, sys, torch
+import gc, json, sys, torch
 torch.set_num_threads(1)
 from sparsedict.cache import ActivationStore
 
@@ -31,6 +32,15 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 root, bound, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# A process that trains has used torch and imported the store's modules before it opens a store: pay those
+# one-time costs (lazy imports, first use of each torch op, the allocator's first arenas; they differ between
+# CPUs and are not the store's memory) on a tiny window first, then measure from there.
+warm = ActivationStore(root, "h", batch_size=8, shuffle_buffer_rows=64)
+w = iter(warm)
+for _ in range(3):
+    next(w)
+del w, warm
+gc.collect()
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
 base = status("VmRSS")
 store = ActivationStore(root, "h", batch_size=batch, max_ram_bytes=bound)
