@@ -2,6 +2,7 @@
 # Regenerate tests/data/peers/ with the real peer libraries, each in its own throwaway venv outside the repo.
 #   bash scripts/peer_fixtures/make_all.sh            # all peers
 #   bash scripts/peer_fixtures/make_all.sh saelens    # one (saelens | sparsify | dictionary_learning | circuit_tracer)
+# sparsedict's own side (export_circuit_tracer.py) runs with $SPARSEDICT_PYTHON (default: the repo's .venv).
 # Venvs live in $PEER_VENVS (default /tmp/peer-venvs); the CPU torch wheel is installed first in each and
 # pinned, so no peer pulls a CUDA build. Fixtures are deterministic (fixed seeds, CPU, one thread,
 # PYTHONHASHSEED=0, which fixes the key order of SAELens' inference cfg.json): rerunning rewrites identical
@@ -38,6 +39,8 @@ for peer in "${@:-saelens sparsify dictionary_learning circuit_tracer}"; do
     if [ "$p" = dictionary_learning ]; then "$venv/bin/python" -m pip uninstall -q -y torchvision || true; fi
     "$venv/bin/python" -c "import torch; assert torch.__version__ == '${TORCH#torch==}+cpu', torch.__version__"
     echo "== $p (${PIN[$p]}) in $venv"
+    # the sd_* fixtures: checkpoints sparsedict exports, which circuit-tracer then loads and runs
+    if [ "$p" = circuit_tracer ]; then "${SPARSEDICT_PYTHON:-../../.venv/bin/python}" export_circuit_tracer.py; fi
     "$venv/bin/python" "gen_${p}.py"
   done
 done

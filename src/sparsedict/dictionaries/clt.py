@@ -27,7 +27,7 @@ Activations (``activation``), each layer's features competing among themselves:
   activation from ``threshold_start_step`` on). :meth:`CLT.to_jumprelu` turns it into the equal JumpReLU CLT
   (θ per feature), the form circuit-tracer reads;
 - ``jumprelu``: ``f = z · H(z − θ)`` with θ per feature (``jumprelu.JumpReLUFn`` and its straight-through
-  estimator), plus Circuit Tracing's tanh sparsity penalty ``λ_S Σ tanh(c · f · ‖W_dec,f‖)`` and pre-activation
+  estimator, whose gradient to θ comes from every pre-activation near θ, so training decodes the code densely), plus Circuit Tracing's tanh sparsity penalty ``λ_S Σ tanh(c · f · ‖W_dec,f‖)`` and pre-activation
   loss ``λ_P Σ ReLU(θ − z) ‖W_dec,f‖``, where ``‖W_dec,f‖`` is the norm of feature f's decoder rows
   concatenated over all the layers it writes to; θ is kept ≥ 0 while training, but a loaded θ < 0 acts as
   written (``z · 1[z > θ]``, no ReLU: circuit-tracer's JumpReLU);
@@ -276,6 +276,8 @@ class CLT(Dictionary):
             return parts, None, None
         z = self.pre_acts(x)
         f = self._dense_acts(z)
+        if self.cfg.activation == "jumprelu" and self.training:  # θ's pseudo-gradient reaches zeros too
+            return [SparseCode(f[:, i], None, self.n_per_layer) for i in range(self.n_layers)], z, f
         return [compact(f[:, i]) for i in range(self.n_layers)], z, f
 
     def encode(self, x: Tensor) -> SparseCode:
@@ -574,10 +576,20 @@ class ShardedCLT(CLT):
                 f = threshold_code(a, self.threshold[i])
             elif act == "jumprelu":
                 f = JumpReLUFn.apply(a, self.threshold[i].to(a.dtype), self.cfg.bandwidth)
+                if self.training:
+                    parts.append(self._gather_dense(f))
+                    continue
             else:
                 f = a
             parts.append(self._gather_code(f))
         return parts
+
+    def _gather_dense(self, f: Tensor) -> SparseCode:
+        """A local dense layer code ``f [B, F/R]`` -> the whole layer's dense code, the same on every rank; the
+        columns this rank owns carry their gradient (JumpReLU training: θ's pseudo-gradient reaches zeros)."""
+        parts = list(dist.all_gather(f.detach().contiguous()))
+        parts[self.rank] = f
+        return SparseCode(torch.cat(parts, 1), None, self.n_per_layer)
 
     def _gather_code(self, f: Tensor) -> SparseCode:
         """A local dense layer code ``f [B, F/R]`` -> the whole layer's k-sparse code (global ids), the same on

@@ -28,8 +28,9 @@ are circuit-tracer's. What circuit-tracer 0.5.0 does on load, and how it is matc
 
 :func:`save_circuit_tracer` writes our transcoder sets (members ``relu``, ``jumprelu``, ``batchtopk`` with θ set)
 and CLTs (``relu``, ``jumprelu``, ``batchtopk`` converted with ``to_jumprelu``) in this layout, input scales
-folded, with the hook names circuit-tracer uses for the model family (Gemma 2/3: ``ln2.hook_normalized`` /
-``hook_mlp_out``; others: ``mlp.hook_in`` / ``mlp.hook_out``, which both its backends provide).
+folded, with the hook names a loaded circuit-tracer checkpoint came with, else those circuit-tracer uses for the
+model family (Gemma 2/3: ``ln2.hook_normalized`` / ``hook_mlp_out``; others: ``mlp.hook_in`` / ``mlp.hook_out``,
+which both its backends provide).
 """
 
 from __future__ import annotations
@@ -298,9 +299,8 @@ def save_circuit_tracer(model, path: str | Path, model_name: str | None = None, 
             "dictionary: train a set over the model's layers (layers: [0, 1, ...])"
         )
     _check_layers(model, "cross-layer transcoder" if kind == "cross_layer_transcoder" else "transcoder set")
-    model_class = _model_class(model.meta)
-    inp = feature_input_hook or hook_names(_kind(model.cfg.hookpoint), model_class)
-    out = feature_output_hook or hook_names(_kind(model.cfg.target), model_class)
+    inp = feature_input_hook or _hook(model.cfg.hookpoint, model.meta, "source_hookpoint")
+    out = feature_output_hook or _hook(model.cfg.target, model.meta, "source_target")
     path.mkdir(parents=True, exist_ok=True)
     files = _clt_tensors(model) if kind == "cross_layer_transcoder" else _set_tensors(model)
     for name, tensors in files.items():
@@ -315,6 +315,17 @@ def save_circuit_tracer(model, path: str | Path, model_name: str | None = None, 
 
 def _kind(hookpoint: str) -> str:
     return hookpoint.split(".")[0] if "{layer}" not in hookpoint else hookpoint
+
+
+def _hook(hookpoint: str, meta: dict[str, Any], source_key: str) -> str:
+    """circuit-tracer's name for our per-layer ``hookpoint``: the name it was loaded from (a model that came from
+    circuit-tracer), a ``blocks.{layer}.<hook>`` template's hook, else the model family's MLP names."""
+    if meta.get("source_format") == "circuit_tracer" and meta.get(source_key):
+        return str(meta[source_key])
+    prefix = "blocks.{layer}."
+    if hookpoint.startswith(prefix):
+        return hookpoint[len(prefix) :]
+    return hook_names(_kind(hookpoint), _model_class(meta))
 
 
 def _set_tensors(tset) -> dict[str, dict[str, Tensor]]:
