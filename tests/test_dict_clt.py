@@ -322,3 +322,37 @@ def test_sharded_clt_on_two_ranks_matches_one_process(activation, tmp_path):
     assert set(pa) == set(pb)
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_trainer_saves_a_clt_and_a_set_that_load_back(tmp_path):
+    """``Trainer.save``: the CLT as one checkpoint, the transcoder set as one directory (members' provenance
+    inside); ``from_pretrained`` gives back the same functions."""
+    x, y, _ = planted_layers(1024)
+    key = (tuple(f"mlp_in.{i}" for i in range(L)), tuple(f"mlp_out.{i}" for i in range(L)))
+    torch.manual_seed(0)
+    clt = build(CLTConfig(layers=list(range(L)), activation="batchtopk", k=K_PLANT, n_latents=16,
+                          threshold_start_step=0).resolved(DP))  # fmt: skip
+    tset = TranscoderSet(
+        TopKConfig(
+            layers=list(range(L)), hookpoint="mlp_in", target="mlp_out", k=K_PLANT, n_latents=16
+        ).resolved(DP)
+    )
+    tc = TrainConfig(batch_size=128, epochs=1, lr=1e-3, optimizer="adam", warmup_steps=2, log_every=10**9,
+                     out_dir=str(tmp_path), init_rows=512, normalise_inputs="auto")  # fmt: skip
+    trainer = Trainer({"clt": clt, "plt": tset}, {key: TensorSource(x, y, batch_size=128)}, tc)
+    trainer.fit(resume=False)
+    paths = trainer.save()
+    assert sorted(paths) == ["clt", "plt"]
+    back_clt, back_set = from_pretrained(paths["clt"]), from_pretrained(paths["plt"])
+    assert type(back_clt) is CLT and isinstance(back_set, TranscoderSet) and back_set.layers == [0, 1, 2]
+    assert back_set[1].meta["training_steps"] == 8 and back_set.meta["training_tokens"] == 1024
+    assert float(clt.input_scale) != 1.0  # the fold is exercised
+    with torch.no_grad():
+        for m, b in ((clt.eval(), back_clt), (tset.eval(), back_set)):
+            c = float(m.input_scale)
+            want = (
+                m.decode(m.encode(x[:64] * c), x[:64] * c) / c
+                if isinstance(m, CLT)
+                else m.decode(m.encode(x[:64]))
+            )
+            torch.testing.assert_close(b.decode(b.encode(x[:64]), x[:64]), want, atol=1e-4, rtol=1e-4)
