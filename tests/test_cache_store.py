@@ -62,14 +62,18 @@ def test_values_equal_direct_forward(cache, smollm2):
     torch.testing.assert_close(ids[tok["row_context"], tok["row_position"].long()], ids[keep])
 
 
-def test_exactly_once_across_two_ranks(cache):
+@pytest.mark.parametrize("shuffle", ["global", "window"])  # window: the order live training reads
+def test_exactly_once_across_two_ranks(cache, shuffle):
     stores = [ActivationStore(cache, "resid_post.5", batch_size=64, rank=r, world_size=2, shuffle_buffer_rows=300,
-                              block_rows=50, drop_last=False, loop=False, seed=3) for r in range(2)]  # fmt: skip
+                              block_rows=50, drop_last=False, loop=False, seed=3, shuffle=shuffle)
+              for r in range(2)]  # fmt: skip
     ids = _row_ids(stores[0])
     seen = [[ids[row.numpy().tobytes()] for x, _ in s for row in x] for s in stores]
     assert len(seen[0]) == len(seen[1]) == N_TOKENS // 2
     union = seen[0] + seen[1]
     assert len(set(union)) == len(union) == N_TOKENS, "a row was served twice or skipped"
+    if shuffle == "window":  # each rank reads its contiguous half of the cache, permuted
+        assert sorted(seen[0]) == list(range(N_TOKENS // 2)) and seen[0] != sorted(seen[0])
     # a second epoch is reshuffled but again exactly once
     seen2 = [[ids[row.numpy().tobytes()] for x, _ in s for row in x] for s in stores]
     assert sorted(seen2[0] + seen2[1]) == list(range(N_TOKENS)) and seen2[0] != seen[0]

@@ -1,13 +1,16 @@
 """Run a recipe end to end: cache (or resume caching) -> train -> save -> evaluate held-out.
 
 This is what ``sparsedict train`` and ``torchrun -m sparsedict train`` execute. Every stage reads the
-previous stage's output from disk, so an interrupted run restarts where it stopped. It is a top-level module
+previous stage's output from disk, so an interrupted run restarts where it stopped. With ``train.source:
+live`` no training cache is written: the model runs during training (:mod:`sparsedict.cache.live`) and the
+checkpoint records the live source's position, so a restart resumes there too. It is a top-level module
 (above ``train`` and ``eval``) because it runs both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +18,23 @@ import torch
 
 from sparsedict import distributed
 from sparsedict.cache import ActivationStore, cache_activations
+from sparsedict.cache.live import live_sources
+from sparsedict.cache.runner import forward_threads, model_device
 from sparsedict.dictionaries import Dictionary, TranscoderSet, build, lookup
 from sparsedict.eval.heldout import evaluate_heldout
+from sparsedict.lm import load_model
 from sparsedict.train.logging import RunLogger
 from sparsedict.train.recipe import Recipe
 from sparsedict.train.trainer import Trainer
 
-__all__ = ["build_dictionaries", "evaluate_heldout", "open_sources", "run"]
+__all__ = ["build_dictionaries", "evaluate_heldout", "open_live_sources", "open_sources", "run"]
 
 
 def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: int, world: int) -> dict:
     """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries (a multi-layer
-    entry's pair is the tuple of its layers' hookpoints: one store serving ``[B, L, d]`` batches)."""
+    entry's pair is the tuple of its layers' hookpoints: one store serving ``[B, L, d]`` batches), in the order
+    ``train.shuffle`` names ('auto': global)."""
+    shuffle = "window" if recipe.train.shuffle == "window" else "global"
     sources = {}
     for cfg in recipe.dictionaries:
         key = cfg.source_key
@@ -39,8 +47,27 @@ def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: i
                 seed=recipe.train.seed,
                 rank=rank,
                 world_size=world,
+                shuffle=shuffle,
             )
     return sources
+
+
+def open_live_sources(recipe: Recipe, batch_size: int, rank: int, world: int) -> dict:
+    """One LiveSource per distinct (hookpoint, target) pair, all views of one stream of ``recipe.cache``: every
+    hookpoint the dictionaries read comes from one forward of its model, which runs on ``cache.device``."""
+    layered = [cfg.name for cfg in recipe.dictionaries if cfg.layers]
+    if layered:
+        raise ValueError(
+            f"{', '.join(layered)}: a live source serves one hookpoint per batch, not the [B, L, d] batches of a "
+            "cross-layer transcoder or transcoder set; train those from a cache (train.source: cache)"
+        )
+    cache = recipe.cache
+    model, tok = load_model(
+        cache.model, str(model_device(cache, distributed.world_size())), cache.model_dtype
+    )
+    keys = [cfg.source_key for cfg in recipe.dictionaries]
+    return live_sources(cache, keys, batch_size=batch_size, seed=recipe.train.seed, rank=rank, world_size=world,
+                        model=model, tokenizer=tok)  # fmt: skip
 
 
 def recipe_dict(recipe: Recipe) -> dict[str, Any]:
@@ -71,21 +98,31 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     cfg = recipe.train
     rank, world, device = distributed.init(cfg.device, cfg.dist_timeout_min)
     cfg.device = device
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if recipe.cache is None:
         raise ValueError(f"{recipe.source}: a recipe needs a 'cache' section naming the training activations")
-    cache_dir = cache_activations(recipe.cache)
+    live = cfg.source == "live"
+    if live:  # the threads the cache runner would give the model's forward
+        torch.set_num_threads(forward_threads(recipe.cache, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    cache_dir = None if live else cache_activations(recipe.cache)
+
+    def open_(batch_size: int, rank: int, world: int) -> dict:
+        if live:
+            return open_live_sources(recipe, batch_size, rank, world)
+        return open_sources(recipe, cache_dir, batch_size, rank, world)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the {world} ranks")
-    if cfg.shard_latents:  # every rank owns a slice of the latents and reads the same (global) batch
-        sources = open_sources(recipe, cache_dir, cfg.batch_size, 0, 1)
-    else:  # data parallel: each rank reads its own part of every global batch
-        sources = open_sources(recipe, cache_dir, cfg.batch_size // world, rank, world)
+    # shard_latents: every rank owns a slice of the latents and reads the same (global) batch (live: every
+    # rank runs the model on every context); data parallel: each rank reads its own part of every global batch
+    sources = (
+        open_(cfg.batch_size, 0, 1) if cfg.shard_latents else open_(cfg.batch_size // world, rank, world)
+    )
     models = build_dictionaries(recipe, sources)
     trainer = Trainer(models, sources, cfg, logger=RunLogger(cfg, run_config=recipe_dict(recipe)))
     trainer.fit(resume=resume)
-    paths = trainer.save({"cache": str(cache_dir)})
+    paths = trainer.save({} if live else {"cache": str(cache_dir)})
     distributed.barrier()
     results: dict[str, Any] = {"paths": {k: str(v) for k, v in paths.items()}}
     if recipe.eval_cache is not None and distributed.is_main():

@@ -103,6 +103,10 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
     points = [p for entry in cfg.sweep for p in parse_sweep(entry)]
     if not points:
         raise ValueError("the sweep is empty: give --sweep 'topk:k=8,16,32' (repeatable)")
+    if cfg.train.source == "live":
+        raise ValueError(
+            "bench pareto trains from a cache; to train live use `sparsedict train --train.source live`"
+        )
     if cfg.cache_dir:
         cache = Path(cfg.cache_dir)
     else:
@@ -110,7 +114,10 @@ def run_pareto(cfg: ParetoConfig) -> dict[str, Any]:
             dataclasses.replace(cfg.cache, out_dir=cfg.cache.out_dir or str(out / "cache"))
         )
     manifest = read_manifest(cache)
-    store = ActivationStore(cache, hookpoint, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    shuffle = "window" if cfg.train.shuffle == "window" else "global"
+    store = ActivationStore(
+        cache, hookpoint, batch_size=cfg.train.batch_size, seed=cfg.train.seed, shuffle=shuffle
+    )
     torch.manual_seed(cfg.train.seed)
     dictionaries, params = {}, {}
     for arch, values in points:

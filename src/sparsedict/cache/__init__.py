@@ -13,8 +13,9 @@ projection, as SAELens' ``hook_z`` with ``reshape_activations: hook_z``); the ma
     x.view(B, store.n_heads, store.d_head)        # a merged attn_z.6 batch, per head
 
 Dictionaries trained on ``attn_z.6.h3`` splice and evaluate like any other (``hooks.replace`` swaps that head
-only). ``LiveSource`` (no disk) offers the same iterator straight from the model; ``hooks`` resolves
-hookpoint names and records or replaces activations in a forward pass.
+only). ``LiveSource`` (no disk) serves the batches of ``ActivationStore(path, ..., shuffle="window")`` straight
+from the model (:mod:`sparsedict.cache.live`); ``hooks`` resolves hookpoint names and records or replaces
+activations in a forward pass.
 
 Every reader checks each shard's digest the first time a process touches it (:mod:`sparsedict.cache.digest`);
 ``verify_cache(path)`` checks a whole cache and ``repair_cache(path)`` recomputes its bad shards.

@@ -1,138 +1,345 @@
-"""``LiveSource``: the ActivationStore iterator straight from the running model, no disk.
+"""Training batches straight from the running model, no disk: :class:`LiveStream` and its :class:`LiveSource` views.
 
-Contexts come from the same deterministic plan as the disk cache (:func:`plan_shards`); the plan's
-chunks (``shard_rows`` rows each) with ``index % world_size == rank`` are run through the model with
-hooks, accumulated into a shuffle buffer of ``shuffle_buffer_rows`` rows, permuted (seeded by
-``seed``, epoch and buffer index) and served as ``(x [B, d_in], y [B, d_out] | None)``. An epoch is one
-pass over the plan; with ``loop=True`` iteration continues with the next epoch (new permutations).
-Resuming (``load_state_dict``) recomputes the epoch up to the saved batch, so it is exact but costs
-the forward passes again. :meth:`LiveSource.sample` (initialisation data) runs the first contexts of the
-plan, whatever the rank. A :class:`~sparsedict.cache.source.Source`.
+A :class:`LiveStream` runs the model over the plan the disk cache of the same :class:`CacheConfig` would hold
+(:func:`~sparsedict.cache.tokens.plan_shards`: the same contexts and exclusion mask), in the same forward
+batches (:func:`~sparsedict.cache.runner.compute_shard`, ``cfg.batch_size`` contexts at a time) and rounded to
+the same storage dtype ``cfg.dtype``, recording every hookpoint it serves in one forward. It cuts the rows
+into batches in the window order of :class:`~sparsedict.cache.source.WindowOrder`: the order of
+``ActivationStore(cache, ..., shuffle="window")`` over that cache with the same seed, batch size, ranks and
+``shuffle_buffer_rows``. Where the model computes the same values twice (one CPU process, the same thread
+count and device as the cache was written with) the batches and :meth:`LiveStream.sample` are bitwise the
+store's, so live training equals training from the cache.
+
+An epoch is one pass over the plan: rows in plan order, windows of ``shuffle_buffer_rows`` rows, each
+permuted. Data parallel (``world_size`` ranks): rank ``r`` serves rows ``[r·N/W, (r+1)·N/W)`` of the epoch, as
+the store does, and forwards only the batches of contexts that hold them (neighbouring ranks share at most one
+forward batch); ``N`` is counted once by planning the epoch (tokenising the text, no forward), which needs
+``cfg.max_tokens``. Resuming at batch ``j`` plans (tokenises) the epoch up to the window holding it and
+forwards that window's contexts again; nothing else is recomputed.
+
+:class:`LiveSource` is one ``(hookpoint, target)`` view of a stream, a
+:class:`~sparsedict.cache.source.Source`: views of one stream share each forward, so several dictionaries on
+several hookpoints cost one model pass (:func:`live_sources`). Views are read in lockstep (the trainer reads
+every source once a step); a view that reads ahead of the others makes the stream recompute the window the
+others are in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
-from sparsedict.cache.source import EpochIterator
-from sparsedict.cache.tokens import plan_shards
+from sparsedict.cache.runner import check_finite, compute_shard, model_device
+from sparsedict.cache.source import WINDOW_ROWS, EpochIterator, Window, WindowOrder, check_order, sample_rows
+from sparsedict.cache.tokens import ShardPlan, plan_shards
 from sparsedict.lm import load_model
 
 
-class LiveSource(EpochIterator):
-    """Batches from model hooks: the :class:`~sparsedict.cache.source.Source` of ``cfg`` without a disk cache.
+class _Segment(NamedTuple):
+    """Computed rows ``[a, b)`` of a rank's epoch stream: ``{hookpoint: [b - a, d]}`` in the storage dtype."""
 
-    ``n_rows`` is ``cfg.max_tokens`` (None: the whole dataset, of unknown length).
+    a: int
+    b: int
+    acts: dict[str, torch.Tensor]
+
+
+class LiveStream(WindowOrder):
+    """The model run over ``cfg``'s plan: batches ``{hookpoint: [B, d]}`` of every name in ``hookpoints``.
+
+    ``batch_size`` is this rank's batch; ``rank``/``world_size`` split every epoch as the store does. The model
+    is ``model``/``tokenizer`` when given, else ``cfg.model`` loaded on ``cfg.device`` (under torchrun on GPUs,
+    this process's local GPU) in ``cfg.model_dtype``. Batches come out in ``dtype``.
+    """
+
+    def __init__(self, cfg: CacheConfig, hookpoints: Iterable[str], batch_size: int = 4096, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int = WINDOW_ROWS,
+                 dtype: torch.dtype = torch.float32, model=None, tokenizer=None) -> None:  # fmt: skip
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.cfg = cfg
+        self.hookpoints = list(dict.fromkeys(h for h in hookpoints if h))
+        if not self.hookpoints:
+            raise ValueError("a live stream needs at least one hookpoint")
+        if model is None:
+            model, tokenizer = load_model(cfg.model, str(model_device(cfg, world_size)), cfg.model_dtype)
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self._hps = [hooks.resolve(model, name) for name in self.hookpoints]
+        probe = torch.tensor([[tokenizer.bos_token_id or 0, 1, 2]], device=self.device)
+        self.dims = {k: int(v.shape[-1]) for k, v in hooks.record(model, self._hps, probe).items()}
+        """Width of each hookpoint."""
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle_buffer_rows, self.dtype = max(1, int(shuffle_buffer_rows)), dtype
+        self.epoch, self._batch = 0, 0
+        self._n_rows: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the batch being produced and the ones kept for lagging views."""
+        self._gen: Iterator | None = None
+        self._next: tuple[int, int] | None = None  # (epoch, batch) that _gen yields next
+        self._last: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
+        self._end: tuple[int, int] | None = None  # (epoch, batch) past the last batch of an epoch
+        self._sampled: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
+
+    @property
+    def meta(self) -> dict:
+        """Provenance for the checkpoints: the data config (no cache path: nothing is on disk) and exclusion rules."""
+        cfg = self.cfg
+        rules = {"prepend_bos": cfg.prepend_bos, "exclude_bos": cfg.exclude_bos,
+                 "exclude_first_n": cfg.exclude_first_n, "exclude_special": cfg.exclude_special}  # fmt: skip
+        return {
+            "live": {"config": cfg.content_dict(), "config_hash": cfg.config_hash()},
+            "exclusions": {"rules": rules},
+        }
+
+    @property
+    def n_rows(self) -> int | None:
+        """Rows in one epoch over all ranks: counted once by planning the epoch (tokenising, no forward); None
+        when ``cfg.max_tokens`` is None (the whole dataset, not counted)."""
+        if self.cfg.max_tokens is None:
+            return None
+        if self._n_rows is None:
+            self._n_rows = sum(plan.rows for plan in plan_shards(self.cfg, self.tok))
+        return self._n_rows
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """This rank's batches in one epoch (None in one process: full batches until the plan ends)."""
+        if self.world_size == 1:
+            return None
+        lo, hi = self._part()
+        return (hi - lo) // self.batch_size
+
+    def _part(self) -> tuple[int, int | None]:
+        """Rows ``[lo, hi)`` of the epoch this rank serves (``hi`` None: to the end of the plan)."""
+        if self.world_size == 1:
+            return 0, None
+        if self.n_rows is None:
+            raise ValueError(
+                f"data-parallel live training ({self.world_size} ranks) needs cache.max_tokens: each rank serves "
+                "a contiguous 1/world_size of the epoch's rows, so the epoch's length must be known"
+            )
+        per = self.n_rows // self.world_size
+        return self.rank * per, (self.rank + 1) * per
+
+    def _too_few(self) -> str:
+        return (f"the live plan of {self.cfg.dataset!r} (max_tokens={self.cfg.max_tokens}) over {self.world_size} "
+                f"rank(s) cannot fill one batch of {self.batch_size}; raise max_tokens or lower batch_size")  # fmt: skip
+
+    # ---------------------------------------------------------------- computing rows
+    def _forward(self, plan: ShardPlan, base: int, r0: int, r1: int) -> _Segment:
+        """Rows ``[r0, r1)`` of ``plan`` (whose first row is row ``base`` of the stream), computed in the forward
+        batches of the whole shard that hold them; the segment keeps every row those batches give."""
+        per_ctx = plan.keep.sum(1)
+        cum = np.cumsum(per_ctx)
+        bs = self.cfg.batch_size
+        c0 = int(np.searchsorted(cum, r0, side="right")) // bs * bs
+        c1 = min((int(np.searchsorted(cum, r1 - 1, side="right")) // bs + 1) * bs, len(per_ctx))
+        acts = compute_shard(self.model, self._hps, plan, self.cfg, self.device, contexts=(c0, c1))
+        for name, x in acts.items():
+            check_finite(name, x, self.cfg, f"shard {plan.index} of the live plan")
+        first = int(cum[c0] - per_ctx[c0])
+        return _Segment(base + first, base + int(cum[c1 - 1]), acts)
+
+    def _windows(self, epoch: int, first: int) -> Iterator[Window]:
+        lo, hi = self._part()
+        S = self.shuffle_buffer_rows
+        plans = plan_shards(self.cfg, self.tok)
+        seg: _Segment | None = None
+        offset, k, ended = 0, first, False  # offset: stream row of the next plan's first row
+        while not ended:
+            w_lo = lo + k * S
+            w_hi = w_lo + S if hi is None else min(w_lo + S, hi)
+            if w_lo >= w_hi:
+                return
+            parts: list[dict[str, torch.Tensor]] = []
+            at = w_lo
+            while at < w_hi:
+                if seg is None or seg.b <= at:
+                    plan = next(plans, None)
+                    if plan is None:
+                        ended = True
+                        break
+                    base, offset = offset, offset + plan.rows
+                    if offset <= at:  # before the rows still to serve: tokenised, never forwarded
+                        continue
+                    end = plan.rows if hi is None else min(plan.rows, hi - base)
+                    seg = self._forward(plan, base, at - base, end)
+                stop = min(seg.b, w_hi)
+                parts.append({n: x[at - seg.a : stop - seg.a] for n, x in seg.acts.items()})
+                at = stop
+            if at == w_lo:
+                return
+            cols = tuple(torch.cat([p[n] for p in parts]) for n in self.hookpoints)
+            parts = []
+
+            def take(idx: torch.Tensor, cols=cols) -> tuple[torch.Tensor, ...]:
+                return tuple(c[idx].to(self.dtype) for c in cols)
+
+            yield Window(at - w_lo, take, False)  # never a partial batch: the epoch drops its last rows < B
+            cols = take = None
+            k += 1
+
+    def _serve(self, cols: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+        return cols
+
+    # ---------------------------------------------------------------- what the views read
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor] | None:
+        """Batch ``index`` of epoch ``epoch`` as ``{hookpoint: [B, d]}``; None past the epoch's last batch.
+
+        The next batch is produced from the windows being served; the last one produced is kept for the views
+        still to read it; any other position restarts production there (its window is computed again).
+        """
+        key = (epoch, index)
+        self._sampled = None  # initialisation is over
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if key == self._end:
+            return None
+        if self._gen is None or self._next != key:
+            if self._gen is not None:
+                self._gen.close()
+            self.epoch, self._batch = key
+            self._gen = self._epoch_batches()
+        try:
+            cols = next(self._gen)
+        except StopIteration:
+            self._gen, self._end = None, key
+            return None
+        except BaseException:
+            self._gen = None
+            raise
+        self._next = (epoch, index + 1)
+        self._last = (key, dict(zip(self.hookpoints, cols)))
+        return self._last[1]
+
+    def sample(self, n_rows: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """``{hookpoint: [n, d]}``: ``n_rows`` rows drawn with ``seed`` from the first shards of the plan that hold
+        at least ``n_rows`` (all of it when shorter), the same on every rank and the same rows as the store's
+        ``sample`` under ``shuffle="window"``."""
+        if self._sampled is not None and self._sampled[0] == (n_rows, seed):
+            return self._sampled[1]
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.hookpoints}
+        have = 0
+        for plan in plan_shards(self.cfg, self.tok):
+            seg = self._forward(plan, 0, 0, plan.rows)
+            for n, x in seg.acts.items():
+                parts[n].append(x)
+            have += plan.rows
+            if have >= n_rows:
+                break
+        if not have:
+            raise ValueError(f"{self.cfg.dataset!r} gave no rows for {self.hookpoints}: nothing to sample")
+        rows, order = sample_rows(have, n_rows, seed)
+        idx = torch.from_numpy(rows)
+        out = {n: torch.cat(v)[idx][order].to(self.dtype) for n, v in parts.items()}
+        self._sampled = ((n_rows, seed), out)
+        return out
+
+    def sources(
+        self, keys: Iterable[tuple[str, str]], loop: bool = True
+    ) -> dict[tuple[str, str], LiveSource]:
+        """One :class:`LiveSource` view per ``(hookpoint, target)`` key (target ``""``: none)."""
+        return {key: LiveSource.view(self, key[0], key[1] or None, loop) for key in keys}
+
+
+class LiveSource(EpochIterator):
+    """Batches ``(x [B, d_in], y [B, d_out] | None)`` from model hooks: the :class:`~sparsedict.cache.source.Source`
+    of ``cfg`` without a disk cache.
+
+    ``LiveSource(cfg, hookpoint, target, ...)`` runs its own :class:`LiveStream` of those two hookpoints;
+    :meth:`view` (or :meth:`LiveStream.sources`) makes views sharing one stream. A string ``cfg`` names the model
+    (``hookpoint`` default ``resid_post.14``). ``n_rows`` is the plan's row count (None with
+    ``max_tokens=None``).
     """
 
     def __init__(self, cfg: CacheConfig | str = "smollm2-135m", hookpoint: str | None = None,
                  target: str | None = None, batch_size: int = 4096, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer_rows: int = 65_536, dtype: torch.dtype = torch.float32,
+                 world_size: int = 1, shuffle_buffer_rows: int = WINDOW_ROWS, dtype: torch.dtype = torch.float32,
                  loop: bool = True, model=None, tokenizer=None) -> None:  # fmt: skip
         if isinstance(cfg, str):
             names = [n for n in (hookpoint or "resid_post.14", target) if n]
             cfg = CacheConfig(model=cfg, hookpoints=names, progress=False)
-        self.cfg = cfg
-        self.hookpoint = hookpoint or cfg.hookpoints[0]
-        self.target = target
-        if model is None:
-            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
-        self.model, self.tok = model, tokenizer
-        self._hps = [
-            hooks.resolve(model, n) for n in dict.fromkeys([self.hookpoint, *([target] if target else [])])
-        ]
-        probe = torch.tensor([[tokenizer.bos_token_id or 0, 1, 2]], device=cfg.device)
-        dims = {k: int(v.shape[-1]) for k, v in hooks.record(model, self._hps, probe).items()}
-        self.d_in = dims[self.hookpoint]
-        self.d_out = dims[target] if target else None
+        hookpoint = hookpoint or cfg.hookpoints[0]
+        stream = LiveStream(cfg, [hookpoint, target or ""], batch_size, seed, rank, world_size,
+                            shuffle_buffer_rows, dtype, model, tokenizer)  # fmt: skip
+        self._attach(stream, hookpoint, target, loop)
+
+    @classmethod
+    def view(
+        cls, stream: LiveStream, hookpoint: str, target: str | None = None, loop: bool = True
+    ) -> LiveSource:
+        """A source reading ``(hookpoint, target)`` of ``stream`` (both among ``stream.hookpoints``)."""
+        self = cls.__new__(cls)
+        self._attach(stream, hookpoint, target, loop)
+        return self
+
+    def _attach(self, stream: LiveStream, hookpoint: str, target: str | None, loop: bool) -> None:
+        for name in filter(None, (hookpoint, target)):
+            if name not in stream.hookpoints:
+                raise KeyError(
+                    f"hookpoint {name!r} is not computed by this live stream ({stream.hookpoints})"
+                )
+        self.stream, self.hookpoint, self.target, self.loop = stream, hookpoint, target, loop
+        self.d_in = stream.dims[hookpoint]
+        self.d_out = stream.dims[target] if target else None
         self.x_shape, self.y_shape = (self.d_in,), ((self.d_out,) if target else None)
-        self.n_rows = cfg.max_tokens
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.shuffle_buffer_rows, self.dtype, self.loop = max(shuffle_buffer_rows, batch_size), dtype, loop
+        self.world_size = stream.world_size
         self.epoch, self._batch = 0, 0
-        self.meta: dict = {}
-        """Provenance recorded in the checkpoints trained on this source (none by default)."""
+        self.meta: dict = stream.meta
+        """Provenance recorded in the checkpoints trained on this source."""
 
-    def _chunks(self, every_rank: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-        """Activations ``{hookpoint: [rows, d]}`` of the plan's shards (this rank's, or all of them)."""
-        for plan in plan_shards(self.cfg, self.tok):
-            if not every_rank and plan.index % self.world_size != self.rank:
-                continue
-            parts: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in self._hps}
-            for a in range(0, len(plan.token_ids), self.cfg.batch_size):
-                ids = torch.from_numpy(plan.token_ids[a : a + self.cfg.batch_size]).long().to(self.cfg.device)
-                attn = torch.from_numpy(plan.attention_mask[a : a + self.cfg.batch_size]).to(self.cfg.device)
-                acts = hooks.record(self.model, self._hps, ids, attention_mask=attn.long())
-                keep = torch.from_numpy(plan.keep[a : a + self.cfg.batch_size]).to(self.cfg.device)
-                for hp in self._hps:
-                    parts[hp.name].append(acts[hp.name][keep].to(self.dtype))
-            yield {k: torch.cat(v) for k, v in parts.items()}
+    @property
+    def cfg(self) -> CacheConfig:
+        return self.stream.cfg
 
-    def sample(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x [n, d_in], y [n, d_out] | None)``: ``n_rows`` rows drawn with ``seed`` from the first shards of
-        the plan that hold at least ``n_rows`` rows (all of it when it is shorter), the same on every rank."""
-        xs: list[torch.Tensor] = []
-        ys: list[torch.Tensor] = []
-        have = 0
-        for chunk in self._chunks(every_rank=True):
-            xs.append(chunk[self.hookpoint])
-            if self.target:
-                ys.append(chunk[self.target])
-            have += len(xs[-1])
-            if have >= n_rows:
-                break
-        if not have:
-            raise ValueError(f"{self.cfg.dataset!r} gave no rows for {self.hookpoint!r}: nothing to sample")
-        rng = np.random.default_rng(seed)
-        rows = torch.from_numpy(np.sort(rng.choice(have, size=min(n_rows, have), replace=False)))
-        rows = rows[torch.from_numpy(rng.permutation(len(rows)))]
-        return torch.cat(xs)[rows], (torch.cat(ys)[rows] if ys else None)
+    @property
+    def n_rows(self) -> int | None:
+        return self.stream.n_rows
 
     def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        epoch, B = self.epoch, self.batch_size
-        skip, served = self._batch, 0
-        buf_x: list[torch.Tensor] = []
-        buf_y: list[torch.Tensor] = []
-        rows, k = 0, 0
+        while (b := self.stream.batch(self.epoch, self._batch)) is not None:
+            self._batch += 1
+            yield b[self.hookpoint], (b[self.target] if self.target else None)
+        self.epoch, self._batch = self.epoch + 1, 0
 
-        def flush():
-            nonlocal buf_x, buf_y, rows, k, served
-            x = torch.cat(buf_x)
-            y = torch.cat(buf_y) if buf_y else None
-            perm = torch.from_numpy(
-                np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(len(x))
-            )
-            x, y, k = x[perm], (y[perm] if y is not None else None), k + 1
-            n_full = len(x) // B
-            for i in range(n_full):
-                served += 1
-                if served > skip:
-                    self._batch = served
-                    yield x[i * B : (i + 1) * B], (y[i * B : (i + 1) * B] if y is not None else None)
-            rest = x[n_full * B :]
-            buf_x = [rest]
-            buf_y = [y[n_full * B :]] if y is not None else []
-            rows = len(rest)
-
-        for chunk in self._chunks():
-            buf_x.append(chunk[self.hookpoint])
-            if self.target:
-                buf_y.append(chunk[self.target])
-            rows += len(chunk[self.hookpoint])
-            if rows >= self.shuffle_buffer_rows:
-                yield from flush()
-        if rows >= B:
-            yield from flush()
-        self.epoch, self._batch = epoch + 1, 0
+    def sample(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x [n, d_in], y [n, d_out] | None)`` from :meth:`LiveStream.sample` (one forward for every view)."""
+        out = self.stream.sample(n_rows, seed)
+        return out[self.hookpoint], (out[self.target] if self.target else None)
 
     def state_dict(self) -> dict:
-        """``{"epoch", "batch", "seed"}``: resuming recomputes the current epoch up to ``batch``."""
-        return {"epoch": self.epoch, "batch": self._batch, "seed": self.seed, "batch_size": self.batch_size}
+        """The position (``epoch``, ``batch``, ``seed``) and what fixes the order, checked on resume (the keys a
+        store records too: a run may resume from a cache read in window order where it trained live)."""
+        s = self.stream
+        return {"epoch": self.epoch, "batch": self._batch, "seed": s.seed, "rank": s.rank, **self._order()}
+
+    def _order(self) -> dict:
+        s = self.stream
+        order = {"world_size": s.world_size, "batch_size": s.batch_size, "shuffle": "window",
+                 "shuffle_buffer_rows": s.shuffle_buffer_rows, "config_hash": s.cfg.config_hash()}  # fmt: skip
+        return {**order, "n_rows": s._n_rows} if s._n_rows is not None else order
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
+        check_order(state, self._order(), "live source")
+        s = self.stream
+        if int(state["seed"]) != s.seed:
+            s.seed = int(state["seed"])
+            s._reset()
+        self.epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
+
+def live_sources(
+    cfg: CacheConfig, keys: Iterable[tuple[str, str]], **stream_kw
+) -> dict[tuple[str, str], LiveSource]:
+    """One :class:`LiveSource` per ``(hookpoint, target)`` key, all views of one :class:`LiveStream` of ``cfg``
+    computing every hookpoint the keys name in one forward (``stream_kw``: the stream's arguments)."""
+    keys = list(dict.fromkeys(keys))
+    stream = LiveStream(cfg, [h for key in keys for h in key], **stream_kw)
+    return stream.sources(keys)

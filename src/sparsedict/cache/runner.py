@@ -111,16 +111,23 @@ def _shard_done(root: Path, rec: dict | None, manifest: dict) -> bool:
     return True
 
 
-def _compute(
-    model, hps, plan: ShardPlan, cfg: CacheConfig, device: torch.device, bar
-) -> dict[str, torch.Tensor]:
-    """Forward the shard's contexts in batches; return ``{hookpoint: [rows, d]}`` in storage dtype."""
+def compute_shard(model, hps, plan: ShardPlan, cfg: CacheConfig, device: torch.device, bar=None,
+                  contexts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Forward the shard's contexts in batches of ``cfg.batch_size``; return ``{hookpoint: [rows, d]}`` (the
+    kept positions, in order) in the storage dtype ``cfg.dtype``, on the CPU.
+
+    ``contexts=(a, b)`` forwards only contexts ``[a, b)``, ``a`` a multiple of the batch size and ``b`` one or
+    the shard's end, so every forward batch is one of the whole shard's: the disk cache and the live source
+    run the same GEMM shapes on the same contexts, and so get the same values.
+    """
     store_dtype = getattr(torch, cfg.dtype)
+    first, stop = contexts or (0, len(plan.token_ids))
     out: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in hps}
-    for a in range(0, len(plan.token_ids), cfg.batch_size):
-        ids = torch.from_numpy(plan.token_ids[a : a + cfg.batch_size]).long().to(device)
-        attn = torch.from_numpy(plan.attention_mask[a : a + cfg.batch_size]).long().to(device)
-        keep = torch.from_numpy(plan.keep[a : a + cfg.batch_size]).to(device)
+    for a in range(first, stop, cfg.batch_size):
+        b = min(a + cfg.batch_size, stop)
+        ids = torch.from_numpy(plan.token_ids[a:b]).long().to(device)
+        attn = torch.from_numpy(plan.attention_mask[a:b]).long().to(device)
+        keep = torch.from_numpy(plan.keep[a:b]).to(device)
         acts = hooks.record(model, hps, ids, attention_mask=attn, stop_after=True)
         for hp in hps:
             out[hp.name].append(acts[hp.name][keep].to(store_dtype).cpu())
@@ -129,23 +136,24 @@ def _compute(
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
+def check_finite(name: str, x: torch.Tensor, cfg: CacheConfig, where: str) -> None:
+    """Raise naming ``where`` when the activations ``x`` of hookpoint ``name`` hold NaN/inf."""
+    if torch.isfinite(x).all():
+        return
+    bad = int((~torch.isfinite(x)).any(dim=1).sum())
+    hint = " (float16 overflows above 65504: use dtype bfloat16 or float32)" if cfg.dtype == "float16" else ""
+    raise CacheError(
+        f"hookpoint {name!r} has NaN/inf activations in {bad} rows of {where}{hint}; run the model in float32 "
+        "(model_dtype) and check the model weights."
+    )
+
+
 def _write(
     root: Path, plan: ShardPlan, acts: dict[str, torch.Tensor], cfg: CacheConfig, rank: int, done: int
 ) -> None:
     files = {}
     for name, x in acts.items():
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).any(dim=1).sum())
-            hint = (
-                " (float16 overflows above 65504: use dtype bfloat16 or float32)"
-                if cfg.dtype == "float16"
-                else ""
-            )
-            raise CacheError(
-                f"hookpoint {name!r} has NaN/inf activations in {bad} rows of shard {plan.index} "
-                f"({root / shard_file(name, plan.index)} not written){hint}; run the model in float32 "
-                "(model_dtype) and check the model weights."
-            )
+        check_finite(name, x, cfg, f"shard {plan.index} ({root / shard_file(name, plan.index)} not written)")
         files[name] = {
             "file": shard_file(name, plan.index),
             **write_shard(root / shard_file(name, plan.index), {"activations": x}, done),
@@ -189,15 +197,26 @@ def _prepare(root: Path, cfg: CacheConfig, model, tok, hps, device, rank: int) -
     return manifest
 
 
+def forward_threads(cfg: CacheConfig, local_world: int) -> int:
+    """CPU threads for the model: ``cfg.num_threads``, else the machine's cores over the ranks on this node."""
+    return cfg.num_threads or max(1, (os.cpu_count() or 1) // local_world)
+
+
+def model_device(cfg: CacheConfig, world: int) -> torch.device:
+    """The model's device: ``cfg.device``, or under torchrun on GPUs (``world > 1``) this process's local GPU."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def cache_activations(cfg: CacheConfig) -> Path:
     """Cache ``cfg.hookpoints`` of ``cfg.model`` over ``cfg.dataset``; return the cache directory."""
     from sparsedict.lm import load_model
 
     rank, world, local_world = _dist()
-    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // local_world))
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.set_num_threads(forward_threads(cfg, local_world))
+    device = model_device(cfg, world)
     root = Path(cfg.out_dir)
     model, tok = load_model(cfg.model, device=str(device), dtype=cfg.model_dtype)
     hps = [hooks.resolve(model, name) for name in cfg.hookpoints]
@@ -226,7 +245,7 @@ def cache_activations(cfg: CacheConfig) -> Path:
             if bar is not None:
                 bar.update(plan.rows)
             continue
-        acts = _compute(model, hps, plan, cfg, device, bar)
+        acts = compute_shard(model, hps, plan, cfg, device, bar)
         _write(root, plan, acts, cfg, rank, done)
         done += 1
         if rank == 0:

@@ -2,14 +2,20 @@
 
 Shuffling, per epoch ``e`` (all randomness from ``seed`` and ``e``, so runs are reproducible):
 
-1. Every shard is cut into blocks of ``block_rows`` consecutive rows; the blocks of all shards are
-   permuted together (one global order per epoch).
+1. ``shuffle="global"`` (default): every shard is cut into blocks of ``block_rows`` consecutive rows; the
+   blocks of all shards are permuted together (one global order per epoch). ``shuffle="window"``: the
+   rows stay in cache order (shard by shard), the order a :class:`~sparsedict.cache.live.LiveSource`
+   computes them in.
 2. The concatenated row stream is split into ``world_size`` equal contiguous parts (``N // world_size``
-   rows each; the ``N mod world_size`` rows left over change every epoch): no row is served twice across
-   ranks within an epoch, and every rank gets the same number of batches.
-3. A rank reads its part in windows of ``shuffle_buffer_rows`` rows (many blocks from all over the
-   cache) into one reusable buffer, permutes each window's rows and gathers batches from it in that
-   order. RAM is bounded by the window size, which ``max_ram_bytes`` sets.
+   rows each; the ``N mod world_size`` rows left over change every epoch under "global"): no row is served
+   twice across ranks within an epoch, and every rank gets the same number of batches.
+3. A rank reads its part in windows of ``shuffle_buffer_rows`` rows (under "global", many blocks from all
+   over the cache) into one reusable buffer, permutes each window's rows and gathers batches from it in
+   that order (:class:`~sparsedict.cache.source.WindowOrder`, shared with the live source). RAM is bounded
+   by the window size, which ``max_ram_bytes`` sets.
+
+Under "window" the store serves exactly the batches (and :meth:`ActivationStore.sample` the rows) that a
+``LiveSource`` of the cache's config serves with the same seed, batch size, ranks and window.
 
 Rows are read with positioned reads (``os.preadv``) of contiguous block ranges straight into the
 window buffer rather than through long-lived memory maps, whose resident file pages would count
@@ -35,7 +41,7 @@ from sparsedict.cache import digest
 from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest
-from sparsedict.cache.source import EpochIterator
+from sparsedict.cache.source import WINDOW_ROWS, Window, WindowOrder, check_order, head_rows, sample_rows
 from sparsedict.cache.writer import expected_tensors, load_shard
 from sparsedict.util import write_json_atomic
 
@@ -48,7 +54,7 @@ RAM_FIXED = 20 << 20
 """Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
 
 
-class ActivationStore(EpochIterator):
+class ActivationStore(WindowOrder):
     """Batches ``(x [B, d_in], y [B, d_out] | None)`` from an activation cache directory.
 
     ``hookpoint``/``target`` accept the name given at caching time or its resolved module path.
@@ -72,17 +78,19 @@ class ActivationStore(EpochIterator):
     for a window of one batch is an error). Peak RSS above the process before the store stays under the
     bound for float32 and bfloat16 caches larger than it (measured in tests/test_cache_ram.py).
 
+    ``shuffle``: "global" (blocks of the whole cache, then windows) or "window" (cache order, then windows: the
+    order of a live source, so training on the store equals training live; see the module docstring).
+
     ``verify=True`` (default): a shard is hashed in full (read through one ``digest.WINDOW``-byte buffer, counted
     in the bound) and checked against the manifest the first time this process reads any of it; a mismatch,
     truncation or missing file raises :class:`~sparsedict.cache.digest.ShardError` naming the shard and the fix.
     """
 
     def __init__(self, path: str | Path, hookpoint: str | Sequence[str], target: str | Sequence[str] | None = None,
-                 batch_size: int = 4096,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int = 262_144,
-                 max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
+                 batch_size: int = 4096, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer_rows: int = WINDOW_ROWS, max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
                  block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = True,
-                 device: str | torch.device = "cpu") -> None:  # fmt: skip
+                 device: str | torch.device = "cpu", shuffle: str = "global") -> None:  # fmt: skip
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         if self.manifest["status"] != "complete":
@@ -92,6 +100,9 @@ class ActivationStore(EpochIterator):
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if shuffle not in ("global", "window"):
+            raise ValueError(f"shuffle must be 'global' or 'window', not {shuffle!r}")
+        self.shuffle = shuffle
         self.hookpoint, self._xs = self._columns(hookpoint, verify, "hookpoint")
         self._x = self._xs[0]
         info = self.manifest["hookpoints"][self._x.name]
@@ -204,8 +215,9 @@ class ActivationStore(EpochIterator):
             start.append(starts)
         shard_a, start_a = np.concatenate(shard), np.concatenate(start)
         stop_a = np.minimum(start_a + self.block_rows, np.asarray(self._x.rows)[shard_a])
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(shard_a))
-        shard_a, start_a, stop_a = shard_a[order], start_a[order], stop_a[order]
+        if self.shuffle == "global":
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(shard_a))
+            shard_a, start_a, stop_a = shard_a[order], start_a[order], stop_a[order]
         cum = np.concatenate([[0], np.cumsum(stop_a - start_a)])
         return shard_a, start_a, stop_a, cum
 
@@ -226,8 +238,12 @@ class ActivationStore(EpochIterator):
             at += b - a
         return hi - lo, pieces
 
-    def _take(self, col: Column, src: torch.Tensor, idx: torch.Tensor, pieces) -> torch.Tensor:
+    def _take(
+        self, col: Column | None, src: torch.Tensor | None, idx: torch.Tensor, pieces
+    ) -> torch.Tensor | None:
         """Rows ``src[idx]`` as a new ``[len(idx), d]`` tensor in ``self.dtype``; NaN/inf raise naming the shard."""
+        if col is None:
+            return None
         part = src[idx]
         if not torch.isfinite(part.sum(dtype=torch.float32)):
             self._locate_nonfinite(col, src, pieces)
@@ -249,55 +265,32 @@ class ActivationStore(EpochIterator):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{self.n_rows} rows over {self.world_size} rank(s) cannot fill one batch of {self.batch_size}; "
-                "cache more tokens or use a smaller batch_size"
-            )
-        epoch, B = self.epoch, self.batch_size
+    def _windows(self, epoch: int, first: int) -> Iterator[Window]:
+        """Windows of this rank's part, read into one reusable buffer per column (storage dtype)."""
         plan = self._blocks(epoch)
         n_windows = math.ceil(self.rows_per_rank / self.shuffle_buffer_rows)
-        off = self._batch * B
-        k = off // self.shuffle_buffer_rows
-        skip = off - k * self.shuffle_buffer_rows
         cap = min(self.shuffle_buffer_rows, self.rows_per_rank)
         cols = self._cols
         bufs = [np.empty((cap, c.d), dtype=c.np_dtype) for c in cols]
-        tail: list[torch.Tensor] | None = None  # rows of the previous window that did not fill a batch (< B)
-        while self._batch < self.batches_per_epoch and k < n_windows:
+        for k in range(first, n_windows):
             n, pieces = self._fill(plan, epoch, k, bufs)
             srcs = [c.as_torch(buf[:n]) for c, buf in zip(cols, bufs)]
-            # the window's rows in shuffled order are src[perm]; batches gather them straight from the buffer
-            perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(n))
-            perm = perm[skip:]
-            skip, k = 0, k + 1
-            pos, last = 0, k == n_windows
-            if tail is not None and len(tail[0]):
-                pos = min(B - len(tail[0]), len(perm))
-                tail = [
-                    torch.cat([t, self._take(c, src, perm[:pos], pieces)])
-                    for t, c, src in zip(tail, cols, srcs)
-                ]
-                if len(tail[0]) == B or last:
-                    self._batch += 1
-                    yield self._assemble(tail, self._out)
-                    tail = None
-            while self._batch < self.batches_per_epoch and (
-                len(perm) - pos >= B or (last and pos < len(perm))
-            ):
-                idx = perm[pos : pos + B]
-                pos += len(idx)
-                parts = [self._take(c, src, idx, pieces) for c, src in zip(cols, srcs)]
-                self._batch += 1
-                yield self._assemble(parts, self._out)
-                parts = None
-            if pos < len(perm):
-                rest = [self._take(c, src, perm[pos:], pieces) for c, src in zip(cols, srcs)]
-                tail = rest if tail is None else [torch.cat([t, r]) for t, r in zip(tail, rest)]
-            srcs = None
-            trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
-        self.epoch, self._batch = epoch + 1, 0
+
+            def take(idx: torch.Tensor, srcs=srcs, pieces=pieces) -> tuple[torch.Tensor, ...]:
+                return tuple(self._take(c, src, idx, pieces) for c, src in zip(cols, srcs))
+
+            yield Window(n, take, k + 1 == n_windows)
+            srcs = take = None
+
+    def _serve(self, cols: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._assemble(list(cols), self._out)
+
+    def _too_few(self) -> str:
+        return (f"{self.n_rows} rows over {self.world_size} rank(s) cannot fill one batch of {self.batch_size}; "
+                "cache more tokens or use a smaller batch_size")  # fmt: skip
+
+    def _after_window(self) -> None:
+        trim()  # hand the freed batch-sized blocks back to the OS (glibc keeps them otherwise)
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
@@ -314,16 +307,23 @@ class ActivationStore(EpochIterator):
         return x, y
 
     def state_dict(self) -> dict:
-        """Position for exact resume: ``{"epoch", "batch", "seed", "rank", "world_size", "n_rows"}``."""
-        return {"epoch": self.epoch, "batch": self._batch, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "n_rows": self.n_rows, "batch_size": self.batch_size}  # fmt: skip
+        """Position for exact resume (``epoch``, ``batch``, ``seed``) and what fixes the order, checked on resume
+        (the keys a live source records too: a run may resume live where it read a cache in window order)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "rank": self.rank,
+        } | self._order()
+
+    def _order(self) -> dict:
+        order = {"world_size": self.world_size, "n_rows": self.n_rows, "batch_size": self.batch_size,
+                 "shuffle": self.shuffle, "shuffle_buffer_rows": self.shuffle_buffer_rows,
+                 "config_hash": self.manifest["config_hash"]}  # fmt: skip
+        return {**order, "block_rows": self.block_rows} if self.shuffle == "global" else order
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("n_rows", "world_size", "batch_size"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(
-                    f"store state has {key}={state[key]} but this store has {getattr(self, key)}"
-                )
+        check_order(state, self._order(), "store")
         self.epoch, self._batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
 
     # ----------------------------------------------------------------- random access
@@ -341,10 +341,10 @@ class ActivationStore(EpochIterator):
         return torch.cat(parts).to(self.dtype)
 
     def sample(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x [n, d_in], y [n, d_out] | None)``: ``n_rows`` random rows of the whole cache (e.g. for init)."""
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(self.n_rows, size=min(n_rows, self.n_rows), replace=False))
-        order = torch.from_numpy(rng.permutation(len(rows)))
+        """``(x [n, d_in], y [n, d_out] | None)``: ``n_rows`` random rows (e.g. for init) of the whole cache, or
+        under ``shuffle="window"`` of its first shards holding ``n_rows`` (what a live source samples)."""
+        available = self.n_rows if self.shuffle == "global" else head_rows(self._x.rows, n_rows)
+        rows, order = sample_rows(available, n_rows, seed)
         return self._assemble([self._gather(c, rows)[order] for c in self._cols])
 
     def rows(

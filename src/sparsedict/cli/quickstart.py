@@ -29,6 +29,10 @@ def main(argv: list[str]) -> int:
     recipe, opts = parse_run(argv, "sparsedict quickstart", __doc__, recipe=QUICKSTART_RECIPE)
     if recipe.cache is None or recipe.eval_cache is None:
         raise ValueError(f"{recipe.source}: the quickstart needs both a 'cache' and an 'eval_cache' section")
+    if recipe.train.source == "live":
+        raise ValueError(
+            "the quickstart trains from a disk cache; to train live use `sparsedict train --train.source live`"
+        )
 
     print(f"[1/5] caching activations of {recipe.cache.model} at {recipe.cache.hookpoints} ...")
     cache_dir = cache_activations(recipe.cache)
@@ -36,7 +40,7 @@ def main(argv: list[str]) -> int:
     t_cache = time.perf_counter()
 
     print("[2/5] training ...")
-    sources = open_sources(recipe, cache_dir, recipe.train.batch_size, 0, 1)
+    sources = open_sources(recipe, cache_dir, recipe.train.batch_size, 0, 1)  # in train.shuffle's order
     models = build_dictionaries(recipe, sources)
     trainer = Trainer(models, sources, recipe.train)
     trainer.fit(resume=not opts.no_resume)

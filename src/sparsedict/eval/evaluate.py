@@ -101,12 +101,13 @@ def training_rules(meta: dict) -> dict | None:
 
 
 def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
-    """``cfg.cache``, or a held-out cache made with the training cache's settings on ``cfg.split``."""
+    """``cfg.cache``, or a held-out cache made with the training cache's settings (or those of a live run's data,
+    ``meta["live"]``) on ``cfg.split``."""
     if cfg.cache:
         return Path(cfg.cache)
     base: dict[str, Any] = {}
     for d in dictionaries.values():
-        manifest = training_cache(d.meta)
+        manifest = training_cache(d.meta) or d.meta.get("live")
         if manifest:
             base = dict(manifest["config"])
             break

@@ -63,6 +63,16 @@ class TrainConfig:
     """Split each dictionary's latents across ranks (latent/tensor parallel) instead of replicating it."""
     dist_timeout_min: float = 10.0
     """Collective timeout in minutes: a dead rank ends the job with an error instead of a hang."""
+    source: str = "cache"
+    """Where the training activations come from: 'cache' (the recipe's cache section is written to disk, or
+    resumed, and read back) or 'live' (the model runs during training, on cache.device, with the cache
+    section's model, text, hookpoints and exclusion rules; no shards are written; one forward computes every
+    hookpoint the dictionaries read, and the model runs again every epoch)."""
+    shuffle: str = "auto"
+    """Order of the training rows: 'global' (blocks of 256 rows from the whole cache permuted, then windows of
+    262,144 rows permuted; a cache only), 'window' (the text in order, windows of 262,144 rows permuted: the
+    order a live source serves; a float32 cache read this way gives live training's batches) or 'auto'
+    (global from a cache, window live)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("auto", "adam", "signum_sf"):
@@ -73,6 +83,15 @@ class TrainConfig:
             )
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be 'none' or 'bf16', not {self.autocast!r}")
+        if self.source not in ("cache", "live"):
+            raise ValueError(f"source must be 'cache' or 'live', not {self.source!r}")
+        if self.shuffle not in ("auto", "global", "window"):
+            raise ValueError(f"shuffle must be 'global', 'window' or 'auto', not {self.shuffle!r}")
+        if self.source == "live" and self.shuffle == "global":
+            raise ValueError(
+                "shuffle: global needs a cache on disk; a live source serves the text in order, shuffled within "
+                "windows: use shuffle: window (or auto)"
+            )
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.betas is not None:
