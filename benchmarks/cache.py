@@ -1,8 +1,11 @@
 """Cache benchmarks on SmolLM2-135M: caching tokens/s (forward cut after the hooked block vs full
 forward, and end to end), ActivationStore read throughput + peak RSS under a RAM bound, with and without
-shard verification, and the speed of the candidate shard digests.
+shard verification, and the speed of the candidate shard digests. The forward runs with the model in each of
+``--model-dtypes`` (``CacheConfig.model_dtype``), alternating batch by batch, and prints each dtype's
+tokens/s and its activations' relative error against the float32 forward of the same contexts.
 
     .venv/bin/python benchmarks/cache.py [--tokens 4096] [--store-rows 262144] [--repeats 2] [--json out.json]
+    .venv/bin/python benchmarks/cache.py --forward-only --model-dtypes float32,bfloat16 --layers 14 --cut-only
 
 Store reads use a synthetic cache (random rows written with the real writer and manifest format) so a
 cache larger than the RAM bound can be made in seconds; I/O cost does not depend on the values.
@@ -32,44 +35,80 @@ from pathlib import Path
 import torch
 
 
-def bench_forward(n_tokens: int, layers: list[int], batch: int = 8, ctx: int = 128) -> list[dict]:
+def bench_forward(
+    n_tokens: int,
+    layers: list[int],
+    batch: int = 8,
+    ctx: int = 128,
+    dtypes: tuple[str, ...] = ("float32",),
+    stops: tuple[bool, ...] = (True, False),
+) -> list[dict]:
+    """Forward tokens/s up to ``resid_post.L`` (cut after the block, and the full forward) with the model in
+    each of ``dtypes``, the dtypes alternating batch by batch; for a dtype other than float32 (the first),
+    the activations' relative error against the float32 forward of the same contexts
+    (``‖a − a_fp32‖ / ‖a_fp32‖`` over all kept positions, and the median per token)."""
     from sparsedict.cache import CacheConfig, hooks
     from sparsedict.cache.tokens import plan_shards
     from sparsedict.lm import load_model
 
-    model, tok = load_model()
+    models = {dt: load_model(dtype=dt)[0] for dt in dtypes}
+    tok = load_model()[1]
     cfg = CacheConfig(dataset="embedded", max_tokens=n_tokens, context_length=ctx, shard_rows=10**9)
     plan = next(plan_shards(cfg, tok))
     ids = torch.from_numpy(plan.token_ids).long()
     rows = []
     for layer in layers:
-        for stop in (True, False):
-            hooks.record(model, [f"resid_post.{layer}"], ids[:batch], stop_after=stop)  # warm-up
-            t = time.perf_counter()
+        hp = f"resid_post.{layer}"
+        for stop in stops:
+            seconds = dict.fromkeys(dtypes, 0.0)
+            err_sq, ref_sq, per_token = dict.fromkeys(dtypes, 0.0), 0.0, {dt: [] for dt in dtypes}
+            for m in models.values():
+                hooks.record(m, [hp], ids[:batch], stop_after=stop)  # warm-up
             for a in range(0, len(ids), batch):
-                hooks.record(model, [f"resid_post.{layer}"], ids[a : a + batch], stop_after=stop)
-            dt = time.perf_counter() - t
-            rows.append({"bench": "forward", "layer": layer, "early_stop": stop, "contexts": len(ids),
-                         "tokens_per_s": ids.numel() / dt, "seconds": dt})  # fmt: skip
-            print(f"forward resid_post.{layer:<2} early_stop={stop!s:<5} {ids.numel() / dt:8.0f} tokens/s "
-                  f"({len(ids)} contexts x {ctx}, batch {batch})")  # fmt: skip
+                acts = {}
+                for dt, m in models.items():
+                    t = time.perf_counter()
+                    acts[dt] = hooks.record(m, [hp], ids[a : a + batch], stop_after=stop)[hp].float()
+                    seconds[dt] += time.perf_counter() - t
+                if stop and "float32" in acts:
+                    keep = ids[a : a + batch] != tok.pad_token_id  # the positions a cache keeps
+                    keep[:, : cfg.exclude_first_n] = False
+                    ref = acts["float32"][keep]
+                    ref_sq += float(ref.double().square().sum())
+                    for dt, act in acts.items():
+                        diff = act[keep] - ref
+                        err_sq[dt] += float(diff.double().square().sum())
+                        per_token[dt].append((diff.norm(dim=-1) / ref.norm(dim=-1)).flatten())
+            for dt in dtypes:
+                row = {"bench": "forward", "layer": layer, "early_stop": stop, "model_dtype": dt,
+                       "contexts": len(ids), "tokens_per_s": ids.numel() / seconds[dt], "seconds": seconds[dt]}  # fmt: skip
+                line = f"forward {hp:<13} {dt:<8} early_stop={stop!s:<5} {row['tokens_per_s']:8.0f} tokens/s"
+                if ref_sq and dt != "float32":
+                    row["rel_error"] = (err_sq[dt] / ref_sq) ** 0.5
+                    row["rel_error_median_token"] = float(torch.cat(per_token[dt]).median())
+                    row["speedup_vs_float32"] = seconds["float32"] / seconds[dt]
+                    line += (f" ({row['speedup_vs_float32']:.2f}x float32; relative error vs float32 "
+                             f"{row['rel_error']:.2e}, median per token {row['rel_error_median_token']:.2e})")  # fmt: skip
+                rows.append(row)
+                print(f"{line} ({len(ids)} contexts x {ctx}, batch {batch})")
     return rows
 
 
-def bench_cache(n_tokens: int, layer: int) -> dict:
+def bench_cache(n_tokens: int, layer: int, model_dtype: str = "float32") -> dict:
     from sparsedict.cache import CacheConfig, cache_activations
 
     with tempfile.TemporaryDirectory() as d:
         cfg = CacheConfig(dataset="embedded", hookpoints=[f"resid_post.{layer}"], max_tokens=n_tokens,
-                          out_dir=d, progress=False)  # fmt: skip
+                          out_dir=d, progress=False, model_dtype=model_dtype)  # fmt: skip
         t = time.perf_counter()
         cache_activations(cfg)
         dt = time.perf_counter() - t
-    print(f"cache_activations resid_post.{layer}: {n_tokens / dt:.0f} kept rows/s end to end "
-          f"({n_tokens} rows in {dt:.1f} s, incl. model load and tokenisation)")  # fmt: skip
+    print(f"cache_activations resid_post.{layer} model_dtype={model_dtype}: {n_tokens / dt:.0f} kept rows/s "
+          f"end to end ({n_tokens} rows in {dt:.1f} s, incl. model load and tokenisation)")  # fmt: skip
     return {
         "bench": "cache_end_to_end",
         "layer": layer,
+        "model_dtype": model_dtype,
         "rows": n_tokens,
         "rows_per_s": n_tokens / dt,
         "seconds": dt,
@@ -308,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=2, help="verification off/on pairs per store configuration"
     )
     ap.add_argument("--store-only", action="store_true", help="only the digest and store read benchmarks")
+    ap.add_argument("--forward-only", action="store_true", help="only the model forward benchmark")
+    ap.add_argument("--layers", default="6,14", help="blocks L of the forward benchmark's resid_post.L")
+    ap.add_argument("--cut-only", action="store_true", help="time only the forward cut after block L")
+    ap.add_argument(
+        "--model-dtypes",
+        default="float32,bfloat16",
+        help="model dtypes of the forward benchmark, alternated (float32 first: the others' error is against it)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -317,18 +364,22 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()} "
         f"(store reader: {THREADS}), load average {os.getloadavg()[0]:.1f}"
     )
-    rows = bench_hashes()
-    n_batches = 2 * (args.store_rows // 4096)  # two epochs, including window loads
-    rows += bench_store(args.store_rows, 4096, n_batches, None, "float32", args.repeats)
-    rows += bench_store(args.store_rows, 4096, n_batches, 128_000_000, "float32", args.repeats)
-    rows += bench_store(args.store_rows, 4096, n_batches, 128_000_000, "bfloat16", args.repeats)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    if args.store_only:
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
-        return 0
-    rows += bench_forward(args.tokens, [6, 14])
-    rows.append(bench_cache(args.tokens * 2, 6))
+    dtypes = tuple(args.model_dtypes.split(","))
+    rows = []
+    if not args.forward_only:
+        rows += bench_hashes()
+        n_batches = 2 * (args.store_rows // 4096)  # two epochs, including window loads
+        rows += bench_store(args.store_rows, 4096, n_batches, None, "float32", args.repeats)
+        rows += bench_store(args.store_rows, 4096, n_batches, 128_000_000, "float32", args.repeats)
+        rows += bench_store(args.store_rows, 4096, n_batches, 128_000_000, "bfloat16", args.repeats)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if not args.store_only:
+        layers = [int(v) for v in args.layers.split(",")]
+        stops = (True,) if args.cut_only else (True, False)
+        rows += bench_forward(args.tokens, layers, dtypes=dtypes, stops=stops)
+        if not args.forward_only:
+            rows += [bench_cache(args.tokens * 2, 6, dt) for dt in dtypes]
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

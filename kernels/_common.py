@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "ref", "triton")
+BACKENDS = ("auto", "ref", "triton", "cpu")
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""dtypes the CPU (numba) kernels take; they compute in fp32 (float64 inputs use the reference)."""
 
 
 def triton_available() -> bool:
@@ -49,13 +51,40 @@ def use_triton(t: Tensor) -> bool:
     return _env_on("SPARSEDICT_FORCE_TRITON") and interpreting()
 
 
+def use_cpu_kernels(t: Tensor) -> bool:
+    """True when ``t`` is a CPU tensor of a :data:`CPU_DTYPES` dtype, numba imports and
+    ``SPARSEDICT_DISABLE_CPU_KERNELS`` is unset: the CPU (numba) kernels are the automatic choice."""
+    from sparsedict.kernels.topk_cpu import numba_available
+
+    return (
+        t.device.type == "cpu"
+        and t.dtype in CPU_DTYPES
+        and not _env_on("SPARSEDICT_DISABLE_CPU_KERNELS")
+        and numba_available()
+    )
+
+
 def resolve_backend(backend: str | None, t: Tensor, op: str) -> str:
-    """Map ``backend`` (None/'auto', 'ref', 'triton') to 'ref' or 'triton' for tensor ``t``."""
+    """Map ``backend`` (None/'auto', 'ref', 'triton', 'cpu') to 'ref', 'triton' or 'cpu' for tensor ``t``.
+
+    'auto': Triton where :func:`use_triton` holds, the CPU kernels where :func:`use_cpu_kernels` holds,
+    else the reference.
+    """
     backend = backend or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "auto":
-        return "triton" if use_triton(t) else "ref"
+        return "triton" if use_triton(t) else "cpu" if use_cpu_kernels(t) else "ref"
+    if backend == "cpu":
+        from sparsedict.kernels.topk_cpu import numba_available
+
+        if not numba_available():
+            raise RuntimeError(f"{op}: backend='cpu' needs the numba package (pip install numba)")
+        if t.device.type != "cpu" or t.dtype not in CPU_DTYPES:
+            raise RuntimeError(
+                f"{op}: backend='cpu' takes CPU tensors of {[str(d) for d in CPU_DTYPES]}, got a "
+                f"{t.device.type} {t.dtype} tensor; use backend='ref' (or 'auto')"
+            )
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(

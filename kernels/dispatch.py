@@ -2,7 +2,9 @@
 
 ``backend=None`` (or ``'auto'``) picks Triton when :func:`use_triton` says so — CUDA tensors, Triton
 importable, ``SPARSEDICT_DISABLE_TRITON`` unset (``SPARSEDICT_FORCE_TRITON=1`` with ``TRITON_INTERPRET=1``
-also picks it on CPU, for tests) — and the reference otherwise. ``'ref'`` / ``'triton'`` force one.
+also picks it on CPU, for tests) —, the CPU (numba) kernels on CPU tensors when numba imports
+(:func:`~sparsedict.kernels._common.use_cpu_kernels`; ``SPARSEDICT_DISABLE_CPU_KERNELS=1`` turns them
+off), and the reference otherwise. ``'ref'`` / ``'triton'`` / ``'cpu'`` force one.
 Options the fused kernels do not support raise a ``ValueError`` naming the fix instead of silently
 falling back.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from sparsedict.kernels._common import resolve_backend, use_triton
 from sparsedict.kernels.normalised_update import normalised_adam_step
+from sparsedict.kernels.sparse_cpu import sparse_decode_cpu, topk_encode_cpu
 from sparsedict.kernels.sparse_decode import sparse_decode_ref, sparse_decode_triton
 from sparsedict.kernels.topk_encode import ALGORITHMS, MAX_K, topk_encode_ref, topk_encode_triton
 from torch import Tensor
@@ -35,6 +38,8 @@ def topk_encode(
         chosen = "ref"
     if chosen == "triton":
         return topk_encode_triton(x, W_enc, b_enc, k, algorithm)
+    if chosen == "cpu":
+        return topk_encode_cpu(x, W_enc, b_enc, k)
     return topk_encode_ref(x, W_enc, b_enc, k)
 
 
@@ -42,6 +47,9 @@ def sparse_decode(
     indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None, backend: str | None = None
 ) -> Tensor:
     """``x̂ [B, d] = b_dec + Σ_j values[:, j] · W_dec[indices[:, j]]``; differentiable, sparse backward."""
-    if resolve_backend(backend, W_dec, "sparse_decode") == "triton":
+    chosen = resolve_backend(backend, W_dec, "sparse_decode")
+    if chosen == "triton":
         return sparse_decode_triton(indices, values, W_dec, b_dec)
+    if chosen == "cpu":
+        return sparse_decode_cpu(indices, values, W_dec, b_dec)
     return sparse_decode_ref(indices, values, W_dec, b_dec)

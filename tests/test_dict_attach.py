@@ -178,3 +178,63 @@ def test_bad_attachments_are_clear_errors(lm):
     nohook = random_topk(576, "")
     with pytest.raises(ValueError, match="has no hookpoint"):
         nohook.hook(model)
+
+
+def test_splice_defaults_to_the_recorded_exclusion_rules(lm, smollm2):
+    """F9: a checkpoint trained on a cache that left out BOS, the first 2 positions and special tokens is spliced
+    at exactly the other positions by default; ``exclude_first=0`` splices all of them."""
+    from sparsedict.cache.tokens import Exclusions
+
+    model, ids, _, _ = lm
+    _, tok = smollm2
+    special = sorted(set(tok.all_special_ids) - {tok.bos_token_id})[0]
+    ids = torch.cat(
+        [torch.tensor([[tok.bos_token_id]]), ids[:, :5], torch.tensor([[special]]), ids[:, 5:]], 1
+    )
+    sae = random_topk(576, f"resid_post.{LAYER}", seed=5)
+    rules = {"prepend_bos": True, "exclude_bos": True, "exclude_first_n": 2, "exclude_special": True}
+    sae.meta = {"exclusions": Exclusions.make(rules, tok.bos_token_id, tok.all_special_ids).record()}
+    keep = torch.ones(ids.shape, dtype=torch.bool)  # by hand: BOS, positions 0-1 and the special token stay
+    keep[:, :2] = False
+    keep[:, 6] = False
+
+    def recon(h, keep=keep):
+        flat = h.reshape(-1, 576)
+        out = sae.decode(sae.encode(flat), flat).reshape(h.shape)
+        return torch.where(keep[..., None], out, h)
+
+    ref = logits_with_raw_hook(model, model.model.layers[LAYER], recon, ids)
+    with torch.no_grad(), sae.hook(model):
+        spliced = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(spliced, ref, atol=1e-4, rtol=1e-4)
+    every = logits_with_raw_hook(
+        model, model.model.layers[LAYER], lambda h: recon(h, torch.ones_like(keep)), ids
+    )
+    with torch.no_grad(), sae.hook(model, exclude_first=0):
+        spliced_all = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(spliced_all, every, atol=1e-4, rtol=1e-4)
+    assert (spliced_all - spliced).abs().max() > 1.0
+
+
+def test_attach_uses_eval_mode_and_restores_the_mode(lm):
+    """F9: a BatchTopK fresh from training (train mode) splices with its threshold θ, not a batch top-k over
+    the tokens of the forward, and is back in train mode afterwards."""
+    model, ids, _, _ = lm
+    sae = make_dict("batchtopk", 576, 2304, k=16, hookpoint=f"resid_post.{LAYER}", seed=6)
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+    sae.train()
+
+    def recon(h):
+        flat = h.reshape(-1, 576)
+        acts = sae.pre_acts(flat).relu()
+        return sae.decode(sae.encode(flat).__class__(acts * (acts > 0.5), None, sae.n_latents)).reshape(
+            h.shape
+        )
+
+    ref = logits_with_raw_hook(model, model.model.layers[LAYER], recon, ids)
+    with torch.no_grad(), sae.hook(model) as att:
+        assert not sae.training
+        spliced = model(input_ids=ids, use_cache=False).logits
+    assert sae.training and att.dictionary is sae
+    torch.testing.assert_close(spliced, ref, atol=1e-4, rtol=1e-4)

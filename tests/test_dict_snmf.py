@@ -155,3 +155,25 @@ def test_save_from_pretrained_round_trip(tmp_path):
 def test_transcoder_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="transcoder"):
         build(SNMFConfig(hookpoint="mlp_in.3", target="mlp_out.3", d_in=16, d_out=16).resolved(16))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fold_scaling_keeps_penalised_codes(tmp_path):
+    """With ``code_l1 > 0`` and ``input_scale`` c ≠ 1 the saved dictionary gives the trained model's codes on raw
+    inputs: the fold divides λ by c² along with W_dec by c (codes minimise ``½‖c·x − gW‖² + λΣg``)."""
+    X, _ = semi_nmf_data(n=1000)
+    model = SNMF(SNMFConfig(d_in=48, n_latents=8, sparsity=0.25, code_l1=0.05, encode_tol=0.0,
+                            encode_iters=1000).resolved(48))  # fmt: skip
+    model.init_from_data(X)
+    stream(model, X, epochs=1, batch=250)
+    c = 0.25
+    model.input_scale.fill_(c)
+    x = X[:100]
+    trained = model.encode(c * x).values  # what the model computes on the inputs it was trained on
+    loaded = from_pretrained(model.save_pretrained(tmp_path / "snmf"))
+    assert loaded.cfg.code_l1 == pytest.approx(0.05 / c**2) and float(loaded.input_scale) == 1.0
+    assert model.cfg.code_l1 == 0.05  # the fold acts on the saved copy only
+    assert bool((trained == 0).any()), "λ should switch some codes off"
+    torch.testing.assert_close(loaded.encode(x).values, trained, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), model.decode(model.encode(c * x)) / c,
+                               atol=1e-4, rtol=1e-4)  # fmt: skip

@@ -7,6 +7,8 @@ the per-step loss curve (log.jsonl) and the saved parameters.
 
 from __future__ import annotations
 
+import json
+
 import dist_worker as W
 import pytest
 import torch
@@ -33,6 +35,16 @@ def _compare(a: str, b: str) -> None:
     assert la[-1]["topk/mse"] < 0.5 * la[0]["topk/mse"]
 
 
+def _assert_group_freed(out_dir: str) -> None:
+    """destroy() freed the process group: its gloo threads ran before it and are gone after it. (Threads
+    that outlive it race interpreter shutdown and abort a finished rank with SIGABRT.)"""
+    with open(f"{out_dir}/done.json") as f:
+        done = json.load(f)
+    assert done["world"] == 2
+    assert done["gloo_threads_before_destroy"], "no gloo threads seen: the check below would be vacuous"
+    assert done["gloo_threads_after_destroy"] == []
+
+
 def test_tensor_source_ranks_partition_the_global_batch():
     x = torch.arange(200.0)[:, None]
     single = iter(TensorSource(x, batch_size=40, seed=3))
@@ -48,6 +60,7 @@ def test_data_parallel_matches_single_process(tmp_path):
     W.run({**opts, "out_dir": str(tmp_path / "one")})
     W.run({**opts, "out_dir": str(tmp_path / "dp")}, nproc=2)
     _compare(str(tmp_path / "one"), str(tmp_path / "dp"))
+    _assert_group_freed(str(tmp_path / "dp"))
 
 
 def test_sharded_latents_match_unsharded(tmp_path):
@@ -57,6 +70,7 @@ def test_sharded_latents_match_unsharded(tmp_path):
     W.run({**opts, "out_dir": str(tmp_path / "tp"), "shard_latents": True}, nproc=2)
     assert any("topk/auxk" in r for r in W.log(str(tmp_path / "tp")))
     _compare(str(tmp_path / "one"), str(tmp_path / "tp"))
+    _assert_group_freed(str(tmp_path / "tp"))
 
 
 def test_sharded_topk_single_rank_equals_topk():

@@ -44,7 +44,7 @@ def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
     store = ActivationStore(caches["test"], MLP_IN, target=MLP_OUT, batch_size=64)
     with torch.no_grad():
         tc.b_dec.copy_(store.rows()[1].mean(0))
-    tc.save_pretrained(tmp_path / "tc", {"cache": str(caches["train"])})
+    tc.save_pretrained(tmp_path / "tc", {"cache": str(caches["train"]), "dead_tokens": 600})
     out = tmp_path / "eval.json"
     rc = main(["eval", str(tmp_path / "ident"), str(tmp_path / "tc"), "--cache", str(caches["test"]), "--max_tokens", "5000",
                "--splice_tokens", "150", "--threads", "1", "--json_out", str(out)])  # fmt: skip
@@ -64,6 +64,14 @@ def test_eval_cli_identity_and_transcoder(caches, tmp_path, capsys):
     data = records["ident"]["data"]
     assert data["cache"] == str(caches["test"]) and data["exclusions"]["exclude_first_n"] == 2
     assert data["recon_tokens"] == 900 and data["splice_contexts"] >= 1 and m["splice_tokens"] > 0
+    # F8: the dead window is reported; below the training window (10M by default, 600 recorded for tc) it says so
+    assert data["dead_window_tokens"] == 900 and data["training_dead_tokens"] == 10_000_000
+    assert (
+        "too few tokens to call latents dead" in data["dead_note"]
+        and "900 held-out tokens" in data["dead_note"]
+    )
+    assert records["tc"]["data"]["dead_note"] == "dead: no firing in 900 held-out tokens"
+    assert f"note: {data['dead_note']}" in table and "note: dead: no firing in 900 held-out tokens" in table
     # The transcoder: held-out FVU of mlp_out from mlp_in, recomputed independently in numpy.
     x, y = store.rows()
     with torch.no_grad():

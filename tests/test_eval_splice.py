@@ -130,3 +130,29 @@ def test_transcoder_splices_target_with_input(lm, contexts):
     z = stats["zero"].summary()
     assert z["ce_spliced"] == pytest.approx(z["ce_zero_ablation"], rel=1e-6)
     assert "ce_mean_ablation" not in z
+
+
+def test_saelens_zero_baseline_zeroes_every_position(lm, contexts):
+    """SAELens' ce_loss_score baseline zeroes the hookpoint at every position (BOS and sinks too); ours zeroes
+    only the kept positions. ``zero_all`` adds SAELens' one, checked against a raw forward hook."""
+    model, _ = lm
+    d = model.config.hidden_size
+    stats, _ = evaluate_splicing(model, {"id": identity_dict(d, HP)}, contexts, batch_size=3, mean_ablation=False,
+                                 zero_all=True)  # fmt: skip
+    s = stats["id"].summary()
+    handle = model.model.layers[3].register_forward_hook(
+        lambda mod, args, out: (
+            (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
+        )
+    )
+    try:
+        with torch.no_grad():
+            want, _ = _clean_ce(model, contexts)
+    finally:
+        handle.remove()
+    assert s["ce_zero_ablation_all"] == pytest.approx(want, rel=1e-5)
+    assert abs(s["ce_zero_ablation_all"] - s["ce_zero_ablation"]) > 1e-3  # the two baselines differ
+    gap = s["ce_zero_ablation_all"] - s["ce_clean"]
+    assert s["ce_recovered_zero_all"] == pytest.approx((s["ce_zero_ablation_all"] - s["ce_spliced"]) / gap)
+    assert "ce_zero_ablation_all" not in evaluate_splicing(model, {"id": identity_dict(d, HP)}, contexts,
+                                                          mean_ablation=False)[0]["id"].summary()  # fmt: skip

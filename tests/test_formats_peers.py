@@ -184,3 +184,55 @@ def test_verify_rejects_changed_reconstruction():
         dst.b_dec.add_(1e-2)
     with pytest.raises(RuntimeError, match=r"changed the reconstruction by up to 0.01"):
         verify(src, dst, 64)
+
+
+# -- our SAELens exports, loaded and run by SAELens itself --------------------------------------------------
+EXPORTS = sorted(p for p in FIXTURES if p.name.startswith("export_"))
+SAELENS_METADATA = {"model_name", "hook_name", "model_class_name", "model_from_pretrained_kwargs",
+                    "sae_lens_version", "sae_lens_training_version"}  # fmt: skip
+"""Metadata keys SAELens 6.54 writes for every SAE (see the fixtures it made); ours may add SAELens' optional
+``hook_head_index``/``hf_hook_name``/``*_out``/``training_architecture`` and our own ``sparsedict_*``/``exported_by``."""
+
+
+@pytest.mark.parametrize("fx", EXPORTS, ids=name)
+def test_saelens_export_fixture_is_what_the_exporter_writes_now(fx, tmp_path):
+    """The committed export (which SAELens loaded and ran to make ``expected.safetensors``) is byte-for-byte what
+    ``save_saelens`` writes today, and the dictionary's own outputs before the export equal SAELens' outputs."""
+    from helpers import export_fixture_model
+
+    from sparsedict.formats.saelens import save_saelens
+
+    spec = json.loads((fx / "spec.json").read_text())
+    model = export_fixture_model(spec["name"], spec["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = save_saelens(model, tmp_path / "export")
+    stale = "regenerate with scripts/peer_fixtures/make_all.sh saelens"
+    assert json.loads((fresh / "cfg.json").read_text()) == json.loads(
+        (fx / "checkpoint" / "cfg.json").read_text()
+    ), stale
+    new, old = (
+        load_file(str(fresh / "sae_weights.safetensors")),
+        load_file(str(fx / "checkpoint" / "sae_weights.safetensors")),
+    )
+    assert set(new) == set(old) and all(torch.equal(new[k], old[k]) for k in new), stale
+    e, ours = load_file(str(fx / "expected.safetensors")), load_file(str(fx / "sparsedict.safetensors"))
+    c = float(model.input_scale)
+    with torch.no_grad():
+        code = model.encode(ours["x"] * c)
+        torch.testing.assert_close(code.to_dense(), ours["acts"])
+        torch.testing.assert_close(model.decode(code, ours["x"] * c) / c, ours["out"])
+    tol = 1e-5 * (1 + float(e["out"].abs().max()))
+    for key in ("acts", "out", "decoded"):
+        torch.testing.assert_close(e[key], ours[key], atol=tol, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("fx", EXPORTS, ids=name)
+def test_saelens_export_cfg_has_the_keys_saelens_writes(fx):
+    ours = json.loads((fx / "checkpoint" / "cfg.json").read_text())
+    theirs = json.loads((ROOT / "saelens" / ours["architecture"] / "checkpoint" / "cfg.json").read_text())
+    assert set(ours) == set(theirs)
+    extra = set(ours["metadata"]) - SAELENS_METADATA
+    assert SAELENS_METADATA <= set(ours["metadata"]) <= set(theirs["metadata"]) | extra
+    assert all(k in ("hook_head_index", "hf_hook_name", "exported_by", "training_architecture") or
+               k.endswith("_out") or k.startswith("sparsedict_") for k in extra), extra  # fmt: skip

@@ -11,6 +11,7 @@ skip transcoder ``W_skip [d_out, d_in]``.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -238,3 +239,95 @@ def test_errors(tmp_path):
         )
     with pytest.raises(FormatError, match="'temporal' cannot be loaded"):
         from_pretrained(write(tmp_path / "arch", "temporal", w))
+
+
+def _native(hookpoint: str, d: int = D, **fields):
+    from sparsedict.dictionaries import build, lookup
+
+    arch = fields.pop("arch", "topk")
+    _, cfg_cls = lookup(arch)
+    fields = {"k": 4, **fields} if arch == "topk" else fields
+    return build(cfg_cls(d_in=d, n_latents=N, hookpoint=hookpoint, **fields).resolved(d)).eval()
+
+
+@pytest.mark.parametrize(
+    ("hookpoint", "hook_name", "head", "reshape"),
+    [
+        ("resid_post.3", "blocks.3.hook_resid_post", None, "none"),
+        ("resid_pre.0", "blocks.0.hook_resid_pre", None, "none"),
+        ("attn_out.2", "blocks.2.hook_attn_out", None, "none"),
+        ("mlp_out.5", "blocks.5.hook_mlp_out", None, "none"),
+        ("mlp_hidden.5", "blocks.5.mlp.hook_post", None, "none"),
+        ("attn_z.4", "blocks.4.attn.hook_z", None, "hook_z"),
+        ("attn_z.4.h2", "blocks.4.attn.hook_z", 2, "none"),
+        ("model.layers.6", "blocks.6.hook_resid_post", None, "none"),
+        ("transformer.h.6:in", "blocks.6.hook_resid_pre", None, "none"),
+    ],
+)
+def test_export_writes_transformerlens_hook_names(tmp_path, hookpoint, hook_name, head, reshape):
+    """F11: SAELens and SAEBench hook ``metadata.hook_name`` on a HookedTransformer; ours stays in metadata and
+    the export reads back at the same hookpoint."""
+    model = _native(hookpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact equivalent: no warning
+        out = save_saelens(model, tmp_path / "out")
+    cfg = json.loads((out / "cfg.json").read_text())
+    meta = cfg["metadata"]
+    got = (meta["hook_name"], meta["hook_head_index"], cfg["reshape_activations"])
+    assert got == (hook_name, head, reshape)
+    assert meta["sparsedict_hookpoint"] == hookpoint and meta["model_class_name"] == "HookedTransformer"
+    raw = hookpoint.startswith(("model.", "transformer."))
+    assert meta["hf_hook_name"] == (hookpoint if raw else None)  # an alias names no module without the model
+    back = from_pretrained(out)
+    assert back.cfg.hookpoint == {"model.layers.6": "resid_post.6", "transformer.h.6:in": "resid_pre.6"}.get(
+        hookpoint, hookpoint
+    )
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(back.decode(back.encode(x)), model.decode(model.encode(x)))
+
+
+def test_export_of_mlp_in_and_unmapped_paths_warns(tmp_path):
+    """No TransformerLens hook holds the MLP input after ln2's weight, nor a raw path inside a block: say so."""
+    tc = _native("mlp_in.2", arch="relu", target="mlp_out.2", d_out=D_OUT)
+    with pytest.warns(UserWarning, match=r"'mlp_in.2' is exported with hook_name 'blocks.2.ln2.hook_normalized'.*"
+                      r"before ln2's weight"):  # fmt: skip
+        out = save_saelens(tc, tmp_path / "tc")
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert (
+        meta["hook_name"] == "blocks.2.ln2.hook_normalized"
+        and meta["hook_name_out"] == "blocks.2.hook_mlp_out"
+    )
+    assert (meta["sparsedict_hookpoint"], meta["sparsedict_target"]) == ("mlp_in.2", "mlp_out.2")
+    raw = _native("model.layers.6.mlp.act_fn")
+    with pytest.warns(UserWarning, match="'model.layers.6.mlp.act_fn' has no TransformerLens equivalent"):
+        out = save_saelens(raw, tmp_path / "raw")
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == meta["hf_hook_name"] == "model.layers.6.mlp.act_fn"
+
+
+def test_export_uses_recorded_module_path_and_keeps_a_saelens_hook(tmp_path):
+    model = _native("resid_post.3")
+    model.meta = {"model": "smollm2-135m", "hookpoint_paths": {"resid_post.3": "model.layers.3"}}
+    meta = json.loads((save_saelens(model, tmp_path / "a") / "cfg.json").read_text())["metadata"]
+    assert (meta["model_name"], meta["hf_hook_name"]) == ("smollm2-135m", "model.layers.3")
+    # a dictionary from another format keeps its own name in source_hookpoint: that is no SAELens hook name
+    model.meta = {"source_format": "sparsify", "source_hookpoint": "layers.3"}
+    meta = json.loads((save_saelens(model, tmp_path / "b") / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.3.hook_resid_post"
+
+
+def test_export_jumprelu_skip_transcoder(tmp_path):
+    """SAELens has a jumprelu skip transcoder (our loader reads it), so the export writes one."""
+    tc = _native("resid_pre.2", arch="jumprelu", target="resid_post.2", skip=True)
+    with torch.no_grad():
+        tc.W_skip.normal_(0, 0.1)
+        tc.threshold.uniform_(0.05, 0.3)
+    out = save_saelens(tc, tmp_path / "tc")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder"
+    assert cfg["metadata"]["hook_name_out"] == "blocks.2.hook_resid_post"
+    back = from_pretrained(out)
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).x_hat, tc(x).x_hat)

@@ -153,6 +153,24 @@ def test_token_ce_and_kl_against_numpy():
     assert float(token_kl(torch.tensor(lp), torch.tensor(lp)).abs().max()) == 0.0
 
 
+def test_token_kl_with_masked_vocabulary_is_finite():
+    """Entries the clean model masks with −inf (p = 0) add 0, not NaN; the KL equals the sum over the rest."""
+    logits = torch.tensor(
+        [[2.0, 0.5, -1.0, float("-inf")], [0.0, float("-inf"), 1.0, 3.0]], dtype=torch.float64
+    )
+    other = torch.tensor([[1.0, 1.0, 0.0, 0.5], [0.2, -2.0, 1.5, 2.0]], dtype=torch.float64)
+    lp, lq = torch.log_softmax(logits, -1), torch.log_softmax(other, -1)
+    kl = token_kl(lp, lq)
+    finite = torch.isfinite(lp)
+    ref = [float((lp[i][finite[i]].exp() * (lp[i][finite[i]] - lq[i][finite[i]])).sum()) for i in range(2)]
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert float(token_kl(lp, lp).abs().max()) == 0.0
+    forbidden = lq.clone()
+    forbidden[0, 0] = float("-inf")  # the other model forbids a token the clean model allows: infinite KL
+    assert token_kl(lp, forbidden)[0] == float("inf")
+
+
 def test_splice_stats_formulas():
     ce_clean = torch.tensor([2.0, 3.0, 1.0])
     ce_spliced = torch.tensor([2.5, 3.5, 1.5])

@@ -239,3 +239,77 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     explicit = DictionaryOptimizer(_topk(), TrainConfig(optimizer="adam"), 10)
     assert explicit.base_lr == pytest.approx(width_lr(96, "adam"))
     assert DictionaryOptimizer(_topk(), TrainConfig(optimizer="signum_sf"), 10).schedule_free
+
+
+def test_explicit_warmup_wins_over_the_auto_cap():
+    """F3: an explicit ``warmup_steps`` is used as given (the large recipes' 1000 over 2441 steps); only the
+    default (-1) is capped by the 'auto' preset to 10 % of the run."""
+    assert DictionaryOptimizer(_topk(), TrainConfig(warmup_steps=1000), 2441).warmup_steps == 1000
+    assert DictionaryOptimizer(_topk(), TrainConfig(warmup_steps=0), 2441).warmup_steps == 0
+    assert DictionaryOptimizer(_topk(), TrainConfig(), 2441).warmup_steps == 100  # default, under the 245 cap
+    assert DictionaryOptimizer(_topk(), TrainConfig(), 200).warmup_steps == 20  # default, capped
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-5)
+
+
+def test_describe_states_what_the_run_gets():
+    from sparsedict.train.schedule import budget_lr
+
+    auto = DictionaryOptimizer(_topk(), TrainConfig(), 200)
+    lr = budget_lr(96, 200)
+    assert auto.describe() == (
+        f"adam, lr {lr:.3g} ('auto' run-length rule: 200 steps, 96 latents), W_dec lr {2 * lr:.3g} (x2, 'auto' "
+        "preset), betas (0.8, 0.99) ('auto' preset), warmup 20 steps (default 100, 'auto' cap 10% of the run = "
+        "20), decay to 0 over the last 20% of 200 steps"
+    )
+    own = DictionaryOptimizer(_topk(), TrainConfig(lr=1e-3, betas=(0.9, 0.95), warmup_steps=7), 50)
+    assert own.describe() == (
+        "adam, lr 0.001 (set in the config), W_dec lr 0.002 (x2, 'auto' preset), betas (0.9, 0.95) (set in the "
+        "config), warmup 7 steps (set in the config), decay to 0 over the last 20% of 50 steps"
+    )
+    plain = DictionaryOptimizer(_topk(), TrainConfig(optimizer="adam", warmup_steps=3), 10).describe()
+    assert plain == f"adam, lr {width_lr(96, 'adam'):.3g} (width rule: 96 latents), betas (0.9, 0.999) (default), " \
+        "warmup 3 steps (set in the config), decay to 0 over the last 20% of 10 steps"  # fmt: skip
+    sf = DictionaryOptimizer(_topk(), TrainConfig(optimizer="signum_sf"), 10)
+    want = f"signum_sf, lr {width_lr(96, 'signum_sf'):.3g} (width rule: 96 latents), constant (schedule-free)"
+    assert sf.describe() == want + ", momentum 0.95"
+
+
+def test_training_start_prints_settings_and_resume_step(tmp_path, capsys):
+    """The LR/betas/warmup each dictionary gets are printed when training starts; a resumed run says so."""
+    from sparsedict.train import TensorSource, Trainer
+
+    x = torch.randn(640, 24, generator=torch.Generator().manual_seed(0))
+
+    def run(max_steps: int) -> str:
+        model = _topk()
+        cfg = TrainConfig(batch_size=64, max_steps=max_steps, checkpoint_every=5, out_dir=str(tmp_path),
+                          log_every=10**9, init_rows=256)  # fmt: skip
+        source = TensorSource(x, None, batch_size=64, seed=0)
+        trainer = Trainer({"m": model}, {model.cfg.source_key: source}, cfg)
+        capsys.readouterr()
+        trainer.fit()
+        return capsys.readouterr().err
+
+    first = run(10)
+    assert f"m: {DictionaryOptimizer(_topk(), TrainConfig(), 10).describe()}" in first
+    assert "resuming" not in first
+    second = run(15)
+    assert f"resuming from step 10 of 15 ({tmp_path / 'checkpoint'})" in second
+
+
+def test_nan_loss_stops_training_with_the_step_and_the_fix(tmp_path):
+    """A non-finite loss (here: an inf in the activations) ends the run with one line naming the dictionary,
+    the step and what to check, instead of training on NaN."""
+    from sparsedict.train import TensorSource, Trainer
+
+    x = torch.randn(256, 24, generator=torch.Generator().manual_seed(0))
+    x[100, 3] = float("inf")
+    model = _topk()
+    cfg = TrainConfig(batch_size=256, max_steps=3, out_dir=str(tmp_path), log_every=10**9, init_rows=64,
+                      lr=1e-3, warmup_steps=0)  # fmt: skip
+    source = TensorSource(x, None, batch_size=256, seed=0)
+    trainer = Trainer({"m": model}, {model.cfg.source_key: source}, cfg)
+    with pytest.raises(FloatingPointError, match=r"^m: loss is (nan|inf) at step 0; check the activations for "
+                       r"NaN/inf or lower the learning rate \(lr=0\.001\)$"):  # fmt: skip
+        trainer.fit(resume=False)

@@ -48,7 +48,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_built_wheel_contains_kernels_and_data(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("sparsedict/kernels/topk_encode.py", "sparsedict/kernels/__init__.py", "sparsedict/cli/train.py",
-                 "sparsedict/data/quickstart.yaml", "sparsedict/data/corpus_sample.jsonl"):  # fmt: skip
+                 "sparsedict/data/quickstart.yaml", "sparsedict/data/corpus_sample.jsonl", "sparsedict/cli/inspect.py",
+                 "sparsedict/inspect/static/browser.js", "sparsedict/inspect/static/browser.css"):  # fmt: skip
         assert name in names, name
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -99,4 +100,6 @@ def test_wheel_in_a_clean_venv_runs_the_quickstart(wheel, tmp_path):
     assert "identical codes and reconstructions" in res.stdout and "FVU" in res.stdout
     assert (work / "qs" / "cache-train" / "manifest.json").exists()
     assert (work / "qs" / "train" / "topk-resid_post.6" / "model.safetensors").exists()
+    assets = work / "qs" / "inspect" / "assets"  # the browser, its script shipped as package data
+    assert (assets / "browser.js").read_text().startswith("/* sparsedict feature browser")
     assert not (ROOT / "qs").exists()

@@ -34,6 +34,9 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert metrics["fvu"] < FVU_BOUND, metrics
     assert 1 <= metrics["l0"] <= 32
     assert str(ckpt) in report and "FVU" in report
+    browser = out / "inspect" / "index.html"  # the feature browser over the held-out cache
+    assert f"browser         {browser.resolve()}" in report
+    assert (out / "inspect" / "topk-resid_post.6" / "features" / "0.html").exists()
     # the saved dictionary reloads and reproduces its reported held-out FVU on the held-out cache
     model = from_pretrained(ckpt)
     store = ActivationStore(out / "cache-test", "resid_post.6", batch_size=512, loop=False, drop_last=False)

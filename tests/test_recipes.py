@@ -8,13 +8,18 @@ must equal what ``recipes/memory.py`` computes from the recipes, so the document
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsedict.cache import CacheConfig
 from sparsedict.config import from_dict, load_yaml
+from sparsedict.dictionaries import build
+from sparsedict.train.optim import DictionaryOptimizer
 from sparsedict.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
@@ -63,3 +68,42 @@ def test_readme_memory_table_matches_memory_py(capsys):
     readme = (ROOT / "README.md").read_text()
     for line in table:
         assert line in readme, f"recipes/README.md is out of date; rerun python recipes/memory.py:\n{line}"
+
+
+TRAINING = [p for p in RECIPES if "dictionaries" in load_yaml(p)]
+QUICKSTART_DATA = Path(__file__).resolve().parents[1] / "src" / "sparsedict" / "data" / "quickstart.yaml"
+SETTINGS_LINE = re.compile(r"^\s*#\s+(\S+): ((?:adam|signum_sf), .*)$")
+
+
+def _gets(path: Path) -> dict[str, str]:
+    """What the recipe's comments say each dictionary gets: ``#   <name>: <DictionaryOptimizer.describe()>``."""
+    return {m.group(1): m.group(2) for m in map(SETTINGS_LINE.match, path.read_text().splitlines()) if m}
+
+
+@pytest.mark.parametrize("path", [*TRAINING, QUICKSTART_DATA], ids=lambda p: p.name if p == QUICKSTART_DATA
+                         else str(p.relative_to(ROOT)))  # fmt: skip
+def test_recipe_comments_state_the_optimiser_settings(path):
+    """Each recipe states, per dictionary, the optimiser, LR (and W_dec's), betas and warmup the run gets at
+    ``cache.max_tokens`` rows: the line ``DictionaryOptimizer.describe()`` prints when training starts."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from memory import DIMS
+    finally:
+        sys.path.remove(str(ROOT))
+    dims = {**DIMS, "smollm2-135m": (576, 1536)}
+    r = load_recipe(path)
+    steps = r.train.max_steps or max(1, math.floor(r.train.epochs * r.cache.max_tokens / r.train.batch_size))
+    said = _gets(path)
+    for cfg in r.dictionaries:
+        d_model, d_mlp = dims[r.cache.model]
+        d_in = d_mlp if cfg.hookpoint.startswith("mlp_hidden") else d_model
+        d_out = None if not cfg.is_transcoder else (d_mlp if cfg.target.startswith("mlp_hidden") else d_model)
+        big = cfg.resolved(d_in, d_out).n_latents * (d_in + (d_out or d_in)) > 50_000_000
+        with torch.device("meta" if big else "cpu"):  # meta: the large recipes' weights take no memory
+            model = build(cfg.resolved(d_in, d_out))
+        if not model.trains_by_gradient:
+            continue
+        want = DictionaryOptimizer(model, r.train, steps, fused=False).describe()
+        assert said.get(cfg.name) == want, (
+            f"{path}: the comment for {cfg.name} is out of date; it should read\n  #   {cfg.name}: {want}"
+        )

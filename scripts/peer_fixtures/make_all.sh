@@ -3,6 +3,8 @@
 #   bash scripts/peer_fixtures/make_all.sh            # all peers
 #   bash scripts/peer_fixtures/make_all.sh saelens    # one (saelens | sparsify | dictionary_learning | circuit_tracer)
 # sparsedict's own side (export_circuit_tracer.py) runs with $SPARSEDICT_PYTHON (default: the repo's .venv).
+# For saelens it also writes our own SAELens exports (with $SPARSEDICT_PYTHON, default the repo's .venv) and
+# has SAELens load and run them (check_sparsedict_exports.py): tests/data/peers/saelens/export_*.
 # Venvs live in $PEER_VENVS (default /tmp/peer-venvs); the CPU torch wheel is installed first in each and
 # pinned, so no peer pulls a CUDA build. Fixtures are deterministic (fixed seeds, CPU, one thread,
 # PYTHONHASHSEED=0, which fixes the key order of SAELens' inference cfg.json): rerunning rewrites identical
@@ -10,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENVS=${PEER_VENVS:-/tmp/peer-venvs}
+OURS=${SPARSEDICT_PYTHON:-../../.venv/bin/python}  # sparsedict's own venv (scripts/setup.sh), for our exports
 PY=${PYTHON:-python3}
 TORCH=torch==2.13.0
 declare -A PIN=(
@@ -42,5 +45,9 @@ for peer in "${@:-saelens sparsify dictionary_learning circuit_tracer}"; do
     # the sd_* fixtures: checkpoints sparsedict exports, which circuit-tracer then loads and runs
     if [ "$p" = circuit_tracer ]; then "${SPARSEDICT_PYTHON:-../../.venv/bin/python}" export_circuit_tracer.py; fi
     "$venv/bin/python" "gen_${p}.py"
+    if [ "$p" = saelens ]; then  # our exports, loaded and run by SAELens (fails unless it reproduces ours)
+      "$OURS" gen_sparsedict_exports.py
+      "$venv/bin/python" check_sparsedict_exports.py
+    fi
   done
 done

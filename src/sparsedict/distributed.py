@@ -68,11 +68,26 @@ def init(device: str = "cpu", timeout_min: float = 10.0) -> tuple[int, int, str]
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_min),
-        )
+        init_process_group("nccl" if use_cuda else "gloo", datetime.timedelta(minutes=timeout_min))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """``torch.distributed.init_process_group`` from torchrun's environment, made safe to tear down.
+
+    ``torch._dynamo`` is imported first. torch imports it lazily (loading a transformers model, the first
+    optimiser's ``add_param_group``), and with it modules whose functions take ``group=dist.group.WORLD``
+    as a default argument (``torch.distributed.nn.functional``, fsdp's ``ShardedGradScaler``). Imported
+    after the group exists, those defaults keep the group alive for good: ``destroy_process_group`` cannot
+    free it and its gloo worker threads run on into interpreter shutdown. There the worker that drops the
+    last collective's tensors takes the GIL to free their Python objects, CPython ends it with
+    ``pthread_exit``, and that unwind through a ``noexcept`` destructor aborts a finished run ("terminate
+    called without an active exception", SIGABRT). Imported first, the defaults are ``None`` and
+    :func:`destroy` frees the group and joins its threads.
+    """
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def _collective(what: str, fn: Callable[[], T]) -> T:
@@ -209,9 +224,14 @@ class ReduceFromShards(torch.autograd.Function):
 
 
 def destroy() -> None:
-    """Tear the process group down once every rank got here (a barrier first: a rank that destroys its gloo
-    group while a peer still talks to it can abort that peer with "terminate called without an active
-    exception", seen once in CI after a finished 2-rank run)."""
+    """The last collective: once every rank got here, tear the process group down (its backend threads are
+    joined; see :func:`init_process_group`). After it every helper here acts as in one process, so code
+    that runs afterwards on one rank only (the held-out evaluation) can wait on nothing."""
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+
+
+def launch_rank() -> int:
+    """The rank torchrun gave this process (``RANK``; 0 alone), valid also after :func:`destroy`."""
+    return int(os.environ.get("RANK", "0"))

@@ -27,7 +27,10 @@ with ``p`` the next-token distribution at ``t`` and ``x_{t+1}`` the true next to
 
 - ``CE = mean_t −log p(x_{t+1})`` for the clean, spliced, zero-ablated and mean-ablated model.
 - **CE-loss recovered** ``= (CE_zero − CE_spliced) / (CE_zero − CE_clean)``; the same with the
-  mean-ablation baseline; **ΔLM loss** ``= CE_spliced − CE_clean``.
+  mean-ablation baseline; **ΔLM loss** ``= CE_spliced − CE_clean``. The zero and mean baselines replace only
+  the positions the dictionary replaces (excluded positions such as BOS and attention sinks keep their
+  activations), so they are not SAELens' ``ce_loss_score``, whose zero-ablation replaces every position; that
+  baseline is ``ce_recovered_zero_all`` (CE still over the kept positions).
 - **KL**(clean‖spliced) ``= mean_t Σ_v p_clean(v) (log p_clean(v) − log p_spliced(v))``;
   ``kl_div_score = (KL_zero − KL_spliced) / KL_zero``.
 """
@@ -354,8 +357,13 @@ def token_ce(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def token_kl(logp_clean: Tensor, logp_other: Tensor) -> Tensor:
-    """``KL(clean‖other) = Σ_v p_clean (log p_clean − log p_other)`` per row of log-probs ``[N, V]`` -> ``[N]``."""
-    return (logp_clean.exp() * (logp_clean - logp_other)).sum(-1)
+    """``KL(clean‖other) = Σ_v p_clean (log p_clean − log p_other)`` per row of log-probs ``[N, V]`` -> ``[N]``.
+
+    Tokens the clean model gives probability 0 (``log p_clean = −inf``, a masked vocabulary entry) add 0, as
+    ``0 · log 0 = 0``; a token the clean model allows and the other forbids gives ``+inf``.
+    """
+    term = logp_clean.exp() * (logp_clean - logp_other)
+    return torch.where(torch.isneginf(logp_clean), torch.zeros_like(term), term).sum(-1)
 
 
 @dataclass
@@ -375,9 +383,13 @@ class SpliceStats:
     kl_zero: float = 0.0
     kl_mean: float = 0.0
     has_mean: bool = False
+    ce_zero_all: float = 0.0
+    """Zero-ablation of every position (SAELens' ``ce_loss_score`` baseline), CE over the same kept positions."""
+    has_zero_all: bool = False
 
     def update(self, ce_clean: Tensor, ce_spliced: Tensor, ce_zero: Tensor, kl_spliced: Tensor, kl_zero: Tensor,
-               ce_mean: Tensor | None = None, kl_mean: Tensor | None = None) -> None:  # fmt: skip
+               ce_mean: Tensor | None = None, kl_mean: Tensor | None = None,
+               ce_zero_all: Tensor | None = None) -> None:  # fmt: skip
         self.tokens += int(ce_clean.numel())
         self.ce_clean += float(ce_clean.double().sum())
         self.ce_spliced += float(ce_spliced.double().sum())
@@ -388,9 +400,14 @@ class SpliceStats:
             self.has_mean = True
             self.ce_mean += float(ce_mean.double().sum())
             self.kl_mean += float(kl_mean.double().sum())
+        if ce_zero_all is not None:
+            self.has_zero_all = True
+            self.ce_zero_all += float(ce_zero_all.double().sum())
 
     def merge(self, other: SpliceStats) -> SpliceStats:
-        out = SpliceStats(has_mean=self.has_mean or other.has_mean)
+        out = SpliceStats(
+            has_mean=self.has_mean or other.has_mean, has_zero_all=self.has_zero_all or other.has_zero_all
+        )
         for name in (
             "tokens",
             "ce_clean",
@@ -400,6 +417,7 @@ class SpliceStats:
             "kl_spliced",
             "kl_zero",
             "kl_mean",
+            "ce_zero_all",
         ):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         return out
@@ -418,6 +436,13 @@ class SpliceStats:
         """``(CE_mean − CE_spliced) / (CE_mean − CE_clean)`` (mean-ablation baseline)."""
         gap = self.ce_mean - self.ce_clean
         return (self.ce_mean - self.ce_spliced) / gap if self.has_mean and gap else float("nan")
+
+    @property
+    def ce_recovered_zero_all(self) -> float:
+        """``(CE_zero_all − CE_spliced) / (CE_zero_all − CE_clean)``: the baseline zero-ablates every position,
+        BOS and attention sinks included, as SAELens' ``ce_loss_score`` does."""
+        gap = self.ce_zero_all - self.ce_clean
+        return (self.ce_zero_all - self.ce_spliced) / gap if self.has_zero_all and gap else float("nan")
 
     @property
     def delta_lm_loss(self) -> float:
@@ -444,4 +469,9 @@ class SpliceStats:
         if self.has_mean:
             out.update(ce_mean_ablation=self._mean(self.ce_mean), kl_mean_ablation=self._mean(self.kl_mean),
                        ce_recovered_mean_ablation=self.ce_recovered_mean_ablation)  # fmt: skip
+        if self.has_zero_all:
+            out.update(
+                ce_zero_ablation_all=self._mean(self.ce_zero_all),
+                ce_recovered_zero_all=self.ce_recovered_zero_all,
+            )
         return out

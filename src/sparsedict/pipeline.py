@@ -94,16 +94,23 @@ def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary | 
 
 
 def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
-    """Cache, train, save and (with an eval_cache) evaluate; returns paths and held-out metrics."""
+    """Cache, train, save and (with an eval_cache) evaluate; returns paths and held-out metrics.
+
+    Under torchrun every rank caches both the training and the held-out activations (each writes its
+    share of the shards), trains and saves; then the process group is torn down (:func:`distributed.destroy`,
+    the last collective) and rank 0 alone evaluates the saved dictionaries, waiting on no other rank.
+    Only rank 0's result holds ``"eval"``.
+    """
     cfg = recipe.train
     rank, world, device = distributed.init(cfg.device, cfg.dist_timeout_min)
     cfg.device = device
     if recipe.cache is None:
         raise ValueError(f"{recipe.source}: a recipe needs a 'cache' section naming the training activations")
     live = cfg.source == "live"
-    if live:  # the threads the cache runner would give the model's forward
-        torch.set_num_threads(forward_threads(recipe.cache, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     cache_dir = None if live else cache_activations(recipe.cache)
+    eval_dir = cache_activations(recipe.eval_cache) if recipe.eval_cache is not None else None
+    if live:  # the threads the cache runner would give the model's forward (caching above sets its own)
+        torch.set_num_threads(forward_threads(recipe.cache, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
     def open_(batch_size: int, rank: int, world: int) -> dict:
         if live:
@@ -123,8 +130,8 @@ def run(recipe: Recipe, resume: bool = True) -> dict[str, Any]:
     trainer = Trainer(models, sources, cfg, logger=RunLogger(cfg, run_config=recipe_dict(recipe)))
     trainer.fit(resume=resume)
     paths = trainer.save({} if live else {"cache": str(cache_dir)})
-    distributed.barrier()
+    distributed.destroy()
     results: dict[str, Any] = {"paths": {k: str(v) for k, v in paths.items()}}
-    if recipe.eval_cache is not None and distributed.is_main():
-        results["eval"] = evaluate_heldout(paths, recipe)
+    if eval_dir is not None and rank == 0:
+        results["eval"] = evaluate_heldout(paths, recipe, eval_dir=eval_dir)
     return results

@@ -32,6 +32,7 @@ from sparsedict.cache.manifest import (
 )  # fmt: skip
 from sparsedict.cache.tokens import RULES, ShardPlan, plan_shards
 from sparsedict.cache.writer import check_shard, expected_tensors, write_shard
+from sparsedict.distributed import init_process_group
 from sparsedict.util import write_json_atomic
 
 
@@ -39,8 +40,7 @@ def _dist() -> tuple[int, int, int]:
     """``(rank, world_size, local_world_size)``; initialises torch.distributed under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        init_process_group("nccl" if torch.cuda.is_available() else "gloo", datetime.timedelta(minutes=30))
     if world > 1:
         return torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return 0, 1, 1

@@ -42,6 +42,7 @@ from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest
 from sparsedict.cache.source import WINDOW_ROWS, Window, WindowOrder, check_order, head_rows, sample_rows
+from sparsedict.cache.tokens import Exclusions
 from sparsedict.cache.writer import expected_tensors, load_shard
 from sparsedict.util import write_json_atomic
 
@@ -52,6 +53,27 @@ RAM_BATCHES = 8
 tail, and freed blocks the allocator has not yet handed back (glibc keeps several; measured)."""
 RAM_FIXED = 20 << 20
 """Bytes for the store's fixed costs (first use of torch ops in the process, epoch plan, file handles)."""
+
+
+def provenance(manifest: dict, names: dict[str, tuple[str, int | None]]) -> dict:
+    """What a dictionary trained on this cache records about its data (``meta`` of the checkpoint): the model
+    (id, revision, dtype), the module path of each hookpoint it reads (``names``: the name the dictionary uses ->
+    (cached hookpoint, head)), the dataset and split, the context length and the exclusion rules (with the token ids they use)."""
+    paths = {}
+    for name, (cached, head) in names.items():
+        path = manifest["hookpoints"][cached]["path"]
+        paths[name] = path if head is None else f"{path}.h{head}"
+    model = manifest.get("model", {})
+    return {
+        "model": model.get("id"),
+        "model_revision": model.get("revision"),
+        "model_dtype": model.get("dtype"),
+        "hookpoint_paths": paths,
+        "dataset": manifest.get("dataset"),
+        "context_length": manifest.get("context_length"),
+        "exclusions": Exclusions.from_manifest(manifest).record(),
+        "cache_config_hash": manifest.get("config_hash"),
+    }
 
 
 class ActivationStore(WindowOrder):
@@ -128,8 +150,9 @@ class ActivationStore(WindowOrder):
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch, self._batch = 0, 0
-        self.meta: dict = {}
-        """Provenance recorded in the checkpoints trained on this store (none by default)."""
+        names = {hookpoint: (base, head)} | ({target: (base_y, head_y)} if target is not None else {})
+        self.meta: dict = provenance(self.manifest, names)
+        """Provenance recorded in the checkpoints trained on this store (:func:`provenance`)."""
 
     def _columns(
         self, names: str | Sequence[str], verify: bool, what: str

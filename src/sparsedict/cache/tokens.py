@@ -13,11 +13,87 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sparsedict.cache.config import CacheConfig
+from sparsedict.cache.manifest import read_manifest
 
 RULES = ("pad", "bos", "first_n", "special")
 """Exclusion rules, applied in this order; each dropped position is counted under the first rule."""
+RULE_KEYS = ("prepend_bos", "exclude_bos", "exclude_first_n", "exclude_special")
+"""The config fields that set the exclusion rules (recorded in the manifest's ``exclusions.rules``)."""
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Which positions of a context a cache leaves out (and a dictionary trained on it never saw).
+
+    ``bos``: the BOS id, excluded wherever it occurs (None: no BOS rule); ``first_n``: positions ``t < first_n``;
+    ``special``: special-token ids excluded wherever they occur. Recorded with every dictionary trained on the
+    cache (:meth:`record`, ``meta["exclusions"]``), so splicing it later replaces the same positions.
+    """
+
+    rules: dict
+    """The cache's rule fields (:data:`RULE_KEYS`)."""
+    bos: int | None = None
+    first_n: int = 0
+    special: tuple[int, ...] = ()
+
+    @classmethod
+    def make(cls, rules: dict, bos_id: int | None, special_ids) -> Exclusions:
+        rules = {k: rules.get(k) for k in RULE_KEYS}
+        bos = bos_id if rules["prepend_bos"] and rules["exclude_bos"] else None
+        special = tuple(sorted(int(i) for i in special_ids)) if rules["exclude_special"] else ()
+        return cls(rules, None if bos is None else int(bos), int(rules["exclude_first_n"] or 0), special)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> Exclusions:
+        tok = manifest.get("tokenizer", {})
+        return cls.make(manifest["exclusions"]["rules"], tok.get("bos_id"), tok.get("special_ids") or ())
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Exclusions | None:
+        """The rules a checkpoint records (``meta["exclusions"]``), else its training cache's when still on disk."""
+        rec = meta.get("exclusions")
+        if isinstance(rec, dict) and "bos_id" in rec:
+            return cls.make(rec.get("rules", {}), rec["bos_id"], rec.get("special_ids") or ())
+        path = meta.get("cache")
+        if path and (Path(path) / "manifest.json").exists():
+            return cls.from_manifest(read_manifest(path))
+        return None
+
+    def record(self) -> dict:
+        """What ``meta["exclusions"]`` holds (read back by :meth:`from_meta`)."""
+        return {"rules": dict(self.rules), "bos_id": self.bos, "special_ids": list(self.special)}
+
+    def rule_masks(
+        self, ids: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """``[..., T]`` bool mask of the positions each rule (bos, first_n, special) excludes; None: rule off.
+
+        ``positions`` (broadcastable to ``ids``) are the tokens' positions in their context, by default
+        ``0 … T−1`` (a forward over a key-value cache passes its own).
+        """
+        t = ids.shape[-1]
+        pos = torch.arange(t, device=ids.device) if positions is None else positions.to(ids.device)
+        return {
+            "bos": ids == self.bos if self.bos is not None else None,
+            "first_n": (pos < self.first_n).expand(ids.shape),
+            "special": torch.isin(ids, torch.tensor(self.special, dtype=ids.dtype, device=ids.device))
+            if self.special
+            else None,
+        }
+
+    def keep(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """``[..., T]`` bool: the positions a dictionary trained on this cache reads (padding excluded)."""
+        keep = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        if attention_mask is not None:
+            keep &= attention_mask.to(ids.device).bool()
+        for mask in self.rule_masks(ids, positions).values():
+            if mask is not None:
+                keep &= ~mask
+        return keep
 
 
 def load_texts(cfg: CacheConfig) -> Iterator[str]:
@@ -87,7 +163,9 @@ class ContextBuilder:
         self.tok = tokenizer
         self.bos = tokenizer.bos_token_id if cfg.prepend_bos else None
         self.pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-        self.special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        self.exclusions = Exclusions.make(
+            {k: getattr(cfg, k) for k in RULE_KEYS}, tokenizer.bos_token_id, set(tokenizer.all_special_ids)
+        )
         self.body = cfg.context_length - (1 if self.bos is not None else 0)
 
     def contexts(self, ids: list[int]) -> list[list[int]]:
@@ -105,16 +183,12 @@ class ContextBuilder:
             attn[i, : len(c)] = True
         keep = attn.copy()
         dropped = {"pad": int((~attn).sum())}
-        rules = {
-            "bos": (ids == self.bos) if (self.cfg.exclude_bos and self.bos is not None) else None,
-            "first_n": np.arange(t)[None, :] < self.cfg.exclude_first_n,
-            "special": np.isin(ids, self.special) if self.cfg.exclude_special else None,
-        }
+        rules = self.exclusions.rule_masks(torch.from_numpy(ids))
         for name, mask in rules.items():
             if mask is None:
                 dropped[name] = 0
                 continue
-            hit = keep & mask
+            hit = keep & mask.numpy()
             dropped[name] = int(hit.sum())
             keep &= ~hit
         return ids, attn, keep, dropped

@@ -21,6 +21,7 @@ COMMANDS = {  # name: (module with main(argv), one-line help); adding a command 
     "cache": ("sparsedict.cli.cache", "cache activations of a model to disk shards"),
     "train": ("sparsedict.cli.train", "train dictionaries from a YAML recipe (flags override its values)"),
     "eval": ("sparsedict.cli.eval", "evaluate checkpoints: FVU, L0, dead %, CE recovered, KL"),
+    "inspect": ("sparsedict.cli.inspect", "look at features: top contexts, logit lens, browser, exports"),
     "bench": ("sparsedict.cli.bench", "benchmarks: `bench pareto` sweeps and plots L0 vs FVU / CE"),
     "convert": (
         "sparsedict.cli.convert",

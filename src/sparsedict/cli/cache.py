@@ -61,15 +61,15 @@ def build_config(argv: list[str]) -> CacheConfig:
 
 
 def main(argv: list[str]) -> int:
-    import torch.distributed as dist
-
     from sparsedict.cache.manifest import read_manifest
     from sparsedict.cache.runner import cache_activations
+    from sparsedict.distributed import destroy, launch_rank
 
     if argv[:1] == ["verify"]:
         return verify_main(argv[1:])
     root = cache_activations(build_config(argv))
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    destroy()  # under torchrun: the last collective, then the process group goes away
+    if launch_rank() != 0:
         return 0
     m = read_manifest(root)
     size = sum(f["bytes"] for s in m["shards"] for f in s["files"].values())

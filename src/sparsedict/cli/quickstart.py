@@ -3,7 +3,8 @@
 Runs the shipped recipe ``sparsedict/data/quickstart.yaml`` (also ``recipes/smollm2-135m/quickstart.yaml``
 in a checkout: a TopK SAE, k=32, width 8·576, on the residual stream of SmolLM2-135M after block 6, ~50k
 training tokens of the embedded corpus) on the CPU in a few minutes, checks that the reloaded
-dictionary gives identical outputs, and prints where everything went. It takes the flags of
+dictionary gives identical outputs, writes the feature browser for the dictionary over the held-out cache
+(``sparsedict inspect``), and prints where everything went. It takes the flags of
 ``sparsedict train`` over that recipe, e.g. ``--out_dir /tmp/qs --cache.max_tokens 4000
 --eval_cache.max_tokens 2000 --train.epochs 25``.
 """
@@ -22,6 +23,7 @@ def main(argv: list[str]) -> int:
     from sparsedict.cache import ActivationStore, cache_activations
     from sparsedict.cli.train import parse_run
     from sparsedict.dictionaries import from_pretrained
+    from sparsedict.inspect import inspect
     from sparsedict.pipeline import build_dictionaries, evaluate_heldout, open_sources
     from sparsedict.train.trainer import Trainer
 
@@ -67,8 +69,12 @@ def main(argv: list[str]) -> int:
             raise RuntimeError(f"{name}: the reloaded dictionary does not reproduce the trained one")
         print(f"      {name}: identical codes and reconstructions on {x.shape[0]} held-out tokens")
 
-    print("[5/5] evaluating on held-out tokens ...")
+    print("[5/5] evaluating on held-out tokens, then writing the feature browser ...")
     results = evaluate_heldout(paths, recipe)
+    t_eval = time.perf_counter()
+    browser = inspect(checkpoints=list(paths.values()), cache=str(eval_dir),
+                      out=str(Path(recipe.train.out_dir).parent / "inspect"), progress=False)  # fmt: skip
+    t_browser = time.perf_counter() - t_eval
     total = time.perf_counter() - t0
     print()
     print("quickstart report")
@@ -86,4 +92,5 @@ def main(argv: list[str]) -> int:
         f"  time            cache {t_cache - t0:.0f} s, train {t_train - t_cache:.0f} s, total {total:.0f} s"
     )
     print(f"  reload it with  sparsedict.from_pretrained({str(paths[next(iter(paths))])!r})")
+    print(f"  browser         {browser.resolve()}  (open it from disk; written in {t_browser:.0f} s)")
     return 0

@@ -107,12 +107,11 @@ def parse_run(
 
 
 def main(argv: list[str]) -> int:
-    from sparsedict.distributed import destroy, is_main
+    from sparsedict.distributed import launch_rank
     from sparsedict.pipeline import run
 
     recipe, opts = parse_run(argv, "sparsedict train", __doc__)
-    results = run(recipe, resume=not opts.no_resume)
-    if is_main():
+    results = run(recipe, resume=not opts.no_resume)  # tears the process group down before it returns
+    if launch_rank() == 0:
         print(json.dumps(results, indent=2))
-    destroy()
     return 0

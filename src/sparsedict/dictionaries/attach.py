@@ -14,12 +14,17 @@ its layer range replaced at once (the replacement model), or some of them. Activ
 ``[B, T, d]`` are flattened to ``[B·T, d]`` for the dictionary (:func:`reconstruct`, which honours an
 unfolded input scale) and the result is cast back to the model's dtype.
 
-Which positions are replaced: all, or those with ``t >= exclude_first`` (attention sinks keep the model's own
-activation), or exactly the positions of a ``keep [B, T]`` mask (the evaluator passes the cache's exclusion
-mask; only the kept rows are then run through the dictionary). ``on_output(y, ŷ, code)`` sees the replaced
-rows, ``error_term=True`` splices ``ŷ + (y − ŷ)`` (must reproduce the clean model). A width that does not
-match the dictionary (a checkpoint for another model or hookpoint) raises a clear error from inside the
-forward pass.
+Which positions are replaced, by default: those the dictionary was trained on, from the exclusion rules its
+checkpoint records (``meta["exclusions"]``: BOS, the first n positions, special tokens, padding; the token ids
+come from the model's ``input_ids``, positions from ``cache_position``/``position_ids`` when given); excluded
+positions (the attention sinks) keep the model's own activation. A dictionary with no recorded rules (most
+peer checkpoints) replaces every position. ``exclude_first=n`` replaces exactly the positions ``t >= n``
+instead (0: all), and a ``keep [B, T]`` mask exactly its positions (the evaluator passes the cache's mask; only
+the kept rows then go through the dictionary). ``on_output(y, ŷ, code)`` sees the replaced rows,
+``error_term=True`` splices ``ŷ + (y − ŷ)`` (must reproduce the clean model). While attached the dictionary is
+in eval mode (BatchTopK selects by its threshold θ, not over the tokens of the forward); its mode is restored
+on exit. A width that does not match the dictionary (a checkpoint for another model or hookpoint) raises a
+clear error from inside the forward pass.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsedict.cache import hooks
+from sparsedict.cache.tokens import Exclusions
 
 MODES = ("splice", "codes", "both")
 
@@ -90,7 +96,7 @@ class Attachment:
         dictionary: nn.Module,
         model: nn.Module,
         mode: str = "splice",
-        exclude_first: int = 0,
+        exclude_first: int | None = None,
         keep: Tensor | None = None,
         error_term: bool = False,
         on_output: OnOutput | None = None,
@@ -105,8 +111,12 @@ class Attachment:
         self.dictionary = dictionary
         self.model = model
         self.mode = mode
-        self.exclude_first = int(exclude_first)
-        """Positions ``t < exclude_first`` keep the model's own activation when splicing (attention sinks)."""
+        self.exclude_first = None if exclude_first is None else int(exclude_first)
+        """Positions ``t < exclude_first`` keep the model's own activation when splicing; None: the recorded rules."""
+        self.exclusions = (
+            Exclusions.from_meta(dictionary.meta) if exclude_first is None and keep is None else None
+        )
+        """The training cache's exclusion rules applied by default (None: an explicit choice, or none recorded)."""
         self.keep = keep
         """``[B, T]`` bool: exactly these positions are replaced (and seen by ``on_output``); None: see above."""
         self.error_term = error_term
@@ -120,6 +130,7 @@ class Attachment:
         self.shapes: list[tuple[int, ...]] = []
         self._stack: contextlib.ExitStack | None = None
         self._pending: Tensor | None = None
+        self._kept: Tensor | None = None  # the recorded rules applied to the current forward's input_ids
 
     # -- results -------------------------------------------------------------------------------------
     @property
@@ -151,7 +162,35 @@ class Attachment:
 
     def _replaced(self, target: Tensor) -> Tensor | None:
         """``[..., T]`` bool mask of the positions to replace (None: all of them)."""
-        return replaced_positions(target, self.keep, self.exclude_first)
+        if self.keep is not None:
+            return self.keep
+        if target.ndim != 3:
+            return None
+        if self.exclusions is not None:
+            if self._kept is not None and self._kept.shape == target.shape[:-1]:
+                return self._kept.to(target.device)
+            first = self.exclusions.first_n  # no input_ids (inputs_embeds): the position rule alone
+        else:
+            first = self.exclude_first or 0
+        if first > 0:
+            mask = torch.ones(target.shape[:-1], dtype=torch.bool, device=target.device)
+            mask[:, :first] = False
+            return mask
+        return None
+
+    def _read_ids(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model: the kept positions of this forward under the recorded rules."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._kept = None
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point():
+            return
+        attn = kwargs.get("attention_mask")
+        attn = attn if isinstance(attn, Tensor) and attn.shape == ids.shape else None
+        pos = kwargs.get("cache_position")
+        if not isinstance(pos, Tensor) or pos.shape[-1] != ids.shape[-1]:
+            pos = kwargs.get("position_ids")
+            pos = pos if isinstance(pos, Tensor) and pos.shape[-1] == ids.shape[-1] else None
+        self._kept = self.exclusions.keep(ids, attn, pos)
 
     def _run(self, x: Tensor, target: Tensor) -> Tensor:
         self._check(target, self.dictionary.d_out, "outputs", self.output_point)
@@ -206,6 +245,11 @@ class Attachment:
     def __enter__(self) -> Attachment:
         stack = contextlib.ExitStack()
         try:
+            stack.callback(self.dictionary.train, self.dictionary.training)  # restore the mode on exit
+            self.dictionary.eval()
+            if self.exclusions is not None:
+                handle = self.model.register_forward_pre_hook(self._read_ids, with_kwargs=True)
+                stack.callback(handle.remove)
             if self.transcoder:
                 stack.enter_context(hooks.replace(self.model, self.input_point, self._capture_fn))
                 stack.enter_context(hooks.replace(self.model, self.output_point, self._target_fn))
@@ -222,6 +266,7 @@ class Attachment:
             self._stack.close()
             self._stack = None
         self._pending = None
+        self._kept = None
 
 
 class LayeredAttachment:

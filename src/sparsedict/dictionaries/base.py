@@ -153,6 +153,9 @@ class Output:
     code: SparseCode
     losses: dict[str, Tensor] = field(default_factory=dict)
     """Weighted loss terms; the trainer minimises their sum."""
+    logs: dict[str, Tensor] = field(default_factory=dict)
+    """Values the trainer logs beside the losses without minimising them (an unweighted ``mse`` where the loss
+    weights it); a key here replaces the loss term of the same name in the logs."""
 
 
 class Registry:
@@ -269,7 +272,8 @@ class Dictionary(nn.Module):
     ``TrainConfig.normalise_inputs='auto'`` applies."""
     saelens_architecture: ClassVar[str | None] = None
     """SAELens architecture this one is saved as ('standard', 'topk', 'jumprelu', 'gated'; transcoder and skip
-    variants are derived from the config); None: SAELens has no equivalent."""
+    variants are derived from the config); None: SAELens has no equivalent. An architecture whose inference
+    depends on its config overrides :meth:`inference_architecture` instead."""
     sparsity_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields that set the sparsity (shown in the model card and benchmark tables)."""
     layered: ClassVar[bool] = False
@@ -300,6 +304,11 @@ class Dictionary(nn.Module):
         w_enc = w_dec.T.clone() if w_dec.shape[1] == d else torch.randn(d, n, dtype=dtype) / d**0.5
         self.W_enc = nn.Parameter(w_enc.contiguous())
         self.register_parameter("b_enc", nn.Parameter(torch.zeros(n, dtype=dtype)) if bias else None)
+
+    def inference_architecture(self) -> str | None:
+        """The SAELens architecture that computes what this dictionary computes in eval mode (the class's
+        ``saelens_architecture``)."""
+        return type(self).saelens_architecture
 
     # -- shapes ----------------------------------------------------------------------------------
     @property
@@ -448,8 +457,12 @@ class Dictionary(nn.Module):
         """Save and upload to hub repo ``repo_id`` (see :func:`sparsedict.hub.push_to_hub`); returns the commit URL."""
         return hub.push_to_hub(self, repo_id, meta, **kwargs)
 
-    def hook(self, model: nn.Module, mode: str = "splice", exclude_first: int = 0) -> Attachment:
-        """Context manager attaching this dictionary to ``model``: mode 'splice', 'codes' or 'both'."""
+    def hook(self, model: nn.Module, mode: str = "splice", exclude_first: int | None = None) -> Attachment:
+        """Context manager attaching this dictionary to ``model``: mode 'splice', 'codes' or 'both'.
+
+        Splices the positions the dictionary was trained on (its recorded exclusion rules; all when none are
+        recorded) or, with ``exclude_first=n``, the positions ``t >= n``; in eval mode while attached.
+        """
         return Attachment(self, model, mode, exclude_first)
 
 

@@ -28,6 +28,10 @@ squared norm** (``TrainConfig.normalise_inputs = "unit_msn"``): θ and ε are in
 follow the input scale. θ is in latent units, which the export fold (``fold_scaling``: ``W_enc *= c``,
 ``b_dec /= c``) leaves unchanged, so ``fold_extra`` has nothing to do. The forward uses ``max(θ, 0)``, so a
 loaded threshold θ < 0 (SAELens ``ReLU(z)·1[z > θ]``) behaves as θ = 0, exactly like SAELens.
+
+Precision: z, θ and both kernels are computed in fp32 even under ``autocast: bf16`` (the decoder still runs in
+bf16). Rounded to bf16, z lies on a grid of spacing ``2^(⌊log2 θ⌋ − 7)``, which is wider than the kernel window
+ε = 0.001 once θ ≳ 0.13, so the θ gradient would count grid points rather than nearby pre-activations.
 """
 
 from __future__ import annotations
@@ -146,6 +150,12 @@ class JumpReLU(Dictionary):
             cols = slice(start, min(start + 4096, self.n_latents))
             z = (self._x_in(x) @ self.W_enc[:, cols] + self.b_enc[cols]).float()
             self.threshold[cols] = z.kthvalue(k, dim=0).values.clamp_min(0.0).to(self.threshold.dtype)
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Pre-activations ``z [B, n]`` in fp32 at least, outside autocast (the threshold path needs them exact)."""
+        dtype = torch.promote_types(self.W_enc.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._x_in(x.to(dtype)) @ self.W_enc.to(dtype) + self.b_enc.to(dtype)
 
     def theta(self, dtype: torch.dtype) -> Tensor:
         """The threshold as used in the forward pass, ``max(θ, 0)`` ``[n]`` (gradient passes at θ ≥ 0)."""

@@ -6,8 +6,11 @@ reconstruct the target on its own:
 ``L = Σ_g w_g ‖y − (f[:, :m_g] W_dec[:m_g] + b_dec)‖² + α L_aux``
 
 so early latents learn general features. The code comes from one encoder, ``selection = "topk"``
-(per-token top-k) or ``"batchtopk"`` (batch top-k in training, the running-mean threshold θ in eval, as in
-:mod:`~sparsedict.dictionaries.batchtopk`; θ is tracked for both so either exports as a JumpReLU).
+(per-token top-k, in training and at inference: exported to SAELens as ``topk`` with the same k) or
+``"batchtopk"`` (batch top-k in training, the running-mean threshold θ in eval, as in
+:mod:`~sparsedict.dictionaries.batchtopk`: exported as a JumpReLU with that θ). θ is estimated only for
+``"batchtopk"``; a per-token top-k code has no single threshold (the batch minimum of per-token k-th values is a
+far lower quantile, so a JumpReLU with it fires on many times k latents).
 
 Kernels: with ``selection = "topk"`` the encoder is :func:`sparsedict.kernels.topk_encode` and every
 reconstruction, the G − 1 inner prefixes included, is :func:`sparsedict.kernels.sparse_decode` (fused Triton
@@ -110,6 +113,16 @@ class Matryoshka(BatchTopK):
             return SparseCode(values, indices, self.n_latents)
         return super().encode(x)
 
+    def inference_architecture(self) -> str:
+        """``topk`` for per-token selection, else the JumpReLU with BatchTopK's threshold θ."""
+        return "topk" if self.cfg.selection == "topk" else "jumprelu"
+
+    @torch.no_grad()
+    def after_step(self, out: Output) -> None:
+        """Estimate θ for batch selection only (per-token top-k needs none)."""
+        if self.cfg.selection == "batchtopk":
+            super().after_step(out)
+
     def prefix_reconstructions(self, code: SparseCode, ends: list[int] | None = None) -> Tensor:
         """``[B, G, d_out]`` prefix reconstructions without b_dec (and without the skip term).
 
@@ -125,14 +138,15 @@ class Matryoshka(BatchTopK):
         y = x if target is None else target
         code = self.encode(x)
         x_hat = self.decode(code, x)
-        losses: dict[str, Tensor] = {}
+        mse = (x_hat.float() - y.float()).pow(2).sum(-1).mean()  # the full dictionary's, unweighted
+        prefix = self.weights[-1] * mse
         if len(self.ends) > 1:
             offset = self.b_dec if self.W_skip is None else self.b_dec + x @ self.W_skip.T
             inner = self.prefix_reconstructions(code, self.ends[:-1]) + offset.unsqueeze(-2)  # [B, G-1, d]
             sse = (inner.float() - y.float().unsqueeze(1)).pow(2).sum(-1).mean(0)  # [G-1]
-            losses["prefix"] = sum(w * s for w, s in zip(self.weights[:-1], sse, strict=True))
-        losses["mse"] = self.weights[-1] * (x_hat.float() - y.float()).pow(2).sum(-1).mean()
+            prefix = prefix + sum(w * s for w, s in zip(self.weights[:-1], sse, strict=True))
+        losses = {"prefix": prefix}
         losses.update(
             auxk_loss(self, self._x_in(x), y - x_hat, self.cfg.aux_k or self.d_in // 2, self.cfg.aux_alpha)
         )
-        return Output(x_hat, code, losses)
+        return Output(x_hat, code, losses, logs={"mse": mse.detach()})

@@ -26,6 +26,7 @@ penalty on the codes in the NNLS, 0 by default as in the paper).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -302,9 +303,14 @@ class SNMF(Dictionary):
 
     @torch.no_grad()
     def fold_scaling(self) -> None:
-        """Fold ``input_scale`` c: ``W_dec /= c``, ``b_dec /= c``; codes on raw inputs are unchanged."""
+        """Fold ``input_scale`` c: ``W_dec /= c``, ``b_dec /= c``, ``code_l1 /= c²``; codes on raw inputs are unchanged.
+
+        The codes minimise ``½‖c·x − g W_dec‖² + λ Σg``; with ``W' = W_dec / c`` that is ``c²(½‖x − g W'‖² + (λ/c²) Σg)``,
+        so the same g needs ``λ' = λ / c²`` on raw x.
+        """
         c = float(self.input_scale)
         if c != 1.0:
             self.W_dec.div_(c)
             self.b_dec.div_(c)
+            self.cfg = dataclasses.replace(self.cfg, code_l1=self.cfg.code_l1 / c**2)
             self.input_scale.fill_(1.0)

@@ -29,13 +29,16 @@ import torch
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
 from sparsedict.cache.manifest import read_manifest
 from sparsedict.cache.store import read_tokens
+from sparsedict.cache.tokens import RULE_KEYS, Exclusions
 from sparsedict.config import from_dict
 from sparsedict.dictionaries import Dictionary, from_pretrained
-from sparsedict.eval.heldout import reconstruction_stats
+from sparsedict.eval.heldout import dead_note, reconstruction_stats
 from sparsedict.eval.splice import Contexts, evaluate_replacement, evaluate_splicing, replaced_hookpoint
 from sparsedict.lm import cache_dir, load_model
+from sparsedict.train.config import TrainConfig
 
-RULE_KEYS = ("prepend_bos", "exclude_bos", "exclude_first_n", "exclude_special")
+TRAINING_DEAD_TOKENS = TrainConfig.dead_tokens
+"""The trainer's default dead window, for checkpoints that do not record theirs (``meta["dead_tokens"]``)."""
 
 
 @dataclass
@@ -55,13 +58,18 @@ class EvalConfig:
     split: str = "test"
     """Held-out split for an on-the-fly cache (the embedded corpus holds out 'test')."""
     max_tokens: int = 20_000
-    """Held-out tokens (kept rows) for the reconstruction metrics."""
+    """Held-out tokens (kept rows) for the reconstruction metrics. The dead fraction counts latents with no
+    firing in these tokens; below the training dead window (10M tokens by default) the table says so."""
     splice_tokens: int = 2_048
     """Held-out tokens spliced into the model for CE/KL (0 turns splicing off)."""
     batch_size: int = 4
     """Contexts per LM forward when splicing."""
     mean_ablation: bool = True
     """Also run the mean-ablation baseline (mean of the held-out activations at the hookpoint)."""
+    zero_all_positions: bool = False
+    """Also run SAELens' zero-ablation baseline, which zeroes every position (BOS and attention sinks
+    included), for CE recovered comparable with SAELens/SAEBench (``ce_recovered_zero_all``). The default
+    baselines replace only the positions the dictionary replaces."""
     device: str = "cpu"
     """Device for the model and dictionaries."""
     threads: int = 0
@@ -79,8 +87,7 @@ class EvalConfig:
 
 
 def _rules_of_manifest(manifest: dict) -> dict:
-    rules = manifest.get("exclusions", {}).get("rules", {})
-    return {k: rules.get(k) for k in RULE_KEYS}
+    return Exclusions.from_manifest(manifest).rules
 
 
 def training_cache(meta: dict) -> dict | None:
@@ -93,11 +100,11 @@ def training_cache(meta: dict) -> dict | None:
 
 def training_rules(meta: dict) -> dict | None:
     """Exclusion rules a checkpoint was trained with: ``meta["exclusions"]`` or its training cache's."""
-    if isinstance(meta.get("exclusions"), dict):
+    if isinstance(meta.get("exclusions"), dict) and "bos_id" not in meta["exclusions"]:  # older checkpoints
         rules = meta["exclusions"].get("rules", meta["exclusions"])
         return {k: rules.get(k) for k in RULE_KEYS}
-    manifest = training_cache(meta)
-    return _rules_of_manifest(manifest) if manifest else None
+    found = Exclusions.from_meta(meta)
+    return found.rules if found else None
 
 
 def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
@@ -180,6 +187,7 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
         if cfg.mean_ablation:
             for replaced in d.cfg.targets if d.layered else [replaced_hookpoint(d)]:
                 means[replaced] = store.norm_stats(replaced)["mean"]
+        window = int(d.meta.get("dead_tokens") or TRAINING_DEAD_TOKENS)
         records[name] = {
             "checkpoint": name,
             "architecture": d.architecture,
@@ -194,6 +202,9 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
                 "context_length": manifest["context_length"],
                 "exclusions": rules,
                 "recon_tokens": stats.tokens,
+                "dead_window_tokens": stats.tokens,
+                "training_dead_tokens": window,
+                "dead_note": dead_note(stats.tokens, window),
             },
             "metrics": stats.summary(),
             "distributions": stats.distributions(),
@@ -231,7 +242,9 @@ def _splice_into(records, cfg: EvalConfig, dictionaries, root: Path, manifest: d
     single = {k: d for k, d in dictionaries.items() if not d.layered}
     layered = {k: d for k, d in dictionaries.items() if d.layered}
     kw = dict(batch_size=cfg.batch_size, means=means, mean_ablation=cfg.mean_ablation, device=cfg.device)
-    stats = evaluate_splicing(model, single, contexts, **kw)[0] if single else {}
+    stats = (
+        evaluate_splicing(model, single, contexts, zero_all=cfg.zero_all_positions, **kw)[0] if single else {}
+    )
     replaced = evaluate_replacement(model, layered, contexts, **kw) if layered else {}
     for name, variants in replaced.items():
         for variant, s in variants.items():
@@ -254,7 +267,7 @@ def _splice_into(records, cfg: EvalConfig, dictionaries, root: Path, manifest: d
 COLUMNS = [("fvu", "FVU"), ("explained_variance", "EV"), ("mse", "MSE"), ("cosine", "cos"), ("l0", "L0"),
            ("dead_fraction", "dead"), ("dense_fraction", "dense"), ("ce_clean", "CE clean"),
            ("ce_spliced", "CE splice"), ("ce_zero_ablation", "CE zero"), ("ce_mean_ablation", "CE mean"),
-           ("ce_recovered", "CE rec"), ("delta_lm_loss", "ΔLM"), ("kl", "KL")]  # fmt: skip
+           ("ce_recovered", "CE rec"), ("ce_recovered_zero_all", "CE rec (all-pos zero)"), ("delta_lm_loss", "ΔLM"), ("kl", "KL")]  # fmt: skip
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
@@ -295,4 +308,7 @@ def _render(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(k == "dead_fraction" for k, _ in cols):
+        notes = {r["data"]["dead_note"] for r in records if r.get("data", {}).get("dead_note")}
+        lines += [f"note: {n}" for n in sorted(notes)]
     return "\n".join(lines)

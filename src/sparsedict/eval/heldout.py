@@ -44,13 +44,24 @@ def reconstruction_stats(
     return stats
 
 
-def evaluate_heldout(paths: dict[str, Path], recipe: Any, max_rows: int | None = None) -> dict[str, dict]:
+def dead_note(tokens: int, window: int) -> str:
+    """What a dead fraction over ``tokens`` evaluated tokens means beside the training dead window ``window``."""
+    if tokens < window:
+        return (f"too few tokens to call latents dead: 'dead' counts latents with no firing in {tokens:,} "
+                f"held-out tokens, below the training dead window of {window:,} tokens")  # fmt: skip
+    return f"dead: no firing in {tokens:,} held-out tokens"
+
+
+def evaluate_heldout(
+    paths: dict[str, Path], recipe: Any, max_rows: int | None = None, eval_dir: str | Path | None = None
+) -> dict[str, dict]:
     """Reload every saved dictionary and measure FVU/L0/dead% on ``recipe.eval_cache`` (one pass each).
 
     The summary goes into each checkpoint's ``meta["eval"]`` (with the held-out cache's path); the model card
-    is re-rendered with it.
+    is re-rendered with it. ``eval_dir``: that cache, already made; without it ``recipe.eval_cache`` is
+    cached first (a collective under torchrun: then every rank must call this).
     """
-    eval_dir = cache_activations(recipe.eval_cache)
+    eval_dir = Path(eval_dir) if eval_dir is not None else cache_activations(recipe.eval_cache)
     results = {}
     for name, path in paths.items():
         model = from_pretrained(path)
@@ -58,5 +69,8 @@ def evaluate_heldout(paths: dict[str, Path], recipe: Any, max_rows: int | None =
         store = ActivationStore(eval_dir, hookpoint, target=target or None, batch_size=4096, loop=False,
                                 drop_last=False)  # fmt: skip
         results[name] = reconstruction_stats(model, store, max_rows=max_rows).summary()
-        native.update_meta(path, eval={**results[name], "cache": str(eval_dir)})
+        window = int(model.meta.get("dead_tokens") or 0)
+        note = {"dead_note": dead_note(results[name]["tokens"], window)} if window else {}
+        native.update_meta(path, eval={**results[name], "cache": str(eval_dir), "dataset": store.manifest.get("dataset"),
+                                       **note})  # fmt: skip
     return results

@@ -5,7 +5,8 @@ A dictionary trained at hookpoint ``h`` (an SAE) replaces the activation at ``h`
 positions (``keep [B, T]``: the cache's exclusion rules, BOS / first-n / special tokens / padding) are
 replaced; excluded positions keep their original activations and are dropped from the CE/KL means.
 The zero- and mean-ablation baselines replace the same positions of the same hookpoint by 0 or by the
-mean activation. Replacements are cast to the model dtype (splicing happens in the model dtype).
+mean activation; these differ from SAELens' ``ce_loss_score``, whose zero-ablation replaces every position
+(BOS and attention sinks included), which ``zero_all=True`` adds as a third baseline (``ce_recovered_zero_all``). Replacements are cast to the model dtype (splicing happens in the model dtype).
 
 CE and KL are taken at position ``t`` (the distribution over token ``t + 1``) for every kept ``t`` whose
 next token is real (not padding).
@@ -111,7 +112,8 @@ def _scatter(act: Tensor, keep: Tensor | None, new_rows: Tensor) -> Tensor:
 def ablate(
     model: torch.nn.Module, hookpoint: str, keep: Tensor | None, value: Tensor | None = None
 ) -> Iterator[None]:
-    """Replace the activation at ``hookpoint`` (kept positions) by ``value [d]`` (None: zeros)."""
+    """Replace the activation at ``hookpoint`` (kept positions; every position when ``keep`` is None) by
+    ``value [d]`` (None: zeros)."""
 
     def swap(act: Tensor) -> Tensor:
         n = int(keep.sum()) if keep is not None else act.shape[0] * act.shape[1]
@@ -153,12 +155,14 @@ def evaluate_splicing(
     means: dict[str, Tensor] | None = None,
     mean_ablation: bool = True,
     device: str | torch.device = "cpu",
+    zero_all: bool = False,
 ) -> tuple[dict[str, SpliceStats], dict[str, ReconstructionStats]]:
     """CE/KL splice statistics and reconstruction statistics of every dictionary on ``contexts``.
 
     Per batch: one clean forward, one zero-ablation (and one mean-ablation) forward per replaced
     hookpoint, one spliced forward per dictionary. ``means`` maps a replaced hookpoint to its mean
-    activation ``[d]``; missing ones are computed from ``contexts`` when ``mean_ablation``.
+    activation ``[d]``; missing ones are computed from ``contexts`` when ``mean_ablation``. ``zero_all`` adds
+    one forward per replaced hookpoint with every position zeroed (SAELens' baseline).
     Reconstruction statistics cover the kept positions, from activations seen in the spliced forward.
     """
     targets = sorted({replaced_hookpoint(d) for d in dictionaries.values()})
@@ -186,6 +190,10 @@ def evaluate_splicing(
                 with ablate(model, target, keep, means[target]):
                     lp = _next_token_logp(model, ids, attn, pos)
                 base[target].update(ce_mean=token_ce(lp, labels), kl_mean=token_kl(logp_clean, lp))
+            if zero_all:
+                with ablate(model, target, None):
+                    lp = _next_token_logp(model, ids, attn, pos)
+                base[target]["ce_zero_all"] = token_ce(lp, labels)
             del lp
         for name, d in dictionaries.items():
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Protocol
 
 import torch
@@ -134,14 +135,56 @@ _TL_SITES = {
     "mlp.hook_post": "mlp_hidden",
     "attn.hook_z": "attn_z",
 }
+_ALIAS_TL = {alias: site for site, alias in _TL_SITES.items()}
+_BLOCKS = r"(?:model\.layers|model\.language_model\.layers|transformer\.h|gpt_neox\.layers|layers|h)"
+
+TL_MISMATCH = {
+    "mlp_in": "TransformerLens' ln2.hook_normalized is the normalised residual before ln2's weight (and bias), "
+    "while this dictionary reads the MLP input after them"
+}
+"""Aliases whose TransformerLens hook is the closest one but not the same activation."""
 
 
-def from_transformerlens(name: str) -> str:
+def from_transformerlens(name: str, head: int | None = None) -> str:
     """TransformerLens hook name -> our alias (``blocks.6.hook_resid_post`` -> ``resid_post.6``).
 
-    Unknown names are returned unchanged (the original is always kept in ``meta["source_hookpoint"]``).
+    ``head`` (SAELens ``hook_head_index``) selects one head of ``attn.hook_z`` (``attn_z.6.h3``). Unknown names
+    are returned unchanged (the original is always kept in ``meta["source_hookpoint"]``).
     """
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in _TL_SITES:
-        return f"{_TL_SITES[parts[2]]}.{parts[1]}"
+        alias = f"{_TL_SITES[parts[2]]}.{parts[1]}"
+        return alias if head is None else f"{alias}.h{head}"
     return name
+
+
+@dataclasses.dataclass(frozen=True)
+class TLHook:
+    """Where a TransformerLens user finds the activation of one of our hookpoints."""
+
+    hook_name: str
+    """TransformerLens hook name (``blocks.6.hook_resid_post``)."""
+    head: int | None = None
+    """Head of ``attn.hook_z`` (SAELens ``hook_head_index``), None for all of them."""
+    caveat: str = ""
+    """Non-empty when the TransformerLens activation differs from ours (see :data:`TL_MISMATCH`)."""
+
+
+def to_transformerlens(name: str) -> TLHook | None:
+    """Our hookpoint (alias, ``attn_z.L.h<k>``, or a raw block path) -> its TransformerLens hook, or None.
+
+    Aliases map one to one (``mlp_in`` with a caveat); raw paths map only when they name a whole block
+    (``model.layers.6`` -> ``blocks.6.hook_resid_post``, ``model.layers.6:in`` -> ``hook_resid_pre``): a raw path
+    inside a block means different modules in different model families.
+    """
+    match = re.fullmatch(r"([a-z_]+)\.(\d+)(?:\.h(\d+))?", name)
+    if match and match.group(1) in _ALIAS_TL:
+        kind, layer, head = match.group(1), match.group(2), match.group(3)
+        if head is not None and kind != "attn_z":
+            return None
+        return TLHook(f"blocks.{layer}.{_ALIAS_TL[kind]}", None if head is None else int(head),
+                      TL_MISMATCH.get(kind, ""))  # fmt: skip
+    match = re.fullmatch(_BLOCKS + r"\.(\d+)(:in)?", name)
+    if match:
+        return TLHook(f"blocks.{match.group(1)}.hook_resid_{'pre' if match.group(2) else 'post'}")
+    return None

@@ -1,8 +1,10 @@
 """Generated model card (``README.md``) for a saved dictionary.
 
-The card states what a user needs before loading: architecture and sizes, the model and hookpoint the
-dictionary reads (and the target a transcoder writes), the training tokens, the input normalisation that was
-folded into the weights, and evaluation metrics when the checkpoint's ``meta`` carries them. Numbers come from
+The card states what a user needs before loading: architecture and sizes, the model (and revision) and the
+hookpoint the dictionary reads with its module path (and the target a transcoder writes), the training data and
+tokens, the input normalisation that was folded into the weights, and evaluation metrics with the data they
+were measured on when the checkpoint's ``meta`` carries them (``update_meta`` re-renders the card when metrics
+are added). Numbers come from
 the checkpoint's own ``config.json``; nothing is invented, and unknown fields say "not recorded".
 """
 
@@ -21,7 +23,7 @@ _METRIC_ORDER = (
     "delta_lm_loss",
     "kl",
 )
-_NOT_METRICS = ("tokens", "cache")
+_NOT_METRICS = ("tokens", "cache", "dataset", "dead_note")
 """Entries of ``meta["eval"]`` that describe the data, not a metric."""
 
 
@@ -47,6 +49,18 @@ def _metrics(meta: dict[str, Any]) -> dict[str, Any]:
     return ordered
 
 
+def _data(dataset: Any, context_length: Any = None) -> str | None:
+    """``name (config, split …)`` of a recorded dataset (a cache manifest's ``dataset`` entry)."""
+    if not isinstance(dataset, dict) or not dataset.get("name"):
+        return None
+    extra = [str(dataset["config"])] if dataset.get("config") else []
+    if dataset.get("split"):
+        extra.append(f"split {dataset['split']}")
+    if context_length:
+        extra.append(f"contexts of {context_length} tokens")
+    return dataset["name"] + (f" ({', '.join(extra)})" if extra else "")
+
+
 def render(config: dict[str, Any], repo_id: str | None = None) -> str:
     """Markdown model card for a sparsedict ``config.json`` dict (with YAML front matter for the hub)."""
     d = config.get("dictionary", {})
@@ -68,13 +82,19 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
     lines = [*front, "", f"# {title}", ""]
     lines.append(f"A {arch} {kind} trained with sparsedict.")
     lines += ["", "| field | value |", "|---|---|"]
+    revision = meta.get("model_revision")
+    paths = meta.get("hookpoint_paths") or {}
     rows = [
         ("architecture", arch),
-        ("model", model),
+        ("model", f"{model} (revision {revision})" if revision and model != "not recorded" else model),
         ("hookpoint (input)", hookpoint),
     ]
+    if paths.get(hookpoint):
+        rows.append(("input module", paths[hookpoint]))
     if target:
         rows.append(("target (output)", target))
+        if paths.get(target):
+            rows.append(("target module", paths[target]))
     if meta.get("source_hookpoint") and meta.get("source_hookpoint") != hookpoint:
         rows.append(("hookpoint in the source library", meta["source_hookpoint"]))
     rows += [
@@ -91,6 +111,9 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
     )
     rows.append(("subtracts b_dec before encoding", subtracts))
     rows.append(("training tokens", tokens if tokens is not None else "not recorded"))
+    training_data = _data(meta.get("dataset"), meta.get("context_length"))
+    if training_data:
+        rows.append(("training data", training_data))
     if "input_scale_folded" in meta:
         rows.append(("input scale (folded into the weights)", meta["input_scale_folded"]))
     if meta.get("source_format"):
@@ -101,9 +124,12 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
     lines += ["", "## Evaluation", ""]
     if metrics:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
-        tokens = (meta.get("eval") or {}).get("tokens") if isinstance(meta.get("eval"), dict) else None
-        if tokens:
-            lines += ["", f"Measured on {_fmt(tokens)} held-out tokens."]
+        ev = meta.get("eval") if isinstance(meta.get("eval"), dict) else {}
+        if ev.get("tokens"):
+            data = _data(ev.get("dataset"))
+            lines += ["", f"Measured on {_fmt(ev['tokens'])} held-out tokens{f' of {data}' if data else ''}."]
+        if ev.get("dead_note"):
+            lines += ["", f"dead_fraction: {ev['dead_note']}."]
     else:
         lines.append("No evaluation metrics were recorded with this checkpoint.")
     load_arg = json.dumps(repo_id or "path/to/this/directory")

@@ -47,7 +47,7 @@ def save(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, mod
     config = {
         "sparsedict_version": __version__,
         "architecture": model.architecture,
-        "dictionary": model.cfg.to_dict(),
+        "dictionary": export.cfg.to_dict(),  # a fold may change config fields in activation units
         "sparsity_fields": list(type(model).sparsity_fields),
         "meta": meta,
     }

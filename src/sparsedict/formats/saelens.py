@@ -24,13 +24,21 @@ A checkpoint trained on a TransformerLens model loaded with weight processing (`
 ``center_writing_weights``, ``fold_value_biases``, ``refactor_factored_attn_matrices`` in
 ``metadata.model_from_pretrained_kwargs``; SAELens loads ``HookedTransformer`` models with
 ``from_pretrained_no_processing`` plus those kwargs) saw activations that differ from the raw Hugging Face
-model's; loading it warns.
+model's; loading it warns. Attention z SAEs (``blocks.L.attn.hook_z`` with ``reshape_activations: hook_z``, or one
+head with ``hook_head_index``) load at ``attn_z.L`` / ``attn_z.L.h<k>``.
+
+Export (:func:`save_saelens`) writes what the dictionary computes at inference: BatchTopK and a batch-selection
+Matryoshka as a ``jumprelu`` with their threshold θ, a per-token Matryoshka as ``topk``. ``metadata.hook_name`` is
+the TransformerLens hook (``resid_post.6`` -> ``blocks.6.hook_resid_post``, see
+:func:`~sparsedict.formats.common.to_transformerlens`), ``hf_hook_name`` the module path and
+``sparsedict_hookpoint`` our name; a hookpoint with no TransformerLens equivalent warns.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +56,7 @@ from sparsedict.formats.common import (
     parse_dtype,
     require,
     set_threshold,
+    to_transformerlens,
 )
 from sparsedict.util import atomic_write, write_json_atomic
 
@@ -76,6 +85,8 @@ _UNSUPPORTED = {
     "'mp' runs a fixed number of steps",
     "temporal": "its encoder attends over previous tokens; sparsedict dictionaries encode each token alone",
 }
+_TRAINING_NAMES = {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
+"""SAELens training architecture of ours whose inference export is a jumprelu (``metadata.training_architecture``)."""
 _TL_PROCESSING = ("fold_ln", "center_writing_weights", "fold_value_biases", "refactor_factored_attn_matrices")
 """TransformerLens ``from_pretrained`` flags that change hooked activations (``center_unembed`` only changes logits)."""
 
@@ -128,10 +139,19 @@ def load_saelens(path: str | Path, registry: Architectures):
         raise FormatError(f"{path / 'cfg.json'}: unknown normalize_activations={norm!r}")
     scale = _scaling_factor(path) if norm == "expected_average_only_in" else 1.0
     head = cfg.get("hook_head_index", meta_in.get("hook_head_index"))
-    if (cfg.get("reshape_activations") or "none") != "none" or head is not None:
+    reshape = cfg.get("reshape_activations") or "none"
+    hook = meta_in.get("hook_name", "")
+    z = hook.endswith(".attn.hook_z")
+    if reshape not in ("none", "hook_z") or (reshape == "hook_z" and (not z or head is not None)):
         raise FormatError(
-            f"{path / 'cfg.json'}: per-head SAEs (reshape_activations={cfg.get('reshape_activations')!r}, "
-            f"hook_head_index={head!r}) are not supported; flatten heads into hook_z"
+            f"{path / 'cfg.json'}: reshape_activations={reshape!r} with hook_name={hook!r} and hook_head_index="
+            f"{head!r} is not supported; only 'hook_z' on blocks.L.attn.hook_z (all heads flattened) or a "
+            "hook_head_index of it"
+        )
+    if head is not None and not z:
+        raise FormatError(
+            f"{path / 'cfg.json'}: hook_head_index={head!r} on {hook!r}: sparsedict selects heads of attention z "
+            "(blocks.L.attn.hook_z) only"
         )
     d_in, n = int(cfg["d_in"]), int(cfg["d_sae"])
     d_out = int(cfg.get("d_out") or d_in)
@@ -159,11 +179,10 @@ def load_saelens(path: str | Path, registry: Architectures):
     check_shape(t["W_dec"], (n, d_out), "W_dec", where, hint)
     check_shape(t["b_dec"], (d_out,), "b_dec", where, hint)
     transcoder = arch_in in _TRANSCODERS
-    hook = meta_in.get("hook_name", "")
     hook_out = meta_in.get("hook_name_out", "") if transcoder else ""
     fields: dict[str, Any] = {
-        "hookpoint": from_transformerlens(hook),
-        "target": from_transformerlens(hook_out) if hook_out else "",
+        "hookpoint": from_transformerlens(hook, None if head is None else int(head)),
+        "target": from_transformerlens(hook_out, meta_in.get("hook_head_index_out")) if hook_out else "",
         "d_in": d_in,
         "d_out": d_out,
         "n_latents": n,
@@ -189,6 +208,7 @@ def load_saelens(path: str | Path, registry: Architectures):
         "source_format": "saelens",
         "source_architecture": cfg.get("architecture", "standard"),
         "source_hookpoint": hook,
+        **({"source_hook_head_index": int(head)} if head is not None else {}),
         "model": meta_in.get("model_name", ""),
         "hookpoint": fields["hookpoint"],
         "normalize_activations": norm,
@@ -274,23 +294,29 @@ def _missing(path: Path, key: str):
 
 
 def saelens_architecture(model) -> str:
-    """The SAELens architecture name for our dictionary (its class's ``saelens_architecture`` and the config's
-    transcoder/skip variant), or a FormatError when SAELens has none."""
-    arch, cfg, base = model.architecture, model.cfg, type(model).saelens_architecture
+    """The SAELens architecture name for our dictionary (what its inference computes,
+    ``model.inference_architecture()``, and the config's transcoder/skip variant), or a FormatError when
+    SAELens has none."""
+    arch, cfg, base = model.architecture, model.cfg, model.inference_architecture()
     transcoder = cfg.is_transcoder or model.d_out != model.d_in
     if base == "standard":
         if cfg.skip:
             return "skip_transcoder"
         return "transcoder" if transcoder else "standard"
-    if cfg.skip and base is not None:
-        raise FormatError(f"SAELens has no skip-connection variant of {arch!r}; only relu (skip_transcoder)")
     if base == "jumprelu":
+        if cfg.skip:
+            return "jumprelu_skip_transcoder"
         return "jumprelu_transcoder" if transcoder else "jumprelu"
-    if base is not None and not transcoder:
+    if base is not None and (cfg.skip or transcoder):
+        raise FormatError(
+            f"SAELens has no transcoder or skip variant of {base!r} (the inference of {arch!r}); it has "
+            "transcoder/skip_transcoder (relu) and jumprelu_transcoder/jumprelu_skip_transcoder"
+        )
+    if base is not None:
         return base
     raise FormatError(
         f"architecture {arch!r}{' (transcoder)' if transcoder else ''} has no SAELens equivalent; "
-        "SAELens has standard/transcoder/skip_transcoder, topk, jumprelu and jumprelu_transcoder, gated"
+        "SAELens has standard/transcoder/skip_transcoder, topk, jumprelu and its transcoders, gated"
     )
 
 
@@ -305,8 +331,46 @@ def inference_threshold(model) -> torch.Tensor:
     raise FormatError(f"{model.architecture} has no threshold to export (state keys: {sorted(sd)})")
 
 
+def saelens_hook(name: str, meta: dict[str, Any], what: str = "hookpoint") -> dict[str, Any]:
+    """SAELens metadata for one of our hookpoints: ``hook_name`` (TransformerLens), ``hook_head_index``,
+    ``hf_hook_name`` (the Hugging Face module path, when known), and the warning text when no TransformerLens hook
+    holds the same activation.
+
+    A dictionary loaded from SAELens keeps the hook name it came with (``meta["source_hookpoint"]``).
+    """
+    raw = not re.fullmatch(r"[a-z_]+\.\d+(\.h\d+)?", name)  # a module path, not an alias
+    hf = (meta.get("hookpoint_paths") or {}).get(name) or (name if raw else None)
+    out: dict[str, Any] = {"hook_name": name, "hook_head_index": None, "hf_hook_name": hf, "warning": ""}
+    if what == "hookpoint" and meta.get("source_format") == "saelens" and meta.get("source_hookpoint"):
+        out["hook_name"] = meta["source_hookpoint"]
+        out["hook_head_index"] = meta.get("source_hook_head_index")
+        return out
+    hook = to_transformerlens(name)
+    if hook is None:
+        out["warning"] = (
+            f"{what} {name!r} has no TransformerLens equivalent (only aliases such as resid_post.6 and whole-block "
+            f"paths map), so SAELens' hook_name is left as {name!r}, which no HookedTransformer hook matches; "
+            "hf_hook_name holds the module path"
+        )
+        return out
+    out.update(hook_name=hook.hook_name, hook_head_index=hook.head)
+    if hook.caveat:
+        out["warning"] = (
+            f"{what} {name!r} is exported with hook_name {hook.hook_name!r}, but {hook.caveat}: apply them to "
+            "that hook's activation before encoding (hf_hook_name holds the exact module)"
+        )
+    return out
+
+
 def save_saelens(model, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``cfg.json`` + ``sae_weights.safetensors`` that SAELens ≥ 6.0 loads (input scale folded)."""
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` that SAELens ≥ 6.0 loads (input scale folded).
+
+    The architecture is what the dictionary computes at inference (:func:`saelens_architecture`). ``hook_name``
+    is the TransformerLens hook name SAELens and SAEBench hook (``blocks.6.hook_resid_post``; attention z as
+    ``blocks.L.attn.hook_z`` with ``reshape_activations: hook_z``, one head with ``hook_head_index``); our own
+    hookpoint is kept as ``metadata.sparsedict_hookpoint`` and the module path as ``hf_hook_name``. A hookpoint
+    with no TransformerLens equivalent warns (:func:`saelens_hook`).
+    """
     import copy
 
     path = Path(path)
@@ -322,9 +386,37 @@ def save_saelens(model, path: str | Path, meta: dict[str, Any] | None = None) ->
         tensors["b_enc"] = sd["b_enc"]
     if arch.startswith("jumprelu"):
         tensors["threshold"] = inference_threshold(export).contiguous()
-    if arch == "skip_transcoder":
+    if arch in _SKIP:
         tensors["W_skip"] = sd["W_skip"]
     transcoder = arch in _TRANSCODERS
+    hook = saelens_hook(model.cfg.hookpoint, meta)
+    z = hook["hook_name"].endswith(".attn.hook_z") and hook["hook_head_index"] is None
+    metadata: dict[str, Any] = {
+        "model_name": meta.get("model", ""),
+        "hook_name": hook["hook_name"],
+        "hook_head_index": hook["hook_head_index"],
+        "model_class_name": "HookedTransformer",
+        "model_from_pretrained_kwargs": {"center_writing_weights": False},
+        "hf_hook_name": hook["hf_hook_name"],
+        "sae_lens_version": SAE_LENS_VERSION,
+        "sae_lens_training_version": None,
+        "exported_by": "sparsedict",
+        "sparsedict_hookpoint": model.cfg.hookpoint,
+    }
+    if meta.get("context_length") is not None:
+        metadata["context_size"] = meta["context_length"]
+    dataset = meta.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("name"):
+        metadata["dataset_path"] = dataset["name"]
+    if arch == "jumprelu" and model.architecture in _TRAINING_NAMES:  # SAELens writes the same for its own
+        metadata["training_architecture"] = _TRAINING_NAMES[model.architecture]
+    warn = [hook["warning"]] if hook["warning"] else []
+    if transcoder:
+        out = saelens_hook(model.cfg.target, meta, "target")
+        metadata.update(hook_name_out=out["hook_name"], hook_head_index_out=out["hook_head_index"],
+                        hf_hook_name_out=out["hf_hook_name"], sparsedict_target=model.cfg.target)  # fmt: skip
+        if out["warning"]:
+            warn.append(out["warning"])
     cfg: dict[str, Any] = {
         "architecture": arch,
         "d_in": model.d_in,
@@ -333,24 +425,19 @@ def save_saelens(model, path: str | Path, meta: dict[str, Any] | None = None) ->
         "device": "cpu",
         "apply_b_dec_to_input": bool(model.subtracts_b_dec),
         "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": {
-            "model_name": meta.get("model", ""),
-            "hook_name": meta.get("source_hookpoint") or model.cfg.hookpoint,
-            "sae_lens_version": SAE_LENS_VERSION,
-            "sae_lens_training_version": None,
-            "exported_by": "sparsedict",
-        },
+        "reshape_activations": "hook_z" if z else "none",
+        "metadata": metadata,
     }
     if arch == "topk":
         cfg["k"] = int(model.cfg.k)
         cfg["rescale_acts_by_decoder_norm"] = False
     if transcoder:
         cfg["d_out"] = model.d_out
-        cfg["metadata"]["hook_name_out"] = model.cfg.target
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(
         path / "sae_weights.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
     )
     write_json_atomic(path / "cfg.json", cfg, indent=2)
+    for text in warn:
+        warnings.warn(f"{path}: {text}", UserWarning, stacklevel=2)
     return path

@@ -30,8 +30,9 @@ class TrainConfig:
     """Adam epsilon."""
     momentum: float = 0.95
     """Schedule-free momentum for 'signum_sf'."""
-    warmup_steps: int = 100
-    """Linear LR warmup steps (Adam); an 'auto' preset may cap it to a fraction of the run."""
+    warmup_steps: int = -1
+    """Linear LR warmup steps (Adam); -1: 100, which an 'auto' preset may cap to a fraction of the run. A value
+    >= 0 is used as given."""
     decay_fraction: float = 0.2
     """Linear LR decay to 0 over this final fraction of steps (Adam; 0 disables)."""
     grad_clip: float = 0.0
@@ -83,6 +84,8 @@ class TrainConfig:
             )
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be 'none' or 'bf16', not {self.autocast!r}")
+        if self.warmup_steps < -1:
+            raise ValueError(f"warmup_steps must be >= 0 (or -1 for the default), got {self.warmup_steps}")
         if self.source not in ("cache", "live"):
             raise ValueError(f"source must be 'cache' or 'live', not {self.source!r}")
         if self.shuffle not in ("auto", "global", "window"):

@@ -59,6 +59,11 @@ class RunLogger:
         finally:
             bar.close()
 
+    def note(self, text: str) -> None:
+        """Print one line to stderr (rank 0), above the progress bar."""
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
     def log(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -9,12 +9,10 @@ architecture's preset (:func:`auto_preset`: betas, a run-length LR rule, W_dec's
 cap); each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
 applies to the scheduled LR.
 
-Fused decoder update: with Adam, a unit-norm decoder and Triton usable for ``W_dec`` (CUDA), the
-projection, the bias-corrected Adam step and the row renormalisation of ``W_dec`` run as one pass
-(:func:`sparsedict.kernels.normalised_adam_step`), its state kept in the torch optimiser's
-``state[W_dec]`` with torch's layout, so checkpoints are the same either way. On CPU the unfused
-sequence is used: the reference "fused" function runs the same torch ops and measured no faster
-(benchmarks/RESULTS_training.md).
+Fused decoder update: with Adam and a unit-norm decoder, the projection, the bias-corrected Adam step
+and the row renormalisation of ``W_dec`` run as one pass (:func:`sparsedict.kernels.normalised_adam_step`:
+Triton on CUDA, numba on CPU for fp32), its state kept in the torch optimiser's ``state[W_dec]`` with
+torch's layout, so checkpoints are the same either way. Without Triton/numba the unfused sequence is used.
 
 Schedule-free (``signum_sf``): in train mode the parameters hold the gradient point ``y``; the wrapper
 keeps ``z`` in its state and the evaluation point ``x = (y − (1−β) z)/β`` is swapped in by :meth:`eval`
@@ -31,6 +29,9 @@ from torch import nn
 
 from sparsedict.train.config import TrainConfig
 from sparsedict.train.schedule import budget_lr, lr_factor, width_lr
+
+DEFAULT_WARMUP = 100
+"""LR warmup steps when ``TrainConfig.warmup_steps`` is -1 (an 'auto' preset may cap it to a fraction of the run)."""
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -69,7 +70,7 @@ def auto_preset(model: nn.Module, name: str) -> dict:
 
     Keys: ``betas``, ``lr_rule`` ('budget': :func:`~sparsedict.train.schedule.budget_lr`; else the width
     rule), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
-    fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale) take precedence.
+    fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale, warmup_steps) take precedence.
     """
     return dict(type(model).auto_train) if name == "auto" else {}
 
@@ -78,7 +79,8 @@ class DictionaryOptimizer:
     """Optimiser + schedule + decoder normalisation for one dictionary.
 
     ``fused``: None picks the one-pass decoder update where it is faster (Adam, unit-norm decoder, Triton
-    usable for W_dec); True/False force it on/off (on CPU, True runs the torch reference of the fused step).
+    usable for W_dec, or the numba CPU kernels for an fp32 W_dec); True/False force it on/off (without
+    either, True runs the torch reference of the fused step).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, fused: bool | None = None):
@@ -88,16 +90,34 @@ class DictionaryOptimizer:
         self.name = "adam" if cfg.optimizer == "auto" else cfg.optimizer  # 'auto': Adam with the preset
         preset = auto_preset(model, cfg.optimizer)
         if cfg.lr:
-            self.base_lr = cfg.lr
+            self.base_lr, lr_from = cfg.lr, "set in the config"
         elif preset.get("lr_rule") == "budget":
             self.base_lr = budget_lr(model.n_latents, total_steps)
+            lr_from = f"'auto' run-length rule: {total_steps} steps, {model.n_latents} latents"
         else:
             self.base_lr = width_lr(model.n_latents, self.name)
-        self.warmup_steps = cfg.warmup_steps
-        if "warmup_fraction" in preset:
-            self.warmup_steps = min(cfg.warmup_steps, math.ceil(preset["warmup_fraction"] * total_steps))
-        betas = cfg.betas or preset.get("betas", (0.9, 0.999))
+            lr_from = f"width rule: {model.n_latents} latents"
+        if cfg.warmup_steps >= 0:
+            self.warmup_steps, warmup_from = cfg.warmup_steps, "set in the config"
+        elif "warmup_fraction" in preset:
+            cap = math.ceil(preset["warmup_fraction"] * total_steps)
+            self.warmup_steps = min(DEFAULT_WARMUP, cap)
+            warmup_from = (
+                f"default {DEFAULT_WARMUP}, 'auto' cap {preset['warmup_fraction']:.0%} of the run = {cap}"
+            )
+        else:
+            self.warmup_steps, warmup_from = DEFAULT_WARMUP, "default"
+        betas = tuple(cfg.betas or preset.get("betas", (0.9, 0.999)))
         dec_scale = cfg.lr_dec_scale or preset.get("lr_dec_scale", 1.0)
+
+        def source(explicit: object, key: str) -> str:
+            return "set in the config" if explicit else ("'auto' preset" if key in preset else "default")
+
+        self.settings = {"optimizer": self.name, "lr": self.base_lr, "lr_from": lr_from, "lr_dec_scale": dec_scale,
+                         "lr_dec_from": source(cfg.lr_dec_scale, "lr_dec_scale"), "betas": betas,
+                         "betas_from": source(cfg.betas, "betas"), "warmup_steps": self.warmup_steps,
+                         "warmup_from": warmup_from}  # fmt: skip
+        """What this run gets and where each value comes from (:meth:`describe`)."""
         # one param group per parameter with its LR multiplier (W_dec: lr_dec_scale), so set_step can scale
         params = [
             {"params": [p], "lr_scale": dec_scale if name == "W_dec" else 1.0}
@@ -105,16 +125,36 @@ class DictionaryOptimizer:
             if p.requires_grad
         ]
         if self.name == "adam":
-            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=betas, eps=cfg.eps, foreach=True)
+            # torch's fused Adam: one vectorised pass per parameter on CPU (3-4x the foreach ops,
+            # same results to 1e-10; benchmarks/RESULTS_training.md); foreach elsewhere
+            cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in model.parameters())
+            kind = {"fused": True} if cpu else {"foreach": True}
+            self.opt = torch.optim.Adam(params, lr=self.base_lr, betas=betas, eps=cfg.eps, **kind)
         else:
             self.opt = _schedule_free(SignSGD(params, lr=self.base_lr), cfg.momentum)
             self.opt.train()
         self.schedule_free = self.name != "adam"
         self.fused_param = self._fused_decoder(fused)
 
+    def describe(self) -> str:
+        """One line: the optimiser, LR (and W_dec's), betas and warmup this run gets, with their sources."""
+        s = self.settings
+        lr = f"lr {s['lr']:.3g} ({s['lr_from']})"
+        if s["lr_dec_scale"] != 1.0:
+            lr += f", W_dec lr {s['lr'] * s['lr_dec_scale']:.3g} (x{s['lr_dec_scale']:g}, {s['lr_dec_from']})"
+        if self.schedule_free:
+            return f"{s['optimizer']}, {lr}, constant (schedule-free), momentum {self.cfg.momentum:g}"
+        decay = (
+            f", decay to 0 over the last {self.cfg.decay_fraction:.0%}" if self.cfg.decay_fraction > 0 else ""
+        )
+        betas = ", ".join(f"{b:g}" for b in s["betas"])
+        return (f"{s['optimizer']}, {lr}, betas ({betas}) ({s['betas_from']}), warmup {s['warmup_steps']} steps ({s['warmup_from']})"
+                f"{decay} of {self.total_steps} steps")  # fmt: skip
+
     def _fused_decoder(self, fused: bool | None) -> nn.Parameter | None:
         """W_dec when its update runs through ``normalised_adam_step``; None for the unfused sequence."""
         from sparsedict.kernels import use_triton
+        from sparsedict.kernels._common import use_cpu_kernels
 
         m = self.model
         w = getattr(m, "W_dec", None)
@@ -134,7 +174,7 @@ class DictionaryOptimizer:
                 )
             return None
         if fused is None:
-            fused = use_triton(w)
+            fused = use_triton(w) or (use_cpu_kernels(w) and w.dtype == torch.float32)
         return w if fused else None
 
     def set_step(self, step: int) -> float:

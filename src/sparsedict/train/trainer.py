@@ -155,7 +155,9 @@ class Trainer:
             m.model.on_step(self.step, self.total_steps)
             out, extra = (m.model.fit_step(x, y), {}) if m.opt is None else self._gradient_step(m, x, y, amp)
             m.dead.update(out.code, x.shape[0])
-            metrics.update({f"{m.name}/{k}": float(v.detach()) for k, v in out.losses.items()})
+            metrics.update(
+                {f"{m.name}/{k}": float(v.detach()) for k, v in {**out.losses, **out.logs}.items()}
+            )
             metrics.update({f"{m.name}/{k}": v for k, v in extra.items()})
             if log_step:  # a few [B, d] passes: only on the steps fit() logs
                 stats = m.model.new_stats()
@@ -177,7 +179,7 @@ class Trainer:
         loss = sum(out.losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"{m.name}: loss is {float(loss)} at step {self.step}; check the activations for NaN/inf "
+                f"{m.name}: loss is {float(loss.detach())} at step {self.step}; check the activations for NaN/inf "
                 f"or lower the learning rate (lr={lr:g})"
             )
         loss.backward()
@@ -204,8 +206,14 @@ class Trainer:
         state = ckpt.load_checkpoint(out_dir / "checkpoint") if resume else None
         if state is not None:
             self.load_state_dict(state)
+            self.logger.note(
+                f"resuming from step {self.step} of {self.total_steps} ({out_dir / 'checkpoint'})"
+            )
         else:
             self.initialise()
+        for m in self.members:
+            if m.opt is not None:
+                self.logger.note(f"{m.name}: {m.opt.describe()}")
         iters = {key: iter(src) for key, src in self.sources.items()}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         last: dict[str, float] = {}
@@ -282,23 +290,27 @@ class Trainer:
         paths, members = {}, {}
         for m in self.members:
             model = m.model.unshard() if m.model.latent_sharded else m.model  # collective
+            if m.slot is None:
+                paths[m.name] = Path(self.cfg.out_dir) / m.name
             if not distributed.is_main():
                 continue
             info = {**self.sources[m.key].meta, **(meta or {})}
-            info.update(training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation)
+            info.update(training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation,
+                        dead_tokens=self.cfg.dead_tokens)  # fmt: skip
             if m.slot is None:
-                paths[m.name] = model.save_pretrained(Path(self.cfg.out_dir) / m.name, info)
+                model.save_pretrained(paths[m.name], info)
             else:
                 model.meta = info
                 members[m.name] = model
         for name, tset in self.sets.items():
+            paths[name] = Path(self.cfg.out_dir) / name
             if distributed.is_main():
                 key = tset.source_key
                 parts = {layer: members[f"{name}/layer{layer}"] for layer in tset.layers}
                 whole = TranscoderSet(tset.cfg, parts)
                 info = {**self.sources[key].meta, **(meta or {}), "training_tokens": self.tokens,
-                        "training_steps": self.step}  # fmt: skip
-                paths[name] = whole.save_pretrained(Path(self.cfg.out_dir) / name, info)
+                        "training_steps": self.step, "dead_tokens": self.cfg.dead_tokens}  # fmt: skip
+                whole.save_pretrained(paths[name], info)
         return paths
 
 
