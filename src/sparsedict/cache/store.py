@@ -150,7 +150,9 @@ class ActivationStore(WindowOrder):
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch, self._batch = 0, 0
-        names = {hookpoint: (base, head)} | ({target: (base_y, head_y)} if target is not None else {})
+        listed = [h for names in (hookpoint, target) if names is not None
+                  for h in ([names] if isinstance(names, str) else names)]  # fmt: skip
+        names = {h: (c.name, c.head) for h, c in zip(listed, self._cols)}
         self.meta: dict = provenance(self.manifest, names)
         """Provenance recorded in the checkpoints trained on this store (:func:`provenance`)."""
 

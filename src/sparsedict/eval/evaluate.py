@@ -289,6 +289,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 cells.append(f"{v:.4g}")
         rows.append(cells)
     text = _render(head, rows)
+    if any(k == "dead_fraction" for k, _ in cols):
+        notes = {r["data"]["dead_note"] for r in records if r.get("data", {}).get("dead_note")}
+        text += "".join(f"\nnote: {n}" for n in sorted(notes))
     layered = [r for r in records if r.get("layers")]
     if layered:
         text += "\n\nper layer (CE rec / KL: that layer's output alone spliced; the row above: all at once)\n"
@@ -308,7 +311,4 @@ def _render(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    if any(k == "dead_fraction" for k, _ in cols):
-        notes = {r["data"]["dead_note"] for r in records if r.get("data", {}).get("dead_note")}
-        lines += [f"note: {n}" for n in sorted(notes)]
     return "\n".join(lines)
