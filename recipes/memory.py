@@ -10,6 +10,11 @@ are sharded, else 1) and per-GPU batch b (B/G in data parallel, the whole B when
   transient  = 4·n·d·s + 4·b·n·s + 16·b·(d + d_out)  one fp32 [n, d] gradient temporary (backward),
                dense fp32 pre-activations [b, n] (AuxK over the dead latents, worst case all dead),
                inputs/targets/reconstruction in fp32 and bf16
+A cross-layer transcoder over L layers with F features per layer has L encoders and L(L+1)/2 decoder blocks:
+  state      = 16 · (L·F·(d + 1) + L(L+1)/2 · F·d_out)·s + 16·L·d_out
+  transient  = 4·F·L·d_out·s + 12·b·L·F·s + 16·b·L·(d + d_out)   the largest decoder's gradient temporary,
+               dense pre-activations, activations and their gradient [b, L, F], and the [b, L, d] batch
+A transcoder set (``layers`` on another architecture) is L dictionaries of the first kind.
 The trainer steps dictionaries one after another, so a GPU needs Σ state + max transient.
 Host RAM per rank for the ActivationStores (one per (hookpoint, target) pair): RAM_SLACK · (d + d_out) ·
 itemsize · rows per store (the shuffle window in the cache's dtype; sparsedict.cache.store), at most
@@ -28,7 +33,8 @@ from pathlib import Path
 GIB = 2**30
 GPUS = 8
 RECIPES = ("gpt2/resid-topk.yaml", "pythia-410m/resid-and-transcoder.yaml", "gemma-2-2b/resid-topk.yaml",
-           "llama-3.1-8b/resid-topk.yaml", "llama-3.1-8b/resid-131k-sharded.yaml")  # fmt: skip
+           "llama-3.1-8b/resid-topk.yaml", "llama-3.1-8b/resid-131k-sharded.yaml",
+           "gemma-2-2b/clt-sharded.yaml")  # fmt: skip
 # (d_model, d_mlp) from each model's config.json
 DIMS = {
     "openai-community/gpt2": (768, 3072),
@@ -46,7 +52,8 @@ class Row:
     transient_gib: float
     total_gib: float
     host_gib: float
-    largest: tuple[int, int, int, int, int]  # (d, d_out, n per GPU, k, b per GPU)
+    largest: tuple[int, int, int, int, int] | None
+    """(d, d_out, n per GPU, k, b per GPU) of the widest single-layer dictionary; None: there is none."""
 
 
 def hook_dim(model: str, hookpoint: str) -> int:
@@ -66,7 +73,12 @@ def estimate(path: Path, gpus: int = GPUS) -> Row:
         d = hook_dim(model, cfg.hookpoint)
         d_out = hook_dim(model, cfg.target) if cfg.is_transcoder else d
         n = cfg.n_latents or cfg.expansion * d
-        state += 16 * n * (d + d_out + 1) * s + 16 * d_out
+        if cfg.architecture == "clt":
+            L = len(cfg.layers)
+            state += 16 * (L * n * (d + 1) + L * (L + 1) // 2 * n * d_out) * s + 16 * L * d_out
+            transients.append(4 * n * L * d_out * s + 12 * b * L * n * s + 16 * b * L * (d + d_out))
+            continue
+        state += max(1, len(cfg.layers)) * (16 * n * (d + d_out + 1) * s + 16 * d_out)  # a set: one per layer
         t = 4 * n * d * s + 4 * b * n * s + 16 * b * (d + d_out)
         transients.append(t)
         if largest is None or n > largest[2] / s:
@@ -76,8 +88,11 @@ def estimate(path: Path, gpus: int = GPUS) -> Row:
     from sparsedict.cache.store import DEFAULT_WINDOW_ROWS, RAM_SLACK
 
     itemsize = torch.empty((), dtype=getattr(torch, recipe.cache.dtype)).element_size()
-    sources = {(c.hookpoint, c.target if c.is_transcoder else "") for c in recipe.dictionaries}
-    row = sum(hook_dim(model, x) + (hook_dim(model, y) if y else 0) for x, y in sources)
+    # one store per (hookpoint, target) pair; a multi-layer pair reads all its layers' hookpoints
+    sources = {
+        c.source_key: [*c.hookpoints, *(c.targets if c.is_transcoder else [])] for c in recipe.dictionaries
+    }
+    row = sum(hook_dim(model, h) for cols in sources.values() for h in cols if h)
     host = RAM_SLACK * row * itemsize * DEFAULT_WINDOW_ROWS
     name = str(path.relative_to(path.parents[1]))
     total = state + max(transients)
@@ -151,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("|---|---|---|---|---|")
         for r in rows:
+            if r.largest is None:  # cross-layer transcoders: not measured here
+                continue
             d, d_out, n, k, b = r.largest
             est = (16 * n * (d + d_out + 1) + 16 * d_out + 4 * n * d + 4 * b * n + 16 * b * (d + d_out)) / GIB
             state, peak = measure(d, d_out, n, k, b)

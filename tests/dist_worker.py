@@ -4,7 +4,8 @@
 TensorSource with the real :class:`Trainer`, then saves it under ``out_dir/topk``. Under
 ``torchrun --nproc-per-node R`` it trains data-parallel (each rank reads its slice of every global
 batch) or, with ``shard_latents``, latent-parallel. Options (JSON keys): ``out_dir``, ``steps``,
-``batch`` (global), ``n``, ``k``, ``lr``, ``checkpoint_every``, ``shard_latents``, ``timeout_min``,
+``batch`` (global), ``n``, ``k``, ``lr``, ``clt`` (an activation: train a cross-layer
+transcoder over two layers instead, still saved as ``topk``), ``checkpoint_every``, ``shard_latents``, ``timeout_min``,
 ``step_sleep`` (seconds slept per step, to make kill timing easy), ``kill_rank``/``kill_step`` (that rank
 SIGKILLs itself before reading that step's batch), ``hang_rank``/``hang_step`` (that rank stops
 forever: only a collective timeout can end the job), ``dead_tokens``. Rank 0 writes ``done.json`` (world
@@ -67,9 +68,20 @@ def main(opts: dict) -> None:
 
     assert issubclass(Source, TensorSource)
     x = planted()
-    src = Source(x, batch_size=batch // dp, seed=1, rank=rank if dp > 1 else 0, world_size=dp)
+    y = None
+    if opts.get("clt"):  # a cross-layer transcoder over 2 layers: rows [N, 2, 16], layer 1's target shifted
+        x = x.view(-1, 2, 16)
+        y = torch.stack([x[:, 0], x[:, 1] + 0.5 * x[:, 0]], 1)
+    src = Source(x, y, batch_size=batch // dp, seed=1, rank=rank if dp > 1 else 0, world_size=dp)
     torch.manual_seed(0)
-    cfg = TopKConfig(d_in=16, n_latents=opts.get("n", 64), k=opts.get("k", 4), b_dec_init="mean")
+    if opts.get("clt"):
+        from sparsedict.dictionaries import CLTConfig
+
+        cfg = CLTConfig(
+            layers=[0, 1], activation=opts["clt"], n_latents=opts.get("n", 64), k=opts.get("k", 4)
+        )
+    else:
+        cfg = TopKConfig(d_in=16, n_latents=opts.get("n", 64), k=opts.get("k", 4), b_dec_init="mean")
     model = build(cfg.resolved(16))
     tc = TrainConfig(
         batch_size=batch,
@@ -86,7 +98,7 @@ def main(opts: dict) -> None:
         dist_timeout_min=opts.get("timeout_min", 1.0),
         wandb_project=opts.get("wandb_project", ""),
     )
-    trainer = Trainer({"topk": model}, {("", ""): src}, tc)
+    trainer = Trainer({"topk": model}, {model.cfg.source_key: src}, tc)
     last = trainer.fit(resume=True)
     trainer.save()
     before = gloo_threads()

@@ -40,7 +40,10 @@ def small(arch: str, **fields) -> Dictionary:
         "encode_tol": 0.0,
         **fields,
     }  # solvers run to convergence
-    m = make_dict(arch, D, N, hookpoint="resid_post.1", **{k: v for k, v in fields.items() if k in names})
+    if lookup(arch)[0].layered:  # a multi-layer dictionary (CLT) over blocks 1 and 2
+        fields.update(layers=[1, 2], hookpoint="resid_post")
+    hookpoint = fields.pop("hookpoint", "resid_post.1")
+    m = make_dict(arch, D, N, hookpoint=hookpoint, **{k: v for k, v in fields.items() if k in names})
     with torch.no_grad():
         for name, t in [*m.named_parameters(), *m.named_buffers()]:
             if name == "threshold":
@@ -48,6 +51,11 @@ def small(arch: str, **fields) -> Dictionary:
             elif name.startswith("b_") or name == "r_mag":
                 t.normal_(0, 0.3)
     return m.eval()
+
+
+def inputs(m: Dictionary, rows: int) -> torch.Tensor:
+    """Random inputs of ``m``: ``[rows, D]``, or ``[rows, L, D]`` for a multi-layer dictionary."""
+    return torch.randn(rows, len(m.cfg.layers), D) if m.layered else torch.randn(rows, D)
 
 
 def test_register_checks_the_config_architecture_name():
@@ -104,9 +112,9 @@ def test_save_and_load_reproduce_every_architecture(arch, tmp_path):
     assert type(back) is type(m) and back.cfg == m.cfg and back.meta["model"] == "test"
     assert set(back.state_dict()) == set(m.state_dict()) and float(back.input_scale) == 1.0
     for name, t in m.state_dict().items():  # the fold changes only the activation-unit tensors
-        if name not in ("W_enc", "W_dec", "b_dec", "input_scale"):
+        if name.split(".")[0] not in ("W_enc", "W_dec", "b_dec", "input_scale", "target_variance"):
             torch.testing.assert_close(back.state_dict()[name], t, msg=name)
-    x = torch.randn(40, D)
+    x = inputs(m, 40)
     with torch.no_grad():
         code, code_back = m.encode(x * c), back.encode(x)
         ref, got = m.decode(code, x * c) / c, back.decode(code_back, x)
@@ -123,7 +131,7 @@ def test_saelens_export_round_trips_or_refuses(arch, tmp_path):
             save_saelens(m, tmp_path / arch)
         return
     back = from_pretrained(save_saelens(m, tmp_path / arch))
-    x = torch.randn(40, D)
+    x = inputs(m, 40)
     with torch.no_grad():
         code, code_back = m.encode(x), back.encode(x)
         torch.testing.assert_close(back.decode(code_back, x), m.decode(code, x), rtol=1e-4, atol=1e-4)

@@ -221,20 +221,30 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     assert TrainConfig().optimizer == "auto"
     topk = DictionaryOptimizer(_topk(), TrainConfig(), 200)
     assert topk.name == "adam" and not topk.schedule_free and isinstance(topk.opt, torch.optim.Adam)
-    assert topk.base_lr == pytest.approx(budget_lr(96, 200)) == pytest.approx(0.0209 / (200 ** (1 / 3) * (96 / 2**14) ** 0.5))
+    assert (
+        topk.base_lr
+        == pytest.approx(budget_lr(96, 200))
+        == pytest.approx(0.0209 / (200 ** (1 / 3) * (96 / 2**14) ** 0.5))
+    )
     assert topk.warmup_steps == 20  # min(warmup_steps=100, 10 % of 200 steps)
     assert {g["betas"] for g in topk.opt.param_groups} == {(0.8, 0.99)}
     topk.set_step(50)
     lrs = {n: g["lr"] for (n, _), g in zip(_topk().named_parameters(), topk.opt.param_groups)}
     assert lrs["W_dec"] == pytest.approx(2 * topk.base_lr) and lrs["W_enc"] == pytest.approx(topk.base_lr)
     # explicit values win over the preset
-    own = DictionaryOptimizer(_topk(), TrainConfig(lr=1e-3, betas=(0.9, 0.999), lr_dec_scale=1.0, warmup_steps=5), 200)
+    own = DictionaryOptimizer(
+        _topk(), TrainConfig(lr=1e-3, betas=(0.9, 0.999), lr_dec_scale=1.0, warmup_steps=5), 200
+    )
     assert own.base_lr == 1e-3 and own.warmup_steps == 5
     assert {g["betas"] for g in own.opt.param_groups} == {(0.9, 0.999)}
     own.set_step(50)
     assert {g["lr"] for g in own.opt.param_groups} == {1e-3}
     relu = DictionaryOptimizer(build(ReLUConfig(d_in=24, n_latents=96).resolved(24)), TrainConfig(), 10)
-    assert relu.name == "adam" and relu.base_lr == pytest.approx(width_lr(96, "adam")) and relu.warmup_steps == 100
+    assert (
+        relu.name == "adam"
+        and relu.base_lr == pytest.approx(width_lr(96, "adam"))
+        and relu.warmup_steps == 100
+    )
     assert {g["betas"] for g in relu.opt.param_groups} == {(0.9, 0.999)}
     explicit = DictionaryOptimizer(_topk(), TrainConfig(optimizer="adam"), 10)
     assert explicit.base_lr == pytest.approx(width_lr(96, "adam"))

@@ -51,9 +51,10 @@ def test_multi_gpu_recipe_is_realistic(path):
     assert r.train.autocast == "bf16" and r.train.device == "cuda"
     assert r.train.checkpoint_every > 0 and r.train.dist_timeout_min > 0 and r.train.wandb_project
     for cfg in r.dictionaries:
-        assert 16_384 <= cfg.n_latents <= 131_072, cfg.name
+        total = cfg.n_latents * max(1, len(cfg.layers)) if cfg.architecture == "clt" else cfg.n_latents
+        assert 16_384 <= total <= 262_144, cfg.name  # a CLT: features over all its layers
         if r.train.shard_latents:
-            assert cfg.architecture == "topk" and cfg.n_latents % 8 == 0 and r.train.grad_clip == 0
+            assert cfg.architecture in ("topk", "clt") and cfg.n_latents % 8 == 0 and r.train.grad_clip == 0
 
 
 def test_readme_memory_table_matches_memory_py(capsys):

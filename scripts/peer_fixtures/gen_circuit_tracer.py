@@ -5,8 +5,9 @@ overwritten with seeded random values, saved with their ``to_safetensors`` (the 
 cache read) plus the ``config.yaml`` its hub loader reads, then reloaded with its loaders (``load_transcoder_set``,
 ``load_clt``, lazily: weights read from the files on use). Outputs on fixed inputs ``x [n_layers, B, d_model]``:
 ``acts`` = ``encode(x)`` ``[n_layers, B, d_transcoder]``, ``out`` = ``decode(acts, x)`` (skip included),
-``decoded`` = decode without the skip, and ``acts_layer{i}`` = ``encode_layer(x[i], i)``. See
-docs/formats/circuit-tracer.md for the format.
+``decoded`` = decode without the skip, and ``acts_layer{i}`` = ``encode_layer(x[i], i)``. The ``sd_*``
+fixtures are the other way round: checkpoints sparsedict exported (``export_circuit_tracer.py``, run first),
+run here by circuit-tracer's loaders. See docs/formats/circuit-tracer.md for the format.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from circuit_tracer.transcoder.single_layer_transcoder import (
     TranscoderSet,
     load_transcoder_set,
 )
-from common import BATCH, fresh_dir, write
+from common import BATCH, ROOT, fresh_dir, write
+from safetensors.torch import load_file
 
 LIB = "circuit_tracer"
 L, D, F_ = 3, 16, 32
@@ -80,6 +82,16 @@ def plt_set(name: str, seed: int, jumprelu: bool, skip: bool) -> None:
     TranscoderSet(layers, "mlp.hook_in", "mlp.hook_out").to_safetensors(str(ckpt))
     cfg = config("transcoder_set", "mlp.hook_in", "mlp.hook_out")
     (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    how = (
+        "SingleLayerTranscoder per layer (seeded random parameters) in a TranscoderSet, to_safetensors + "
+        "config.yaml; outputs after load_transcoder_set(lazy_encoder=True, lazy_decoder=True)"
+    )
+    tensors = set_outputs(ckpt, cfg, name, x_inputs(seed + 1), skip)
+    finish(path, "TranscoderSet", "transcoder_set", jumprelu, skip, how, tensors)
+
+
+def set_outputs(ckpt, cfg: dict, name: str, x: torch.Tensor, skip: bool) -> dict:
+    """circuit-tracer's outputs on ``x`` of the transcoder set in ``ckpt`` (loaded lazily by its own loader)."""
     back = load_transcoder_set(
         {i: str(ckpt / f"layer_{i}.safetensors") for i in range(L)},
         scan=name,
@@ -90,18 +102,12 @@ def plt_set(name: str, seed: int, jumprelu: bool, skip: bool) -> None:
         lazy_encoder=True,
         lazy_decoder=True,
     )
-    x = x_inputs(seed + 1)
     with torch.no_grad():
         acts = back.encode(x)
         out = back.decode(acts, x)
         decoded = torch.stack([acts[i] @ back[i].W_dec + back[i].b_dec for i in range(L)]) if skip else out
         per_layer = {f"acts_layer{i}": back.encode_layer(x[i], i) for i in range(L)}
-    how = (
-        "SingleLayerTranscoder per layer (seeded random parameters) in a TranscoderSet, to_safetensors + "
-        "config.yaml; outputs after load_transcoder_set(lazy_encoder=True, lazy_decoder=True)"
-    )
-    tensors = {"x": x, "acts": acts, "out": out, "decoded": decoded, **per_layer}
-    finish(path, "TranscoderSet", "transcoder_set", jumprelu, skip, how, tensors)
+    return {"x": x, "acts": acts, "out": out, "decoded": decoded, **per_layer}
 
 
 def clt(name: str, seed: int, jumprelu: bool) -> None:
@@ -128,6 +134,16 @@ def clt(name: str, seed: int, jumprelu: bool) -> None:
     tc.to_safetensors(str(ckpt))
     cfg = config("cross_layer_transcoder", "hook_resid_mid", "hook_mlp_out")
     (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    how = (
+        "CrossLayerTranscoder (seeded random parameters), to_safetensors + config.yaml; outputs after "
+        "load_clt(lazy_encoder=True, lazy_decoder=True)"
+    )
+    tensors = clt_outputs(ckpt, cfg, name, x_inputs(seed + 1))
+    finish(path, "CrossLayerTranscoder", "cross_layer_transcoder", jumprelu, False, how, tensors)
+
+
+def clt_outputs(ckpt, cfg: dict, name: str, x: torch.Tensor) -> dict:
+    """circuit-tracer's outputs on ``x`` of the CLT in ``ckpt`` (loaded lazily by its own loader)."""
     back = load_clt(
         str(ckpt),
         feature_input_hook=cfg["feature_input_hook"],
@@ -138,17 +154,33 @@ def clt(name: str, seed: int, jumprelu: bool) -> None:
         lazy_decoder=True,
         lazy_encoder=True,
     )
-    x = x_inputs(seed + 1)
     with torch.no_grad():
         acts = back.encode(x)
         out = back.decode(acts, x)
         per_layer = {f"acts_layer{i}": back.encode_layer(x[i], i) for i in range(L)}
-    how = (
-        "CrossLayerTranscoder (seeded random parameters), to_safetensors + config.yaml; outputs after "
-        "load_clt(lazy_encoder=True, lazy_decoder=True)"
-    )
-    tensors = {"x": x, "acts": acts, "out": out, "decoded": out, **per_layer}
-    finish(path, "CrossLayerTranscoder", "cross_layer_transcoder", jumprelu, False, how, tensors)
+    return {"x": x, "acts": acts, "out": out, "decoded": out, **per_layer}
+
+
+def sparsedict_exports() -> None:
+    """The ``sd_*`` fixtures: checkpoints sparsedict's ``save_circuit_tracer`` wrote (export_circuit_tracer.py),
+    loaded and run by circuit-tracer's loaders on the inputs stored beside them."""
+    for path in sorted((ROOT / LIB).glob("sd_*")):
+        ckpt = path / "checkpoint"
+        cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+        x = load_file(str(path / "x.safetensors"))["x"]
+        kind = cfg["model_kind"]
+        if kind == "transcoder_set":
+            first = load_file(str(ckpt / "layer_0.safetensors"))
+            jumprelu, skip = "activation_function.threshold" in first, "W_skip" in first
+            tensors, cls = set_outputs(ckpt, cfg, path.name, x, skip), "TranscoderSet"
+        else:
+            jumprelu, skip = "threshold_0" in load_file(str(ckpt / "W_enc_0.safetensors")), False
+            tensors, cls = clt_outputs(ckpt, cfg, path.name, x), "CrossLayerTranscoder"
+        how = (
+            "written by sparsedict's save_circuit_tracer (scripts/peer_fixtures/export_circuit_tracer.py, the "
+            f"model itself in sparsedict/); outputs after circuit-tracer's lazy {cls} loader"
+        )
+        finish(path, cls, kind, jumprelu, skip, how, tensors)
 
 
 def main() -> None:
@@ -156,6 +188,7 @@ def main() -> None:
     plt_set("plt_jumprelu_skip", 71, jumprelu=True, skip=True)
     clt("clt_relu", 72, jumprelu=False)
     clt("clt_jumprelu", 73, jumprelu=True)
+    sparsedict_exports()
 
 
 if __name__ == "__main__":

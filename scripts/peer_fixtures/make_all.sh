@@ -2,6 +2,7 @@
 # Regenerate tests/data/peers/ with the real peer libraries, each in its own throwaway venv outside the repo.
 #   bash scripts/peer_fixtures/make_all.sh            # all peers
 #   bash scripts/peer_fixtures/make_all.sh saelens    # one (saelens | sparsify | dictionary_learning | circuit_tracer)
+# sparsedict's own side (export_circuit_tracer.py) runs with $SPARSEDICT_PYTHON (default: the repo's .venv).
 # For saelens it also writes our own SAELens exports (with $SPARSEDICT_PYTHON, default the repo's .venv) and
 # has SAELens load and run them (check_sparsedict_exports.py): tests/data/peers/saelens/export_*.
 # Venvs live in $PEER_VENVS (default /tmp/peer-venvs); the CPU torch wheel is installed first in each and
@@ -41,6 +42,8 @@ for peer in "${@:-saelens sparsify dictionary_learning circuit_tracer}"; do
     if [ "$p" = dictionary_learning ]; then "$venv/bin/python" -m pip uninstall -q -y torchvision || true; fi
     "$venv/bin/python" -c "import torch; assert torch.__version__ == '${TORCH#torch==}+cpu', torch.__version__"
     echo "== $p (${PIN[$p]}) in $venv"
+    # the sd_* fixtures: checkpoints sparsedict exports, which circuit-tracer then loads and runs
+    if [ "$p" = circuit_tracer ]; then "${SPARSEDICT_PYTHON:-../../.venv/bin/python}" export_circuit_tracer.py; fi
     "$venv/bin/python" "gen_${p}.py"
     if [ "$p" = saelens ]; then  # our exports, loaded and run by SAELens (fails unless it reproduces ours)
       "$OURS" gen_sparsedict_exports.py

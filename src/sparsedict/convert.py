@@ -1,7 +1,8 @@
-"""``sparsedict convert <src> <dst> [--to sparsedict|saelens]``: rewrite a checkpoint in another format.
+"""``sparsedict convert <src> <dst> [--to sparsedict|saelens|circuit_tracer]``: rewrite a checkpoint in another format.
 
-``src`` is anything :func:`sparsedict.from_pretrained` loads (our format, SAELens, sparsify, dictionary_learning;
-a local directory or a hub repo id with ``--subfolder``/``--revision``). ``dst`` is a new directory. After
+``src`` is anything :func:`sparsedict.from_pretrained` loads (our format, SAELens, sparsify, dictionary_learning,
+circuit-tracer; a local directory or a hub repo id with ``--subfolder``/``--revision``). ``dst`` is a new
+directory. ``circuit_tracer`` writes a transcoder set or a cross-layer transcoder in circuit-tracer's layout. After
 writing, the converted checkpoint is loaded back and checked on random inputs against the source (same codes
 and reconstruction), so a conversion that changes numbers fails loudly instead of producing a silent copy.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-TARGETS = ("sparsedict", "saelens")
+TARGETS = ("sparsedict", "saelens", "circuit_tracer")
 
 
 @dataclass
@@ -25,7 +26,8 @@ class ConvertConfig:
     dst: str = field(default="", metadata={"positional": True})
     """Destination directory (created; must be empty unless --overwrite)."""
     to: str = "sparsedict"
-    """Output format: 'sparsedict' (config.json + model.safetensors + README.md) or 'saelens'."""
+    """Output format: 'sparsedict' (config.json + model.safetensors + README.md), 'saelens' or 'circuit_tracer'
+    (a transcoder set or a cross-layer transcoder: config.yaml + per-layer safetensors)."""
     subfolder: str = ""
     """Dictionary inside src holding several (sparsify hookpoint directory, hub repo folder)."""
     revision: str = ""
@@ -37,16 +39,20 @@ class ConvertConfig:
 
 
 def verify(src_model, dst_model, n: int, seed: int = 0) -> float:
-    """Max abs difference of reconstructions on ``n`` random inputs ``[n, d_in]``, checked against tolerances.
+    """Max abs difference of reconstructions on ``n`` random inputs ``[n, d_in]`` (``[n, L, d_in]`` for a
+    transcoder set or cross-layer transcoder), checked against tolerances.
 
     Raises ``RuntimeError`` when the active sets differ, when a code differs by more than
     ``1e-4·(1 + max|code|)`` or when a reconstruction differs by more than ``1e-4·(1 + max|x̂|)``.
     """
     g = torch.Generator().manual_seed(seed)
-    scale = float(src_model.W_dec.detach().float().norm(dim=1).mean()) or 1.0
-    x = torch.randn(n, src_model.d_in, generator=g) * scale
-    if src_model.d_out == src_model.d_in:
-        x = x + src_model.b_dec.detach().float().cpu()
+    if getattr(src_model, "layered", False):  # transcoders of several layers: rows [n, L, d_in]
+        x = torch.randn(n, src_model.n_layers, src_model.d_in, generator=g)
+    else:
+        scale = float(src_model.W_dec.detach().float().norm(dim=1).mean()) or 1.0
+        x = torch.randn(n, src_model.d_in, generator=g) * scale
+        if src_model.d_out == src_model.d_in:
+            x = x + src_model.b_dec.detach().float().cpu()
     with torch.no_grad():
         a, b = src_model.float().cpu(), dst_model.float().cpu()
         ca, cb = a.encode(x), b.encode(x)
@@ -72,12 +78,12 @@ def verify(src_model, dst_model, n: int, seed: int = 0) -> float:
 
 def convert(cfg: ConvertConfig) -> Path:
     """Load ``cfg.src``, write it to ``cfg.dst`` in format ``cfg.to``, reload and verify; returns dst."""
-    from sparsedict.dictionaries import from_pretrained, save_pretrained
+    from sparsedict.dictionaries import from_pretrained
 
     if cfg.to not in TARGETS:
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}, not {cfg.to!r}")
     if not cfg.src or not cfg.dst:
-        raise ValueError("usage: sparsedict convert <src> <dst> [--to sparsedict|saelens]")
+        raise ValueError("usage: sparsedict convert <src> <dst> [--to sparsedict|saelens|circuit_tracer]")
     dst = Path(cfg.dst)
     if dst.exists() and any(dst.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{dst} exists and is not empty; choose a new directory or pass --overwrite")
@@ -86,8 +92,12 @@ def convert(cfg: ConvertConfig) -> Path:
         from sparsedict.formats.saelens import save_saelens
 
         save_saelens(model, dst)
+    elif cfg.to == "circuit_tracer":
+        from sparsedict.formats.circuit_tracer import save_circuit_tracer
+
+        save_circuit_tracer(model, dst)
     else:
-        save_pretrained(model, dst)
+        model.save_pretrained(dst)  # a transcoder set writes its own layout
     if cfg.check_tokens > 0:
         back = from_pretrained(dst)
         err = verify(model, back, cfg.check_tokens)

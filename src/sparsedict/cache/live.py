@@ -289,6 +289,7 @@ class LiveSource(EpochIterator):
         self.stream, self.hookpoint, self.target, self.loop = stream, hookpoint, target, loop
         self.d_in = stream.dims[hookpoint]
         self.d_out = stream.dims[target] if target else None
+        self.x_shape, self.y_shape = (self.d_in,), ((self.d_out,) if target else None)
         self.world_size = stream.world_size
         self.epoch, self._batch = 0, 0
         self.meta: dict = stream.meta

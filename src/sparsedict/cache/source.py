@@ -32,12 +32,20 @@ class Source(Protocol):
     ``y`` is None for an SAE (the target is the input). Iteration goes on epoch after epoch (or ends after one
     with ``loop=False``); ``state_dict``/``load_state_dict`` hold the position, so a resumed run reads exactly
     the batches an uninterrupted one would have read.
+
+    Several hookpoints per batch: a source opened with a list of L input hookpoints (and/or of L' targets)
+    serves the same rows of each, stacked along dim 1: ``x [B, L, d_in]``, ``y [B, L', d_out]`` (the data of a
+    cross-layer transcoder or of a transcoder set, from one shuffle). ``x_shape``/``y_shape`` say which.
     """
 
     d_in: int
-    """Width of ``x``."""
+    """Width of ``x`` (of each stacked hookpoint)."""
     d_out: int | None
     """Width of ``y`` (None: the source has no target)."""
+    x_shape: tuple[int, ...]
+    """Shape of one row of ``x``: ``(d_in,)``, or ``(L, d_in)`` for L stacked hookpoints."""
+    y_shape: tuple[int, ...] | None
+    """Shape of one row of ``y``: ``(d_out,)``, ``(L', d_out)`` stacked, None without a target."""
     n_rows: int | None
     """Rows in one epoch, over all ranks (None: unknown, e.g. a live source over a whole dataset)."""
     world_size: int
@@ -48,7 +56,7 @@ class Source(Protocol):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]: ...
 
     def sample(self, n_rows: int, seed: int = 0) -> tuple[Tensor, Tensor | None]:
-        """``(x [n, d_in], y [n, d_out] | None)``, the same rows for the same seed (initialisation data)."""
+        """``(x [n, *x_shape], y [n, *y_shape] | None)``, the same rows for the same seed (initialisation data)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

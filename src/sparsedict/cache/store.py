@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,10 @@ class ActivationStore(WindowOrder):
     """Batches ``(x [B, d_in], y [B, d_out] | None)`` from an activation cache directory.
 
     ``hookpoint``/``target`` accept the name given at caching time or its resolved module path.
+    Several hookpoints in one batch: a list for ``hookpoint`` (and/or ``target``) serves the same rows of every
+    listed hookpoint stacked along dim 1, ``x [B, L, d_in]`` (``y [B, L', d_out]``), from one shuffle and one
+    read window (a cross-layer transcoder's inputs and targets, or a transcoder set's); the listed hookpoints
+    share one width. ``x_shape``/``y_shape`` give a row's shape either way (``(d_in,)`` or ``(L, d_in)``).
     Attention z (``attn_z.L``, cached merged as ``[rows, n_heads·d_head]``, the input of the output
     projection; SAELens' ``hook_z`` with ``reshape_activations: hook_z``) is also served one head at a time:
     ``"attn_z.6.h3"`` yields head 3's slice ``[B, d_head]`` (SAELens' ``hook_head_index=3``); the
@@ -136,9 +140,10 @@ class ActivationStore(WindowOrder):
     truncation or missing file raises :class:`~sparsedict.cache.digest.ShardError` naming the shard and the fix.
     """
 
-    def __init__(self, path: str | Path, hookpoint: str, target: str | None = None, batch_size: int = 4096,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int | None = None,
-                 max_ram_bytes: int | None = None, dtype: torch.dtype = torch.float32,
+    def __init__(self, path: str | Path, hookpoint: str | Sequence[str], target: str | Sequence[str] | None = None,
+                 batch_size: int = 4096, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer_rows: int | None = None, max_ram_bytes: int | None = None,
+                 dtype: torch.dtype = torch.float32,
                  block_rows: int = 256, drop_last: bool = True, loop: bool = True, verify: bool = True,
                  device: str | torch.device = "cpu", shuffle: str = "global", ram_sources: int = 1) -> None:  # fmt: skip
         self.root = Path(path)
@@ -153,18 +158,20 @@ class ActivationStore(WindowOrder):
         if shuffle not in ("global", "window"):
             raise ValueError(f"shuffle must be 'global' or 'window', not {shuffle!r}")
         self.shuffle = shuffle
-        base, head = self._resolve(hookpoint)
-        self.hookpoint = base if head is None else f"{base}.h{head}"
-        self._x = Column(self.root, self.manifest, base, verify, head)
-        info = self.manifest["hookpoints"][base]
-        self.head, self.n_heads, self.d_head = head, info.get("n_heads"), info.get("d_head")
-        self.target, self._y = None, None
+        self.hookpoint, self._xs = self._columns(hookpoint, verify, "hookpoint")
+        self._x = self._xs[0]
+        info = self.manifest["hookpoints"][self._x.name]
+        self.head, self.n_heads, self.d_head = self._x.head, info.get("n_heads"), info.get("d_head")
+        self.target, self._ys = None, []
         if target is not None:
-            base_y, head_y = self._resolve(target)
-            self.target = base_y if head_y is None else f"{base_y}.h{head_y}"
-            self._y = Column(self.root, self.manifest, base_y, verify, head_y)
+            self.target, self._ys = self._columns(target, verify, "target")
+        self._cols = [*self._xs, *self._ys]
         self.d_in = self._x.d
-        self.d_out = self._y.d if self._y else None
+        self.d_out = self._ys[0].d if self._ys else None
+        self.x_shape = (self.d_in,) if isinstance(self.hookpoint, str) else (len(self._xs), self.d_in)
+        self.y_shape = None
+        if self.target is not None:
+            self.y_shape = (self.d_out,) if isinstance(self.target, str) else (len(self._ys), self.d_out)
         self.n_rows = int(sum(self._x.rows))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.block_rows, self.drop_last, self.loop = block_rows, drop_last, loop
@@ -183,9 +190,31 @@ class ActivationStore(WindowOrder):
         per = self.rows_per_rank
         self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch, self._batch = 0, 0
-        names = {hookpoint: (base, head)} | ({target: (base_y, head_y)} if target is not None else {})
+        listed = [h for names in (hookpoint, target) if names is not None
+                  for h in ([names] if isinstance(names, str) else names)]  # fmt: skip
+        names = {h: (c.name, c.head) for h, c in zip(listed, self._cols)}
         self.meta: dict = provenance(self.manifest, names)
         """Provenance recorded in the checkpoints trained on this store (:func:`provenance`)."""
+
+    def _columns(
+        self, names: str | Sequence[str], verify: bool, what: str
+    ) -> tuple[str | list[str], list[Column]]:
+        """``(resolved name(s), columns)`` of one hookpoint name or a list of them (one width for a list)."""
+        listed = [names] if isinstance(names, str) else list(names)
+        if not listed:
+            raise ValueError(f"{what}: an empty list of hookpoints; name at least one")
+        cols, resolved = [], []
+        for name in listed:
+            base, head = self._resolve(name)
+            cols.append(Column(self.root, self.manifest, base, verify, head))
+            resolved.append(base if head is None else f"{base}.h{head}")
+        widths = {c.d for c in cols}
+        if len(widths) > 1:
+            raise ValueError(
+                f"{what}: the listed hookpoints {resolved} have different widths {[c.d for c in cols]}; a batch "
+                "stacks them as [B, L, d], so list hookpoints of one width (open one store per width)"
+            )
+        return (resolved[0] if isinstance(names, str) else resolved), cols
 
     def _auto_window(self, sources: int) -> int:
         """The default window: the largest under :func:`auto_ram_bytes`, at most ``DEFAULT_WINDOW_ROWS`` rows."""
@@ -206,15 +235,14 @@ class ActivationStore(WindowOrder):
     def window_summary(self) -> str:
         """One line: the shuffle window's rows and bytes, and how they were chosen."""
         rows = min(self.shuffle_buffer_rows, self.rows_per_rank)
-        cols = [c for c in (self._x, self._y) if c is not None]
-        nbytes = rows * sum(c.d * c.np_dtype.itemsize for c in cols)
-        return (f"{self.hookpoint}{' -> ' + self.target if self.target else ''}: shuffle window {rows:,} rows "
+        nbytes = rows * sum(c.d * c.np_dtype.itemsize for c in self._cols)
+        return (f"{self.hookpoint}{f' -> {self.target}' if self.target else ''}: shuffle window {rows:,} rows "
                 f"({nbytes / 2**30:.2f} GiB; {self._window_how})")  # fmt: skip
 
     def _fit_rows(self, max_ram_bytes: int) -> tuple[int, int, float]:
         """``(rows, fixed bytes, bytes per row)``: the largest window under ``max_ram_bytes``."""
         out = torch.empty((), dtype=self.dtype).element_size()
-        cols = [c for c in (self._x, self._y) if c is not None]
+        cols = self._cols
         per_row = RAM_SLACK * sum(c.d * c.np_dtype.itemsize for c in cols)  # the window's read buffer
         # batch-sized blocks: held by the caller, being gathered (storage dtype) and converted, the tail and its
         # extension, plus those the allocator keeps after they are freed (measured: <= RAM_BATCHES in all)
@@ -228,7 +256,7 @@ class ActivationStore(WindowOrder):
         rows, fixed, per_row = self._fit_rows(max_ram_bytes)
         if rows < self.batch_size:
             need = int(fixed + self.batch_size * per_row)
-            d = sum(c.d for c in (self._x, self._y) if c is not None)
+            d = sum(c.d for c in self._cols)
             raise ValueError(
                 f"max_ram_bytes={max_ram_bytes} is too small for batch_size={self.batch_size} "
                 f"(d={d}): a window of one batch needs about {need} bytes; raise "
@@ -286,7 +314,7 @@ class ActivationStore(WindowOrder):
         cum = np.concatenate([[0], np.cumsum(stop_a - start_a)])
         return shard_a, start_a, stop_a, cum
 
-    def _fill(self, plan, epoch: int, k: int, bufs: list[np.ndarray | None]) -> tuple[int, list]:
+    def _fill(self, plan, epoch: int, k: int, bufs: list[np.ndarray]) -> tuple[int, list]:
         """Read window ``k`` of this rank's part of epoch ``epoch`` into ``bufs`` (one reusable
         ``[window, d]`` array per column, storage dtype); return its row count and ``(shard, a, b)`` pieces."""
         shard, start, stop, cum = plan
@@ -298,9 +326,8 @@ class ActivationStore(WindowOrder):
             a = int(start[j] + max(0, lo - cum[j]))
             b = int(stop[j] - max(0, cum[j + 1] - hi))
             pieces.append((int(shard[j]), a, b))
-            for col, buf in zip((self._x, self._y), bufs):
-                if col is not None:
-                    col.read_into(int(shard[j]), a, b, buf[at : at + b - a])
+            for col, buf in zip(self._cols, bufs):
+                col.read_into(int(shard[j]), a, b, buf[at : at + b - a])
             at += b - a
         return hi - lo, pieces
 
@@ -336,21 +363,20 @@ class ActivationStore(WindowOrder):
         plan = self._blocks(epoch)
         n_windows = math.ceil(self.rows_per_rank / self.shuffle_buffer_rows)
         cap = min(self.shuffle_buffer_rows, self.rows_per_rank)
-        cols = (self._x, self._y)
-        bufs = [np.empty((cap, c.d), dtype=c.np_dtype) if c is not None else None for c in cols]
+        cols = self._cols
+        bufs = [np.empty((cap, c.d), dtype=c.np_dtype) for c in cols]
         for k in range(first, n_windows):
             n, pieces = self._fill(plan, epoch, k, bufs)
-            srcs = [c.as_torch(buf[:n]) if c is not None else None for c, buf in zip(cols, bufs)]
+            srcs = [c.as_torch(buf[:n]) for c, buf in zip(cols, bufs)]
 
-            def take(idx: torch.Tensor, srcs=srcs, pieces=pieces) -> tuple[torch.Tensor | None, ...]:
+            def take(idx: torch.Tensor, srcs=srcs, pieces=pieces) -> tuple[torch.Tensor, ...]:
                 return tuple(self._take(c, src, idx, pieces) for c, src in zip(cols, srcs))
 
             yield Window(n, take, k + 1 == n_windows)
             srcs = take = None
 
-    def _serve(self, cols: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x, y = cols
-        return self._out(x), (self._out(y) if y is not None else None)
+    def _serve(self, cols: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._assemble(list(cols), self._out)
 
     def _too_few(self) -> str:
         return (f"{self.n_rows} rows over {self.world_size} rank(s) cannot fill one batch of {self.batch_size}; "
@@ -361,6 +387,17 @@ class ActivationStore(WindowOrder):
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
+
+    def _assemble(self, parts: list[torch.Tensor], out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x, y)`` from one tensor per column: listed hookpoints stacked along dim 1; ``out`` moves them."""
+        nx = len(self._xs)
+        x = parts[0] if isinstance(self.hookpoint, str) else torch.stack(parts[:nx], 1)
+        y = None
+        if self._ys:
+            y = parts[nx] if isinstance(self.target, str) else torch.stack(parts[nx:], 1)
+        if out is not None:
+            x, y = out(x), (None if y is None else out(y))
+        return x, y
 
     def state_dict(self) -> dict:
         """Position for exact resume (``epoch``, ``batch``, ``seed``) and what fixes the order, checked on resume
@@ -401,16 +438,15 @@ class ActivationStore(WindowOrder):
         under ``shuffle="window"`` of its first shards holding ``n_rows`` (what a live source samples)."""
         available = self.n_rows if self.shuffle == "global" else head_rows(self._x.rows, n_rows)
         rows, order = sample_rows(available, n_rows, seed)
-        x = self._gather(self._x, rows)[order]
-        return x, (None if self._y is None else self._gather(self._y, rows)[order])
+        return self._assemble([self._gather(c, rows)[order] for c in self._cols])
 
     def rows(
         self, start: int = 0, stop: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows ``[start, stop)`` in cache order (shard by shard), unshuffled: ``x`` (and ``y``)."""
         idx = np.arange(start, self.n_rows if stop is None else min(stop, self.n_rows))
-        x = self._gather(self._x, idx)
-        return x if self._y is None else (x, self._gather(self._y, idx))
+        x, y = self._assemble([self._gather(c, idx) for c in self._cols])
+        return x if y is None else (x, y)
 
     def tokens(self, shards: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Stored contexts: ``token_ids [n_ctx, T]``, ``attention_mask``/``keep [n_ctx, T]`` bool,
@@ -427,10 +463,9 @@ class ActivationStore(WindowOrder):
 
     def verify(self) -> None:
         """Hash every shard of this store's hookpoints and its tokens now and check them (reads all the data)."""
-        for col in (self._x, self._y):
-            if col is not None:
-                for path, entry in zip(col.files, col.entries):
-                    digest.verify_file(path, entry, fresh=True)
+        for col in self._cols:
+            for path, entry in zip(col.files, col.entries):
+                digest.verify_file(path, entry, fresh=True)
         for shard in self.manifest["shards"]:
             if TOKENS in shard["files"]:
                 entry = shard["files"][TOKENS]
@@ -439,7 +474,9 @@ class ActivationStore(WindowOrder):
     # ----------------------------------------------------------------- statistics
     def norm_stats(self, hookpoint: str | None = None) -> dict:
         """``{"mean": [d], "mean_sq_norm", "mean_norm", "rows"}`` over the whole cache, computed once and
-        stored in the manifest."""
+        stored in the manifest. A store of several hookpoints needs ``hookpoint`` named."""
+        if hookpoint is None and not isinstance(self.hookpoint, str):
+            raise ValueError(f"norm_stats: this store serves {self.hookpoint}; name one with hookpoint=...")
         col = self._column(hookpoint or self.hookpoint)
         name = col.name if col.head is None else f"{col.name}.h{col.head}"
         stats = self.manifest.setdefault("stats", {}).get(name)
@@ -463,15 +500,14 @@ class ActivationStore(WindowOrder):
     def _column(self, name: str) -> Column:
         """The open column for ``name`` (input or target), else a new one."""
         base, head = self._resolve(name)
-        for col in (self._x, self._y):
-            if col is not None and (col.name, col.head) == (base, head):
+        for col in self._cols:
+            if (col.name, col.head) == (base, head):
                 return col
         return Column(self.root, self.manifest, base, verify=self._x.verify, head=head)
 
     def close(self) -> None:
-        self._x.close()
-        if self._y is not None:
-            self._y.close()
+        for col in self._cols:
+            col.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""``sparsedict convert <src> <dst> [--to sparsedict|saelens]``: rewrite a checkpoint in another format.
+"""``sparsedict convert <src> <dst> [--to sparsedict|saelens|circuit_tracer]``: rewrite a checkpoint in another format.
 
 The converted checkpoint is loaded back and checked on random inputs against the source; a conversion
 that changes the numbers fails (exit code 1) instead of leaving a silent copy.

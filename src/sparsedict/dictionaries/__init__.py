@@ -6,6 +6,7 @@ capabilities declared on the class, plus one import line below (ARCHITECTURE.md 
 
 from sparsedict.dictionaries import (
     batchtopk,  # noqa: F401  (registers)
+    clt,  # noqa: F401  (registers)
     gated,  # noqa: F401  (registers)
     jumprelu,  # noqa: F401  (registers)
     matryoshka,  # noqa: F401  (registers)
@@ -14,7 +15,7 @@ from sparsedict.dictionaries import (
     snmf,  # noqa: F401  (registers)
     topk,  # noqa: F401  (registers)
 )
-from sparsedict.dictionaries.attach import Attachment, reconstruct
+from sparsedict.dictionaries.attach import Attachment, LayeredAttachment, reconstruct
 from sparsedict.dictionaries.base import (
     ARCHITECTURES,
     Dictionary,
@@ -28,8 +29,11 @@ from sparsedict.dictionaries.base import (
     register,
     save_pretrained,
 )
+from sparsedict.dictionaries.clt import CLT, CLTConfig
+from sparsedict.dictionaries.transcoder_set import TranscoderSet
 
 __all__ = [
-    "ARCHITECTURES", "Attachment", "Dictionary", "DictionaryConfig", "Output", "SparseCode", "available", "build",
-    "from_pretrained", "lookup", "reconstruct", "register", "save_pretrained",
+    "ARCHITECTURES", "CLT", "Attachment", "CLTConfig", "Dictionary", "DictionaryConfig", "LayeredAttachment",
+    "Output", "SparseCode", "TranscoderSet", "available", "build", "from_pretrained", "lookup", "reconstruct",
+    "register", "save_pretrained",
 ]  # fmt: skip

@@ -8,7 +8,9 @@ dictionary on every forward pass at its hookpoint through :func:`sparsedict.cach
 - ``mode="both"``: splice and keep the codes.
 
 An SAE reads and writes its ``hookpoint``. A transcoder reads ``hookpoint`` (captured by an identity replace)
-and writes ``target``: its output substitutes the target activation of the same forward pass. Activations
+and writes ``target``: its output substitutes the target activation of the same forward pass. A multi-layer
+dictionary (cross-layer transcoder, transcoder set) attaches through :class:`LayeredAttachment`: every output of
+its layer range replaced at once (the replacement model), or some of them. Activations
 ``[B, T, d]`` are flattened to ``[B·T, d]`` for the dictionary (:func:`reconstruct`, which honours an
 unfolded input scale) and the result is cast back to the model's dtype.
 
@@ -49,15 +51,29 @@ def reconstruct(dictionary: nn.Module, x: Tensor, y: Tensor | None = None) -> tu
     """``(ŷ [..., d_out] fp32 on the dictionary's device, code over the flattened rows)`` of raw ``x [..., d_in]``.
 
     ``y`` is a transcoder's target. A dictionary still holding an input scale c ≠ 1 (trained on ``c·x``) is fed
-    ``c·x`` and its output divided by c, so ``ŷ`` is always at the activations' own scale.
+    ``c·x`` and its output divided by c, so ``ŷ`` is always at the activations' own scale. A multi-layer
+    dictionary (``layered``) takes ``x [..., L, d_in]`` and gives ``ŷ [..., L, d_out]``.
     """
     c = float(dictionary.input_scale)
     p = next(dictionary.parameters())
-    xs = x.reshape(-1, x.shape[-1]).to(p.device, p.dtype) * c
-    ys = None if y is None else y.reshape(-1, y.shape[-1]).to(p.device, p.dtype) * c
+    row = 2 if dictionary.layered else 1  # trailing dims of one row
+    xs = x.reshape(-1, *x.shape[-row:]).to(p.device, p.dtype) * c
+    ys = None if y is None else y.reshape(-1, *y.shape[-row:]).to(p.device, p.dtype) * c
     out = dictionary(xs, ys)
     y_hat = out.x_hat.float() / c
     return y_hat.reshape(*x.shape[:-1], y_hat.shape[-1]), out.code
+
+
+def replaced_positions(act: Tensor, keep: Tensor | None, exclude_first: int) -> Tensor | None:
+    """``[B, T]`` bool mask of the positions of ``act [B, T, d]`` to replace: ``keep``, else those with
+    ``t >= exclude_first``; None: all of them."""
+    if keep is not None:
+        return keep
+    if exclude_first > 0 and act.ndim == 3:
+        mask = torch.ones(act.shape[:-1], dtype=torch.bool, device=act.device)
+        mask[:, :exclude_first] = False
+        return mask
+    return None
 
 
 def _code_rows(code, rows: Tensor | None):
@@ -251,3 +267,133 @@ class Attachment:
             self._stack = None
         self._pending = None
         self._kept = None
+
+
+class LayeredAttachment:
+    """Context manager running a multi-layer dictionary (a cross-layer transcoder or a transcoder set) inside a
+    model: the *replacement model*, every output of its layer range replaced by the dictionary's, at once.
+
+    The dictionary provides ``cfg.hookpoints``/``cfg.targets`` (one per layer), ``encode_layer(i, x_i)`` (the
+    code of layer position i from its raw input ``[M, d_in]``) and ``decode_layer(j, codes, x_j)`` (the raw
+    output of layer position j from the codes of positions ``0 … j``). At each input hookpoint the activation
+    is encoded (the model runs on); at each replaced target the output is decoded from the codes of this forward
+    pass, so later layers read inputs computed from the replaced outputs before them. ``layers`` (positions)
+    limits the replaced outputs (per-layer splicing: one output replaced, the rest of the model clean); the codes
+    of every layer up to the last replaced one are still computed. Positions as :class:`Attachment` (``keep``,
+    ``exclude_first``); ``error_term=True`` writes ``ŷ + (y − ŷ)`` (reproduces the clean model); modes 'codes'
+    and 'both' keep every forward's code over all features (``codes[i]``, rows ``b·T + t``).
+    """
+
+    def __init__(self, dictionary: nn.Module, model: nn.Module, mode: str = "splice", exclude_first: int = 0,
+                 keep: Tensor | None = None, error_term: bool = False,
+                 layers: list[int] | None = None) -> None:  # fmt: skip
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.dictionary, self.model, self.mode = dictionary, model, mode
+        self.exclude_first, self.keep, self.error_term = int(exclude_first), keep, error_term
+        n = len(dictionary.cfg.hookpoints)
+        self.replaced = sorted(set(range(n) if layers is None else layers))
+        if not self.replaced or not all(0 <= j < n for j in self.replaced):
+            raise ValueError(
+                f"layers must be positions in 0..{n - 1} of the dictionary's layers, got {layers}"
+            )
+        self.n_read = n if mode != "splice" else self.replaced[-1] + 1
+        self.input_points = [hooks.resolve(model, h) for h in dictionary.cfg.hookpoints]
+        self.output_points = [hooks.resolve(model, h) for h in dictionary.cfg.targets]
+        self.codes: list[Any] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self._stack: contextlib.ExitStack | None = None
+        self._codes: dict[int, Any] = {}
+        self._inputs: dict[int, Tensor] = {}
+
+    def _rows(self, act: Tensor) -> Tensor | None:
+        """Mask of the rows that go through the dictionary (None: all), as in :class:`Attachment`."""
+        return None if self.mode != "splice" else replaced_positions(act, self.keep, self.exclude_first)
+
+    def _input_fn(self, i: int):
+        def fn(act: Tensor) -> Tensor:
+            if act.shape[-1] != self.dictionary.d_in:
+                raise ValueError(
+                    f"{self.dictionary.architecture} expects inputs of width {self.dictionary.d_in} at "
+                    f"{self.input_points[i].name!r} but the model produces width {act.shape[-1]} there"
+                )
+            if i == 0:
+                self._codes.clear()
+                self._inputs.clear()
+            mask = self._rows(act)
+            x = (act.reshape(-1, act.shape[-1]) if mask is None else act[mask]).float()
+            with torch.no_grad():
+                self._codes[i] = self.dictionary.encode_layer(i, x)
+            self._inputs[i] = x
+            if self.mode != "splice" and i == self.n_read - 1:
+                self._record(act)
+            return act
+
+        return fn
+
+    def _record(self, act: Tensor) -> None:
+        parts = [self._codes[i] for i in range(self.n_read)]
+        n = parts[0].n_latents
+        if all(p.indices is not None for p in parts):
+            code = dataclasses.replace(parts[0], values=torch.cat([p.values for p in parts], 1).detach(),
+                                       indices=torch.cat([p.indices + i * n for i, p in enumerate(parts)], 1),
+                                       n_latents=n * len(parts))  # fmt: skip
+        else:
+            dense = torch.cat([p.to_dense() for p in parts], 1).detach()
+            code = dataclasses.replace(parts[0], values=dense, indices=None, n_latents=n * len(parts))
+        self.codes.append(code)
+        self.shapes.append(tuple(act.shape[:-1]))
+
+    def _output_fn(self, j: int):
+        def fn(act: Tensor) -> Tensor:
+            if self.mode == "codes" or j not in self.replaced:
+                return act
+            if act.shape[-1] != self.dictionary.d_out:
+                raise ValueError(
+                    f"{self.dictionary.architecture} writes width {self.dictionary.d_out} at "
+                    f"{self.output_points[j].name!r} but the model has width {act.shape[-1]} there"
+                )
+            missing = [i for i in range(j + 1) if i not in self._codes]
+            if missing:
+                raise RuntimeError(
+                    f"output {self.output_points[j].name!r} fired before the inputs of layer positions {missing}: "
+                    "every input hookpoint must come before the outputs it feeds"
+                )
+            mask = replaced_positions(act, self.keep, self.exclude_first)
+            with torch.no_grad():
+                y_hat = self.dictionary.decode_layer(
+                    j, [self._codes[i] for i in range(j + 1)], self._inputs[j]
+                )
+            if self.mode != "splice" and mask is not None:
+                y_hat = y_hat[mask.reshape(-1)]
+            y = act.reshape(-1, act.shape[-1]) if mask is None else act[mask]
+            y_hat = y_hat.float()
+            if self.error_term:
+                y_hat = y_hat + (y.float() - y_hat)
+            if mask is None:
+                return y_hat.reshape(act.shape).to(act)
+            out = act.clone()
+            out[mask] = y_hat.to(act)
+            return out
+
+        return fn
+
+    def __enter__(self) -> LayeredAttachment:
+        stack = contextlib.ExitStack()
+        try:
+            for i in range(self.n_read):
+                stack.enter_context(hooks.replace(self.model, self.input_points[i], self._input_fn(i)))
+            for j in self.replaced:
+                stack.enter_context(hooks.replace(self.model, self.output_points[j], self._output_fn(j)))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        self._codes.clear()
+        self._inputs.clear()

@@ -31,9 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from sparsedict import hub
+from sparsedict.cache.hooks import at_layer
 from sparsedict.dictionaries.attach import Attachment
 from sparsedict.formats import load_dir, native
 from sparsedict.kernels import sparse_decode
+from sparsedict.metrics import ReconstructionStats
 from sparsedict.util import did_you_mean
 
 
@@ -47,6 +49,10 @@ class DictionaryConfig:
     """Input hookpoint (alias like ``resid_post.6`` or module path like ``model.layers.6``)."""
     target: str = ""
     """Target hookpoint for a transcoder; empty means the dictionary reconstructs its input (an SAE)."""
+    layers: list[int] = field(default_factory=list)
+    """Blocks of a multi-layer dictionary: ``hookpoint`` and ``target`` are then alias kinds (``mlp_in``,
+    ``mlp_out``) or templates holding ``{layer}``, named per layer. A ``clt`` spans the (contiguous) range;
+    any other architecture becomes a transcoder set, one dictionary per layer. Empty: one hookpoint."""
     d_in: int = 0
     """Input dimension; 0 means 'take it from the activation cache'."""
     d_out: int = 0
@@ -82,8 +88,23 @@ class DictionaryConfig:
         return bool(self.target) and self.target != self.hookpoint
 
     @property
-    def source_key(self) -> tuple[str, str]:
-        """``(hookpoint, target)`` of the data this dictionary reads (target ``""`` for an SAE)."""
+    def hookpoints(self) -> list[str]:
+        """The input hookpoint of every layer (``[hookpoint]`` without ``layers``)."""
+        return [at_layer(self.hookpoint, layer) for layer in self.layers] if self.layers else [self.hookpoint]
+
+    @property
+    def targets(self) -> list[str]:
+        """The target hookpoint of every layer (the inputs for an SAE)."""
+        if not self.is_transcoder:
+            return self.hookpoints
+        return [at_layer(self.target, layer) for layer in self.layers] if self.layers else [self.target]
+
+    @property
+    def source_key(self) -> tuple[Any, Any]:
+        """``(hookpoint, target)`` of the data this dictionary reads (target ``""`` for an SAE); with ``layers``,
+        tuples of the per-layer names (a source serving ``[B, L, d]`` batches)."""
+        if self.layers:
+            return (tuple(self.hookpoints), tuple(self.targets) if self.is_transcoder else "")
         return (self.hookpoint, self.target if self.is_transcoder else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +163,18 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[type[Dictionary], type[DictionaryConfig]]] = {}
+        self._set_class: type[nn.Module] | None = None
+
+    def register_set(self, cls: type[nn.Module]) -> type[nn.Module]:
+        """Class decorator: the container of per-layer dictionaries that :meth:`build_set` makes."""
+        self._set_class = cls
+        return cls
+
+    def build_set(self, cfg: DictionaryConfig, members: dict[int, Dictionary]) -> nn.Module:
+        """A transcoder set of ``members`` (layer -> dictionary) described by ``cfg`` (with its ``layers``)."""
+        if self._set_class is None:
+            raise RuntimeError("no transcoder set class is registered (import sparsedict.dictionaries)")
+        return self._set_class(cfg, members)
 
     def register(self, name: str, config_cls: type[DictionaryConfig]):
         """Class decorator: make an architecture available under ``name`` with its config class.
@@ -243,6 +276,9 @@ class Dictionary(nn.Module):
     depends on its config overrides :meth:`inference_architecture` instead."""
     sparsity_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields that set the sparsity (shown in the model card and benchmark tables)."""
+    layered: ClassVar[bool] = False
+    """One dictionary over the layers of ``cfg.layers`` (a cross-layer transcoder): batches ``[B, L, d]``. For
+    other architectures a config with ``layers`` describes a transcoder set (one dictionary per layer)."""
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__()
@@ -401,6 +437,10 @@ class Dictionary(nn.Module):
 
     def fold_extra(self, c: float) -> None:
         """Architectures with extra parameters in activation units fold them here."""
+
+    def new_stats(self) -> ReconstructionStats:
+        """Empty statistics of this dictionary's reconstructions (what the trainer logs and eval reports)."""
+        return ReconstructionStats(self.n_latents)
 
     # -- persistence and use inside a model (implemented below this package: formats, hub, attach) ----------
     def save_pretrained(self, path: str | os.PathLike, meta: dict[str, Any] | None = None,

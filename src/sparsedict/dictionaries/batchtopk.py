@@ -91,6 +91,17 @@ def batch_topk_candidates(vals: Tensor, k: int, complete: bool = False) -> Tenso
     return vals * keep
 
 
+def running_threshold_step(theta: Tensor, m: Tensor, updates: int, floor: float) -> None:
+    """``θ ← (1 − ρ) θ + ρ m`` in place, ``ρ = max(floor, 1/updates)`` (ρ = 1 where θ is still unset, < 0).
+
+    ``theta`` and ``m`` are a scalar or one entry per group (e.g. per layer); a non-finite entry of ``m`` (no
+    kept activation in that group) leaves its θ unchanged.
+    """
+    rate = torch.where(theta < 0, torch.ones_like(theta), torch.full_like(theta, max(floor, 1.0 / updates)))
+    rate = torch.where(torch.isfinite(m), rate, torch.zeros_like(rate))
+    theta.mul_(1 - rate).add_(rate * torch.nan_to_num(m.to(theta.dtype), posinf=0.0))
+
+
 def threshold_code(acts: Tensor, theta: Tensor) -> Tensor:
     """``acts · 1[acts > θ]`` for ``acts [B, n]`` and a scalar or ``[n]`` threshold."""
     return acts * (acts > theta.to(acts.dtype))
@@ -164,5 +175,4 @@ class BatchTopK(Dictionary):
             return
         m = distributed.all_reduce_mean(pos.min())  # each rank selects over its own batch: one θ for all
         self._updates += 1
-        rate = 1.0 if float(self.threshold) < 0 else max(self.cfg.threshold_rate, 1.0 / self._updates)
-        self.threshold.mul_(1 - rate).add_(rate * m)
+        running_threshold_step(self.threshold, m, self._updates, self.cfg.threshold_rate)

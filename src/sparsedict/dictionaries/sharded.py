@@ -146,10 +146,13 @@ class ShardedTopK(TopK):
 
 
 def shard(model: Dictionary, rank: int, world: int) -> Dictionary:
-    """Rank ``rank``'s slice of ``model`` among ``world`` ranks (architectures with ``supports_latent_sharding``)."""
+    """Rank ``rank``'s slice of ``model`` among ``world`` ranks (architectures with ``supports_latent_sharding``:
+    TopK here, others through their own ``shard(rank, world)``, e.g. the cross-layer transcoder's)."""
     if not type(model).supports_latent_sharding:
         raise ValueError(
-            f"shard_latents supports 'topk' dictionaries only; this one is {model.architecture!r}: "
+            f"shard_latents supports 'topk' and 'clt' dictionaries only; this one is {model.architecture!r}: "
             "train it data-parallel (train.shard_latents: false)"
         )
-    return ShardedTopK(model, rank, world)
+    if isinstance(model, TopK):
+        return ShardedTopK(model, rank, world)
+    return model.shard(rank, world)

@@ -7,6 +7,11 @@ read the cached activations (up to ``max_tokens`` rows); the splice metrics rebu
 contexts from their stored token ids and replace exactly the cached (kept) positions, so both use the
 exclusion rules the dictionary was trained with. A checkpoint whose training cache used other rules
 than the evaluation cache is refused.
+
+Multi-layer dictionaries (cross-layer transcoders, transcoder sets): the reconstruction metrics come from the
+cache's ``[B, L, d]`` batches of their layers (the whole, and ``layer<l>/fvu``, ``layer<l>/l0`` per layer); the
+splice metrics are those of the replacement model (every output of the range replaced at once), with per-layer
+splicing beside them as ``layer<l>/ce_recovered``, ``layer<l>/kl`` ... (:func:`~sparsedict.eval.splice.evaluate_replacement`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from sparsedict.cache.tokens import RULE_KEYS, Exclusions
 from sparsedict.config import from_dict
 from sparsedict.dictionaries import Dictionary, from_pretrained
 from sparsedict.eval.heldout import dead_note, reconstruction_stats
-from sparsedict.eval.splice import Contexts, evaluate_splicing, replaced_hookpoint
+from sparsedict.eval.splice import Contexts, evaluate_replacement, evaluate_splicing, replaced_hookpoint
 from sparsedict.lm import cache_dir, load_model
 from sparsedict.train.config import TrainConfig
 
@@ -119,7 +124,7 @@ def heldout_cache(cfg: EvalConfig, dictionaries: dict[str, Dictionary]) -> Path:
         )
     hps: list[str] = []
     for d in dictionaries.values():
-        for h in d.cfg.source_key:
+        for h in [*d.cfg.hookpoints, *(d.cfg.targets if d.cfg.is_transcoder else [])]:
             if h and h not in hps:
                 hps.append(h)
     base.update(hookpoints=hps, split=cfg.split, max_tokens=max(cfg.max_tokens, cfg.splice_tokens))
@@ -174,17 +179,19 @@ def evaluate(cfg: EvalConfig, dictionaries: dict[str, Dictionary] | None = None)
     means: dict[str, torch.Tensor] = {}
     for name, d in dictionaries.items():
         t0 = time.perf_counter()
-        target = d.cfg.source_key[1] or None
+        hookpoint, target = d.cfg.source_key
         store = ActivationStore(
-            root, d.cfg.hookpoint, target=target, batch_size=4096, drop_last=False, loop=False
+            root, hookpoint, target=target or None, batch_size=4096, drop_last=False, loop=False
         )
         stats = reconstruction_stats(d, store, max_rows=cfg.max_tokens, device=cfg.device)
         if cfg.mean_ablation:
-            means[replaced_hookpoint(d)] = store.norm_stats(target or d.cfg.hookpoint)["mean"]
+            for replaced in d.cfg.targets if d.layered else [replaced_hookpoint(d)]:
+                means[replaced] = store.norm_stats(replaced)["mean"]
         window = int(d.meta.get("dead_tokens") or TRAINING_DEAD_TOKENS)
         records[name] = {
             "checkpoint": name,
             "architecture": d.architecture,
+            "layers": d.layers if d.layered else None,
             "config": d.cfg.to_dict(),
             "meta": d.meta,
             "data": {
@@ -232,16 +239,29 @@ def _splice_into(records, cfg: EvalConfig, dictionaries, root: Path, manifest: d
     model, _ = load_model(cfg.model or manifest["model"]["id"], device=cfg.device,
                           dtype=manifest["model"].get("dtype", "float32"))  # fmt: skip
     contexts = cache_contexts(root, cfg.splice_tokens)
-    stats, _ = evaluate_splicing(model, dictionaries, contexts, batch_size=cfg.batch_size, means=means,
-                                 mean_ablation=cfg.mean_ablation, device=cfg.device,
-                                 zero_all=cfg.zero_all_positions)  # fmt: skip
+    single = {k: d for k, d in dictionaries.items() if not d.layered}
+    layered = {k: d for k, d in dictionaries.items() if d.layered}
+    kw = dict(batch_size=cfg.batch_size, means=means, mean_ablation=cfg.mean_ablation, device=cfg.device)
+    stats = (
+        evaluate_splicing(model, single, contexts, zero_all=cfg.zero_all_positions, **kw)[0] if single else {}
+    )
+    replaced = evaluate_replacement(model, layered, contexts, **kw) if layered else {}
+    for name, variants in replaced.items():
+        for variant, s in variants.items():
+            prefix = "" if variant == "replacement" else f"{variant}/"
+            records[name]["metrics"].update({prefix + k: v for k, v in s.summary().items()})
     seconds = time.perf_counter() - t0
     for name, s in stats.items():
         records[name]["metrics"].update(s.summary())
+    for name in dictionaries:
         records[name]["data"].update(
             splice_contexts=len(contexts), splice_model=cfg.model or manifest["model"]["id"]
         )
         records[name]["seconds"]["splice_all_checkpoints"] = seconds
+        if dictionaries[name].layered:
+            records[name]["data"]["splice"] = (
+                "replacement model (all layers at once); layer<l>/: that layer alone"
+            )
 
 
 COLUMNS = [("fvu", "FVU"), ("explained_variance", "EV"), ("mse", "MSE"), ("cosine", "cos"), ("l0", "L0"),
@@ -268,10 +288,27 @@ def format_table(records: list[dict[str, Any]]) -> str:
             else:
                 cells.append(f"{v:.4g}")
         rows.append(cells)
+    text = _render(head, rows)
+    if any(k == "dead_fraction" for k, _ in cols):
+        notes = {r["data"]["dead_note"] for r in records if r.get("data", {}).get("dead_note")}
+        text += "".join(f"\nnote: {n}" for n in sorted(notes))
+    layered = [r for r in records if r.get("layers")]
+    if layered:
+        text += "\n\nper layer (CE rec / KL: that layer's output alone spliced; the row above: all at once)\n"
+        head = ["checkpoint", "layer", "FVU", "L0", "CE rec", "KL"]
+        rows = []
+        for r in layered:
+            m = r["metrics"]
+            for layer in r["layers"]:
+                cells = [m.get(f"layer{layer}/{k}") for k in ("fvu", "l0", "ce_recovered", "kl")]
+                rows.append([Path(r["checkpoint"]).name or r["checkpoint"], str(layer)]
+                            + ["-" if v is None else f"{v:.4g}" for v in cells])  # fmt: skip
+        text += _render(head, rows)
+    return text
+
+
+def _render(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    if any(k == "dead_fraction" for k, _ in cols):
-        notes = {r["data"]["dead_note"] for r in records if r.get("data", {}).get("dead_note")}
-        lines += [f"note: {n}" for n in sorted(notes)]
     return "\n".join(lines)

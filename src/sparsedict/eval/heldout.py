@@ -27,7 +27,7 @@ def reconstruction_stats(
 
     ``y`` None means the target is ``x`` (an SAE). Stops after ``max_rows`` rows when given.
     """
-    stats = ReconstructionStats(model.n_latents)
+    stats = model.new_stats()
     was_training = model.training
     model.eval()
     for x, y in batches:

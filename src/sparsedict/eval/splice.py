@@ -10,6 +10,9 @@ mean activation; these differ from SAELens' ``ce_loss_score``, whose zero-ablati
 
 CE and KL are taken at position ``t`` (the distribution over token ``t + 1``) for every kept ``t`` whose
 next token is real (not padding).
+
+Multi-layer dictionaries (cross-layer transcoders, transcoder sets): :func:`evaluate_replacement` measures the
+replacement model (every output of the layer range replaced at once) beside per-layer splicing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sparsedict.cache import hooks
-from sparsedict.dictionaries.attach import Attachment, OnOutput
+from sparsedict.dictionaries.attach import Attachment, LayeredAttachment, OnOutput
 from sparsedict.dictionaries.base import Dictionary, SparseCode
 from sparsedict.metrics import ReconstructionStats, SpliceStats, token_ce, token_kl
 
@@ -203,3 +206,66 @@ def evaluate_splicing(
                                       kl_spliced=token_kl(logp_clean, lp), **base[replaced_hookpoint(d)])  # fmt: skip
             del lp
     return splice_stats, recon
+
+
+@torch.no_grad()
+def evaluate_replacement(
+    model: torch.nn.Module,
+    dictionaries: dict[str, torch.nn.Module],
+    contexts: Contexts,
+    batch_size: int = 4,
+    means: dict[str, Tensor] | None = None,
+    mean_ablation: bool = True,
+    per_layer: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, SpliceStats]]:
+    """The replacement model of each multi-layer dictionary (CLT or transcoder set), beside per-layer splicing.
+
+    ``"replacement"``: every output of the dictionary's layer range replaced at once by its output (later layers
+    read inputs computed from the replaced ones); its baselines zero- (mean-) ablate all those outputs at once.
+    ``"layer<l>"`` (with ``per_layer``): only layer l's output replaced, computed from the clean inputs, with the
+    baselines ablating that output alone. Same positions, CE and KL as :func:`evaluate_splicing`; the splice is
+    ``dictionary.hook``'s :class:`~sparsedict.dictionaries.attach.LayeredAttachment`.
+    """
+    variants: dict[str, list[tuple[str, tuple[str, ...], list[int] | None]]] = {}
+    for name, d in dictionaries.items():
+        targets = tuple(d.cfg.targets)
+        rows = [("replacement", targets, None)]
+        if per_layer:
+            rows += [(f"layer{layer}", (t,), [j]) for j, (layer, t) in enumerate(zip(d.layers, targets))]
+        variants[name] = rows
+    ablated = sorted({hps for rows in variants.values() for _, hps, _ in rows})
+    means = dict(means or {})
+    if mean_ablation:
+        missing = sorted({h for hps in ablated for h in hps if h not in means})
+        if missing:
+            means.update(activation_means(model, missing, contexts, batch_size * 2, device))
+    stats = {name: {v: SpliceStats() for v, _, _ in rows} for name, rows in variants.items()}
+    for d in dictionaries.values():
+        d.eval()
+    for ids, attn, keep in contexts.batches(batch_size):
+        ids, attn, keep = ids.to(device), attn.to(device), keep.to(device)
+        pos = keep[:, :-1] & attn[:, 1:]
+        labels = ids[:, 1:][pos]
+        logp_clean = _next_token_logp(model, ids, attn, pos)
+        ce_clean = token_ce(logp_clean, labels)
+        base: dict[tuple[str, ...], dict[str, Tensor]] = {}
+        for hps in ablated:
+            runs = [("zero", None)] + ([("mean", means)] if mean_ablation else [])
+            for kind, values in runs:
+                with contextlib.ExitStack() as stack:
+                    for h in hps:
+                        stack.enter_context(ablate(model, h, keep, None if values is None else values[h]))
+                    lp = _next_token_logp(model, ids, attn, pos)
+                base.setdefault(hps, {}).update(
+                    {f"ce_{kind}": token_ce(lp, labels), f"kl_{kind}": token_kl(logp_clean, lp)}
+                )
+            del lp
+        for name, d in dictionaries.items():
+            for variant, hps, layers in variants[name]:
+                with LayeredAttachment(d, model, "splice", keep=keep, layers=layers):
+                    lp = _next_token_logp(model, ids, attn, pos)
+                stats[name][variant].update(ce_clean=ce_clean, ce_spliced=token_ce(lp, labels),
+                                            kl_spliced=token_kl(logp_clean, lp), **base[hps])  # fmt: skip
+                del lp
+    return stats

@@ -6,7 +6,11 @@ A directory is recognised by its files:
 - ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``;
 - ``sparsify``: ``cfg.json`` + ``sae.safetensors`` (one hookpoint); a sparsify *run* directory holds one such
   subdirectory per hookpoint and needs ``subfolder=<hookpoint>``;
-- ``dictionary_learning``: ``ae.pt`` (a state dict, read with ``torch.load(weights_only=True)``) + ``config.json``.
+- ``dictionary_learning``: ``ae.pt`` (a state dict, read with ``torch.load(weights_only=True)``) + ``config.json``;
+- ``circuit_tracer``: ``config.yaml`` with ``model_kind`` ``transcoder_set`` (``layer_{l}.safetensors``, loaded as a
+  :class:`~sparsedict.dictionaries.TranscoderSet`) or ``cross_layer_transcoder`` (``W_enc_{l}``/``W_dec_{l}``,
+  loaded as a ``clt``). A transcoder set of ours is a ``sparsedict`` directory whose config says
+  ``"kind": "transcoder_set"``.
 
 Each reader (:mod:`~sparsedict.formats.native`, ``saelens``, ``sparsify``, ``dictionary_learning``) maps the
 checkpoint onto a registered architecture so that ``encode``/``decode`` give the numbers of the originating
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sparsedict.formats import native
+from sparsedict.formats.circuit_tracer import is_circuit_tracer, load_circuit_tracer
 from sparsedict.formats.common import Architectures, FormatError
 from sparsedict.formats.dictionary_learning import load_dictionary_learning
 from sparsedict.formats.saelens import load_saelens
@@ -32,6 +37,8 @@ EXPECTED_FILES = {
     "saelens": "cfg.json + sae_weights.safetensors",
     "sparsify": "cfg.json + sae.safetensors (or a run directory with one such subdirectory per hookpoint)",
     "dictionary_learning": "ae.pt + config.json",
+    "circuit_tracer": "config.yaml (model_kind transcoder_set / cross_layer_transcoder) + layer_{l} or W_enc_{l}/W_dec_{l} "
+    ".safetensors",
 }
 
 
@@ -49,7 +56,7 @@ def sparsify_hookpoints(path: Path) -> list[str]:
 
 
 def detect_format(path: str | Path) -> str:
-    """Return ``sparsedict``, ``saelens``, ``sparsify``, ``sparsify_run`` or ``dictionary_learning``.
+    """Return ``sparsedict``, ``saelens``, ``sparsify``, ``sparsify_run``, ``dictionary_learning`` or ``circuit_tracer``.
 
     Raises :class:`FormatError` listing the expected file sets when nothing matches.
     """
@@ -72,6 +79,8 @@ def detect_format(path: str | Path) -> str:
         return "saelens"
     if "cfg.json" in has and "sae.safetensors" in has:
         return "sparsify"
+    if is_circuit_tracer(path):
+        return "circuit_tracer"
     if sparsify_hookpoints(path):
         return "sparsify_run"
     listing = ", ".join(sorted(has)[:20]) or "(empty)"
@@ -94,7 +103,8 @@ def load_dir(path: str | Path, registry: Architectures, device: str | torch.devi
             f"{path} is a sparsify run directory with {len(hooks)} dictionaries; choose one with "
             f"subfolder=<name>, one of: {', '.join(hooks)}"
         )
-    loader = {"saelens": load_saelens, "sparsify": load_sparsify}.get(fmt, load_dictionary_learning)
+    loaders = {"saelens": load_saelens, "sparsify": load_sparsify, "circuit_tracer": load_circuit_tracer}
+    loader = loaders.get(fmt, load_dictionary_learning)
     model = loader(path, registry)
     model.to(device=device)
     if dtype is not None:

@@ -32,6 +32,8 @@ class Architectures(Protocol):
 
     def available(self) -> list[str]: ...
 
+    def build_set(self, cfg: Any, members: dict[int, nn.Module]) -> nn.Module: ...
+
 
 def parse_dtype(name: Any, where: str) -> str:
     """``"torch.float32"`` / ``"float32"`` / ``"fp32"`` / a torch dtype -> our dtype string (``"float32"``)."""

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsedict._version import __version__
+from sparsedict.cache.hooks import at_layer
+from sparsedict.config import from_dict
 from sparsedict.formats.common import Architectures, build_dictionary, load_state
 from sparsedict.formats.modelcard import render
 from sparsedict.util import atomic_write, write_json_atomic
@@ -57,6 +59,66 @@ def save(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, mod
     return path
 
 
+SET_KIND = "transcoder_set"
+
+
+def save_set(
+    tset, path: str | os.PathLike, meta: dict[str, Any] | None = None, model_card: bool = True
+) -> Path:
+    """Write a transcoder set as one directory: ``config.json`` (``"kind": "transcoder_set"``, the set's config
+    with its ``layers``, each member's meta) + ``model.safetensors`` (member tensors under ``layer{l}.``, input
+    scales folded) + ``README.md``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, members = {}, {}
+    for layer, m in tset.items():
+        export = copy.deepcopy(m)
+        members[str(layer)] = {"meta": {**m.meta, "input_scale_folded": float(m.input_scale)}}
+        export.fold_scaling()
+        for k, v in export.state_dict().items():
+            if k != "input_scale":
+                tensors[f"layer{layer}.{k}"] = v.detach().contiguous().cpu()
+    member_cls = type(tset.transcoders[0])
+    config = {
+        "sparsedict_version": __version__,
+        "kind": SET_KIND,
+        "architecture": tset.cfg.architecture,
+        "dictionary": tset.cfg.to_dict(),
+        "sparsity_fields": list(member_cls.sparsity_fields),
+        "members": members,
+        "meta": dict(meta if meta is not None else tset.meta),
+    }
+    config = json.loads(json.dumps(config, default=str))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_json_atomic(path / CONFIG_NAME, config, indent=2)
+    if model_card:
+        atomic_write(path / CARD_NAME, render(config))
+    return path
+
+
+def _load_set(path: Path, config: dict[str, Any], registry: Architectures):
+    arch = config["architecture"]
+    _, cfg_cls = registry.lookup(arch)
+    known = set(cfg_cls.__dataclass_fields__)
+    cfg = from_dict(cfg_cls, {k: v for k, v in config["dictionary"].items() if k in known})
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    members = {}
+    for layer in cfg.layers:
+        prefix = f"layer{layer}."
+        fields = {**cfg.to_dict(), "layers": [], "hookpoint": at_layer(cfg.hookpoint, layer),
+                  "target": at_layer(cfg.target, layer) if cfg.is_transcoder else ""}  # fmt: skip
+        fields.pop("architecture")
+        model = build_dictionary(registry, arch, fields, str(path / CONFIG_NAME))
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        member_meta = config.get("members", {}).get(str(layer), {}).get("meta", {})
+        members[layer] = load_state(
+            model, state, f"{path / WEIGHTS_NAME} ({prefix}*)", member_meta, CONFIG_NAME
+        )
+    out = registry.build_set(cfg, members)
+    out.meta = config.get("meta", {})
+    return out
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     cfg_path = path / CONFIG_NAME
@@ -91,6 +153,16 @@ def load(path: str | os.PathLike, registry: Architectures, device: str | torch.d
     arch = config.get("architecture")
     if arch is None or "dictionary" not in config:
         raise ValueError(f"{path / CONFIG_NAME} lacks 'architecture'/'dictionary': not a sparsedict config")
+    if config.get("kind") == SET_KIND:
+        if not (path / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(
+                f"{path / WEIGHTS_NAME} is missing: the checkpoint at {path} is incomplete"
+            )
+        model = _load_set(path, config, registry)
+        model.to(device=device)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        return model.eval()
     _, cfg_cls = registry.lookup(arch)
     known = set(cfg_cls.__dataclass_fields__)
     extra = set(config["dictionary"]) - known

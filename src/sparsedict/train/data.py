@@ -9,7 +9,8 @@ from torch import Tensor
 
 
 class TensorSource:
-    """Shuffled minibatches of in-memory rows ``x [N, d_in]`` (and targets ``y [N, d_out]``).
+    """Shuffled minibatches of in-memory rows ``x [N, d_in]`` (and targets ``y [N, d_out]``), or of stacked
+    hookpoints ``x [N, L, d_in]`` (``y [N, L', d_out]``).
 
     A :class:`~sparsedict.cache.source.Source` like :class:`sparsedict.cache.ActivationStore`: iterate for
     ``(x, y)`` batches (``y`` is None for an SAE), ``d_in``/``d_out``/``n_rows``, ``sample``, ``state_dict`` for
@@ -38,11 +39,19 @@ class TensorSource:
 
     @property
     def d_in(self) -> int:
-        return self.x.shape[1]
+        return self.x.shape[-1]
 
     @property
     def d_out(self) -> int | None:
-        return None if self.y is None else self.y.shape[1]
+        return None if self.y is None else self.y.shape[-1]
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def y_shape(self) -> tuple[int, ...] | None:
+        return None if self.y is None else tuple(self.y.shape[1:])
 
     @property
     def n_rows(self) -> int:

@@ -82,7 +82,8 @@ def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
                 raise ConfigError(f"{source}: dictionary {cfg.architecture!r} needs a 'hookpoint'")
             cfg.hookpoint = cache.hookpoints[0]
         if cache is not None:
-            for hp in filter(None, (cfg.hookpoint, cfg.target)):
+            names = [*cfg.hookpoints, *(cfg.targets if cfg.is_transcoder else [])]
+            for hp in names:
                 if hp not in cache.hookpoints and split_head(hp)[0] not in cache.hookpoints:  # attn_z.L.hK
                     raise ConfigError(
                         f"{source}: dictionary hookpoint {hp!r} is not cached; cache.hookpoints = {cache.hookpoints}"
@@ -102,4 +103,6 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def default_name(cfg: DictionaryConfig) -> str:
     hp = cfg.hookpoint + (f"-{cfg.target}" if cfg.is_transcoder else "")
-    return f"{cfg.architecture}-{hp}".replace("/", "_").replace(":", "_")
+    if cfg.layers:
+        hp += f"-layers{cfg.layers[0]}-{cfg.layers[-1]}"
+    return f"{cfg.architecture}-{hp}".replace("/", "_").replace(":", "_").replace("{layer}", "L")

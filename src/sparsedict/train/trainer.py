@@ -1,9 +1,12 @@
 """The one training loop for every architecture, for one or many dictionaries sharing a data pass.
 
-``Trainer(dictionaries, sources, cfg)``: ``dictionaries`` maps a name to a :class:`Dictionary`;
-``sources`` maps a ``(hookpoint, target)`` key to a :class:`~sparsedict.cache.source.Source`
-(ActivationStore, LiveSource, TensorSource). Dictionaries on the same key share each batch read; different
-keys are read in lockstep. Gradient-trained dictionaries go through ``forward -> sum(losses) -> backward ->``
+``Trainer(dictionaries, sources, cfg)``: ``dictionaries`` maps a name to a :class:`Dictionary` or a
+:class:`~sparsedict.dictionaries.TranscoderSet`; ``sources`` maps a ``(hookpoint, target)`` key to a
+:class:`~sparsedict.cache.source.Source` (ActivationStore, LiveSource, TensorSource). Dictionaries on the same
+key share each batch read; different keys are read in lockstep. A multi-layer dictionary (a cross-layer
+transcoder) reads the ``[B, L, d]`` batches of its key (tuples of hookpoints) whole; the members of a
+transcoder set (``<name>/layer<l>``, each with its own optimiser) read slice i of the set's key, so a CLT and a
+PLT set over the same layers train on the same rows of one source. Gradient-trained dictionaries go through ``forward -> sum(losses) -> backward ->``
 :class:`DictionaryOptimizer`; solver-trained ones (SNMF) through ``fit_step``. The logged FVU and L0 are
 those of :class:`~sparsedict.metrics.ReconstructionStats` over the step's global batch (sums merged across
 ranks); ``dead`` is the fraction of latents that have not fired for ``dead_tokens`` training tokens.
@@ -29,6 +32,7 @@ from sparsedict import distributed
 from sparsedict.cache.source import Source
 from sparsedict.dictionaries.base import Dictionary, Output
 from sparsedict.dictionaries.sharded import shard
+from sparsedict.dictionaries.transcoder_set import TranscoderSet
 from sparsedict.metrics import ReconstructionStats
 from sparsedict.train import checkpoint as ckpt
 from sparsedict.train.config import TrainConfig
@@ -36,11 +40,11 @@ from sparsedict.train.dead import DeadLatentTracker
 from sparsedict.train.logging import RunLogger
 from sparsedict.train.optim import DictionaryOptimizer
 
-SourceKey = tuple[str, str]
+SourceKey = tuple[Any, Any]
 
 
 def source_key(model: Dictionary) -> SourceKey:
-    """The ``(hookpoint, target)`` a dictionary reads (target ``""`` for an SAE)."""
+    """The ``(hookpoint, target)`` a dictionary reads (target ``""`` for an SAE; tuples for several layers)."""
     return model.cfg.source_key
 
 
@@ -55,6 +59,8 @@ class Member:
     dead: DeadLatentTracker
     normalisation: str
     """The input normalisation this member trains with ('none', 'sqrt_d' or 'unit_msn')."""
+    slot: int | None = None
+    """Position of this member's layer in its source's stacked batches (members of a transcoder set)."""
 
 
 class Trainer:
@@ -70,14 +76,25 @@ class Trainer:
                 )
         self.world_size = next(iter(sources.values())).world_size
         self.total_steps = cfg.max_steps or self._steps_from_epochs()
+        self.sets = {name: model for name, model in dictionaries.items() if isinstance(model, TranscoderSet)}
+        """The transcoder sets among the dictionaries (their members train as ``<name>/layer<l>``)."""
+        flat = {}  # name -> (model, key, slot)
+        for name, model in dictionaries.items():
+            if isinstance(model, TranscoderSet):
+                for i, (layer, member) in enumerate(model.items()):
+                    flat[f"{name}/layer{layer}"] = (member, model.source_key, i)
+            else:
+                flat[name] = (model, source_key(model), None)
         if cfg.shard_latents:
-            dictionaries = shard_dictionaries(dictionaries, cfg, self.world_size)
+            sharded = shard_dictionaries({n: v[0] for n, v in flat.items()}, cfg, self.world_size)
+            flat = {n: (sharded[n], key, slot) for n, (_, key, slot) in flat.items()}
         self.members = [
-            Member(name, model.to(self.device), source_key(model),
+            Member(name, model.to(self.device), key,
                    DictionaryOptimizer(model, cfg, self.total_steps) if model.trains_by_gradient else None,
                    DeadLatentTracker(model.n_latents, cfg.dead_tokens, self.device, sync=not model.latent_sharded),
-                   type(model).input_normalisation if cfg.normalise_inputs == "auto" else cfg.normalise_inputs)
-            for name, model in dictionaries.items()
+                   type(model).input_normalisation if cfg.normalise_inputs == "auto" else cfg.normalise_inputs,
+                   slot)
+            for name, (model, key, slot) in flat.items()
         ]  # fmt: skip
         self.step = 0
         self.tokens = 0
@@ -102,11 +119,14 @@ class Trainer:
     @torch.no_grad()
     def initialise(self) -> None:
         """Normalisation constants and b_dec from a data sample (before the first step)."""
+        samples: dict[SourceKey, tuple[Tensor, Tensor | None]] = {}
         for m in self.members:
-            x, y = self.sources[m.key].sample(self.cfg.init_rows, seed=self.cfg.seed)
+            if m.key not in samples:  # one sample per source (members of a set share it)
+                samples[m.key] = self.sources[m.key].sample(self.cfg.init_rows, seed=self.cfg.seed)
+            x, y = _slot(samples[m.key], m.slot)
             x = x.to(self.device, torch.float32)
             y = x if y is None else y.to(self.device, torch.float32)
-            m.model.input_scale.fill_(input_scale(x, m.normalisation))
+            m.model.input_scale.fill_(input_scale(x.reshape(-1, x.shape[-1]), m.normalisation))
             c = float(m.model.input_scale)
             m.model.init_from_data(x * c, y * c)
             distributed.broadcast_model(m.model)  # replicas start identical (rank 0's values)
@@ -126,7 +146,7 @@ class Trainer:
         )
         log_step = self.is_log_step(self.step + 1)
         for m in self.members:
-            x, y = batches[m.key]
+            x, y = _slot(batches[m.key], m.slot)
             c = float(m.model.input_scale)
             x = x.to(self.device, torch.float32, non_blocking=True)
             y = None if y is None else y.to(self.device, torch.float32, non_blocking=True)
@@ -140,11 +160,11 @@ class Trainer:
             )
             metrics.update({f"{m.name}/{k}": v for k, v in extra.items()})
             if log_step:  # a few [B, d] passes: only on the steps fit() logs
-                stats = ReconstructionStats(m.model.n_latents)
+                stats = m.model.new_stats()
                 stats.update(x if y is None else y, out.x_hat.detach(), out.code)
                 self.batch_stats[m.name] = stats
-                metrics.update({f"{m.name}/fvu": stats.fvu, f"{m.name}/l0": stats.l0,
-                                f"{m.name}/dead": m.dead.dead_fraction()})  # fmt: skip
+                metrics.update({f"{m.name}/{k}": v for k, v in stats.logged().items()})
+                metrics[f"{m.name}/dead"] = m.dead.dead_fraction()
         self.step += 1
         self.tokens += self.cfg.batch_size
         return metrics
@@ -177,7 +197,7 @@ class Trainer:
         if distributed.is_dist():
             for name, stats in self.batch_stats.items():
                 merged = stats.from_packed(distributed.all_reduce_sum(stats.packed().to(self.device)).cpu())
-                out[f"{name}/fvu"], out[f"{name}/l0"] = merged.fvu, merged.l0
+                out.update({f"{name}/{k}": v for k, v in merged.logged().items()})
         return out
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -234,7 +254,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "rng": ckpt.rng_state(),
-            "sources": {f"{k[0]}|{k[1]}": s.state_dict() for k, s in self.sources.items()},
+            "sources": {key_name(k): s.state_dict() for k, s in self.sources.items()},
             "members": {
                 m.name: {
                     "model": m.model.state_dict(),
@@ -250,7 +270,7 @@ class Trainer:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         ckpt.set_rng_state(state["rng"])
         for k, s in self.sources.items():
-            s.load_state_dict(state["sources"][f"{k[0]}|{k[1]}"])
+            s.load_state_dict(state["sources"][key_name(k)])
         for m in self.members:
             ms = state["members"][m.name]
             m.model.load_state_dict(ms["model"])
@@ -267,19 +287,34 @@ class Trainer:
         ckpt.save_checkpoint(Path(self.cfg.out_dir) / "checkpoint", state, self.step)
 
     def save(self, meta: dict[str, Any] | None = None) -> dict[str, Path]:
-        """Save every dictionary with ``save_pretrained`` under ``out_dir/<name>``."""
-        paths = {}
+        """Save every dictionary with ``save_pretrained`` under ``out_dir/<name>`` (a transcoder set as one
+        directory, its members' provenance inside)."""
+        paths, members = {}, {}
         for m in self.members:
-            path = Path(self.cfg.out_dir) / m.name
             model = m.model.unshard() if m.model.latent_sharded else m.model  # collective
+            if m.slot is None:
+                paths[m.name] = Path(self.cfg.out_dir) / m.name
+            if not distributed.is_main():
+                continue
+            info = {**self.sources[m.key].meta, **(meta or {})}
+            info.update(training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation,
+                        dead_tokens=self.cfg.dead_tokens)  # fmt: skip
+            if model.train_state():  # e.g. the coefficient a controller steered to, as the run ended
+                info["train_state"] = model.train_state()
+            if m.slot is None:
+                model.save_pretrained(paths[m.name], info)
+            else:
+                model.meta = info
+                members[m.name] = model
+        for name, tset in self.sets.items():
+            paths[name] = Path(self.cfg.out_dir) / name
             if distributed.is_main():
-                info = {**self.sources[m.key].meta, **(meta or {})}
-                info.update(training_tokens=self.tokens, training_steps=self.step, normalisation=m.normalisation,
-                            dead_tokens=self.cfg.dead_tokens)  # fmt: skip
-                if model.train_state():  # e.g. the coefficient a controller steered to, as the run ended
-                    info["train_state"] = model.train_state()
-                model.save_pretrained(path, info)
-            paths[m.name] = path
+                key = tset.source_key
+                parts = {layer: members[f"{name}/layer{layer}"] for layer in tset.layers}
+                whole = TranscoderSet(tset.cfg, parts)
+                info = {**self.sources[key].meta, **(meta or {}), "training_tokens": self.tokens,
+                        "training_steps": self.step, "dead_tokens": self.cfg.dead_tokens}  # fmt: skip
+                whole.save_pretrained(paths[name], info)
         return paths
 
 
@@ -303,6 +338,19 @@ def shard_dictionaries(
         )
     rank, ranks = distributed.rank(), distributed.world_size()
     return {name: shard(model, rank, ranks) for name, model in dictionaries.items()}
+
+
+def key_name(key: SourceKey) -> str:
+    """``"hookpoint|target"`` of a source key (tuples of hookpoints joined by commas)."""
+    return "|".join(",".join(k) if isinstance(k, tuple) else k for k in key)
+
+
+def _slot(batch: tuple[Tensor, Tensor | None], slot: int | None) -> tuple[Tensor, Tensor | None]:
+    """A set member's layer of a stacked ``[B, L, d]`` batch (the whole batch for ``slot`` None)."""
+    if slot is None:
+        return batch
+    x, y = batch
+    return x[:, slot], (None if y is None else y[:, slot])
 
 
 def _next_batch(iters: dict, key: SourceKey, source: Source) -> tuple[Tensor, Tensor | None]:
