@@ -98,7 +98,8 @@ def test_recipe_comments_state_the_optimiser_settings(path):
         d_model, d_mlp = dims[r.cache.model]
         d_in = d_mlp if cfg.hookpoint.startswith("mlp_hidden") else d_model
         d_out = None if not cfg.is_transcoder else (d_mlp if cfg.target.startswith("mlp_hidden") else d_model)
-        big = cfg.resolved(d_in, d_out).n_latents * (d_in + (d_out or d_in)) > 50_000_000
+        layers = len(cfg.layers or [None])  # a cross-layer transcoder has up to L² decoder blocks
+        big = cfg.resolved(d_in, d_out).n_latents * (d_in + (d_out or d_in)) * layers**2 > 50_000_000
         with torch.device("meta" if big else "cpu"):  # meta: the large recipes' weights take no memory
             model = build(cfg.resolved(d_in, d_out))
         if not model.trains_by_gradient:
