@@ -243,7 +243,7 @@ class LatentStats:
 
     threads = 1
     """CPU threads of :meth:`update` (0: torch's setting). One, as its tensors are small (about batch · k
-    entries); ``benchmarks/inspect.py --compare_threads`` times the choice."""
+    entries); ``benchmarks/features.py --compare_threads`` times the choice."""
 
     def update(self, code, batch: Batch) -> None:
         """Fold one batch's code (``SparseCode`` on the CPU) into the statistics, on ``threads`` threads."""

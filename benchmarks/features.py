@@ -1,6 +1,6 @@
 """Inspect benchmark: the ``sparsedict inspect`` pass against encode-only on the same cache and dictionary.
 
-    .venv/bin/python benchmarks/inspect.py --cache /work/runs-shared/cache-1m-resid6 \\
+    .venv/bin/python benchmarks/features.py --cache /work/runs-shared/cache-1m-resid6 \\
         --checkpoint runs/bench-inspect/topk16k [--tokens 0] [--out runs/bench-inspect/browser] [--json f.json]
 
 A missing ``--checkpoint`` is first trained: a 16k-latent TopK (k=32) on the cache's first
@@ -17,21 +17,14 @@ thread against torch's threads. The load average is printed beside the numbers.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
+import resource
+import time
+from pathlib import Path
 
-# This file is named like the standard library's `inspect`, which torch and dataclasses import: keep its
-# folder off the module path so `import inspect` finds the standard library.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 
 def peak_rss_gb() -> float:
