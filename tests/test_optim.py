@@ -214,6 +214,22 @@ def test_fused_decoder_adam_on_cuda_picks_triton_and_equals_unfused():
         assert err_ratio(results[0][name], p) < 1e-5, name
 
 
+def test_run_length_rule_only_inside_its_fitted_range():
+    """Runs longer than the run-length rule's fitted range take the width rule, and the printed line says so."""
+    from sparsedict.train.schedule import BUDGET_MAX_STEPS, budget_lr, width_lr
+
+    inside = DictionaryOptimizer(_topk(), TrainConfig(), BUDGET_MAX_STEPS)
+    assert inside.base_lr == pytest.approx(budget_lr(96, BUDGET_MAX_STEPS))
+    longer = DictionaryOptimizer(_topk(), TrainConfig(), 4 * BUDGET_MAX_STEPS)
+    assert (
+        longer.base_lr
+        == pytest.approx(width_lr(96, "adam"))
+        != pytest.approx(budget_lr(96, 4 * BUDGET_MAX_STEPS))
+    )
+    assert f"fitted up to {BUDGET_MAX_STEPS} steps" in longer.describe()
+    assert {g["betas"] for g in longer.opt.param_groups} == {(0.8, 0.99)}  # the rest of the preset stays
+
+
 def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     from sparsedict.dictionaries.relu import ReLUConfig
     from sparsedict.train.schedule import budget_lr

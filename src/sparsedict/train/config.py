@@ -20,7 +20,8 @@ class TrainConfig:
     plain Adam with the width rule for architectures without a preset."""
     lr: float = 0.0
     """Learning rate; 0 uses the architecture's rule: under 'auto' with a 'budget' preset
-    0.0209 / (steps^(1/3) sqrt(n/2^14)); otherwise the width rule adam 2e-4/sqrt(n/2^14),
+    0.0209 / (steps^(1/3) sqrt(n/2^14)) for runs of at most 305 steps (the fitted range), the width rule
+    beyond; otherwise the width rule adam 2e-4/sqrt(n/2^14),
     signum_sf 5e-3/sqrt(n/2^14)."""
     betas: tuple[float, float] | None = None
     """Adam betas (None: the 'auto' preset's, else (0.9, 0.999))."""

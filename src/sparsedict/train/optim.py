@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sparsedict.train.config import TrainConfig
-from sparsedict.train.schedule import budget_lr, lr_factor, width_lr
+from sparsedict.train.schedule import BUDGET_MAX_STEPS, budget_lr, lr_factor, width_lr
 
 DEFAULT_WARMUP = 100
 """LR warmup steps when ``TrainConfig.warmup_steps`` is -1 (an 'auto' preset may cap it to a fraction of the run)."""
@@ -91,9 +91,13 @@ class DictionaryOptimizer:
         preset = auto_preset(model, cfg.optimizer)
         if cfg.lr:
             self.base_lr, lr_from = cfg.lr, "set in the config"
-        elif preset.get("lr_rule") == "budget":
+        elif preset.get("lr_rule") == "budget" and total_steps <= BUDGET_MAX_STEPS:
             self.base_lr = budget_lr(model.n_latents, total_steps)
             lr_from = f"'auto' run-length rule: {total_steps} steps, {model.n_latents} latents"
+        elif preset.get("lr_rule") == "budget":  # beyond the run lengths the rule was fitted on
+            self.base_lr = width_lr(model.n_latents, self.name)
+            lr_from = (f"width rule: {model.n_latents} latents; the 'auto' run-length rule is fitted up to "
+                       f"{BUDGET_MAX_STEPS} steps, this run has {total_steps}")  # fmt: skip
         else:
             self.base_lr = width_lr(model.n_latents, self.name)
             lr_from = f"width rule: {model.n_latents} latents"

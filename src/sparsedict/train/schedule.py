@@ -20,6 +20,10 @@ def width_lr(n_latents: int, optimizer: str) -> float:
     return base / (n_latents / 2**14) ** 0.5
 
 
+BUDGET_MAX_STEPS = 305
+"""The longest run :func:`budget_lr` was fitted on (benchmarks/RESULTS_training.md); longer runs take the width rule."""
+
+
 def budget_lr(n_latents: int, total_steps: int) -> float:
     """Adam LR for a run of ``total_steps`` steps: ``0.0209 / (steps^(1/3) · sqrt(n / 2^14))``.
 
