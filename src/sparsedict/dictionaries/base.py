@@ -240,6 +240,20 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
     return y
 
 
+class LayerRange:
+    """``layers`` and ``n_layers`` of a model over the contiguous layer range its ``cfg.layers`` names."""
+
+    cfg: DictionaryConfig
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.cfg.layers)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.cfg.layers)
+
+
 class Dictionary(nn.Module):
     """Base class: parameters in the canonical layout, encode/decode/forward, decoder normalisation.
 

@@ -59,6 +59,7 @@ from sparsedict.dictionaries.attach import LayeredAttachment
 from sparsedict.dictionaries.base import (
     Dictionary,
     DictionaryConfig,
+    LayerRange,
     Output,
     SparseCode,
     build,
@@ -160,7 +161,7 @@ def layer_var(e: Tensor) -> Tensor:
 
 
 @register("clt", CLTConfig)
-class CLT(Dictionary):
+class CLT(LayerRange, Dictionary):
     """Cross-layer transcoder over ``cfg.layers`` (see the module docstring for the maths and layout)."""
 
     cfg: CLTConfig
@@ -208,14 +209,6 @@ class CLT(Dictionary):
         self._start = max(0, cfg.threshold_start_step)
 
     # -- shapes --------------------------------------------------------------------------------------
-    @property
-    def layers(self) -> list[int]:
-        return list(self.cfg.layers)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.cfg.layers)
-
     @property
     def n_per_layer(self) -> int:
         """Features per layer F."""

@@ -31,6 +31,7 @@ from sparsedict.dictionaries.base import (
     ARCHITECTURES,
     Dictionary,
     DictionaryConfig,
+    LayerRange,
     Output,
     SparseCode,
     build,
@@ -50,7 +51,7 @@ def member_config(cfg: DictionaryConfig, layer: int) -> DictionaryConfig:
 
 
 @ARCHITECTURES.register_set
-class TranscoderSet(nn.Module):
+class TranscoderSet(LayerRange, nn.Module):
     """Per-layer dictionaries of ``cfg.layers`` (``members``: layer -> dictionary; built from ``cfg`` if None)."""
 
     architecture: ClassVar[str] = "transcoder_set"
@@ -82,14 +83,6 @@ class TranscoderSet(nn.Module):
     @property
     def member_architecture(self) -> str:
         return self.cfg.architecture
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.cfg.layers)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.cfg.layers)
 
     @property
     def n_per_layer(self) -> int:

@@ -51,6 +51,11 @@ def save(model, path: str | os.PathLike, meta: dict[str, Any] | None = None, mod
         "sparsity_fields": list(type(model).sparsity_fields),
         "meta": meta,
     }
+    return _write(path, tensors, config, model_card)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], model_card: bool) -> Path:
+    """Write ``model.safetensors``, ``config.json`` (plain JSON: other values as strings) and the model card."""
     config = json.loads(json.dumps(config, default=str))
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     write_json_atomic(path / CONFIG_NAME, config, indent=2)
@@ -88,12 +93,7 @@ def save_set(
         "members": members,
         "meta": dict(meta if meta is not None else tset.meta),
     }
-    config = json.loads(json.dumps(config, default=str))
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    write_json_atomic(path / CONFIG_NAME, config, indent=2)
-    if model_card:
-        atomic_write(path / CARD_NAME, render(config))
-    return path
+    return _write(path, tensors, config, model_card)
 
 
 def _load_set(path: Path, config: dict[str, Any], registry: Architectures):
