@@ -61,6 +61,11 @@ def collect(cfg: InspectConfig, dictionaries: dict[str, Any] | None = None, sink
     names = dict(zip(_names(list(dictionaries)), dictionaries.items()))
     groups: dict[str, list[tuple[str, Any, LatentStats]]] = {}
     for name, (_, d) in names.items():
+        if getattr(d, "layered", False) or getattr(d.cfg, "layers", None):
+            raise ValueError(
+                f"{name}: a {d.architecture} over layers {list(d.cfg.layers)} reads several hookpoints per row; "
+                "inspect reads one hookpoint per dictionary: inspect a single-layer dictionary"
+            )
         d.eval()
         sel = parse_latents(cfg.latents, d.n_latents)
         stats = LatentStats(d.n_latents, cfg.top_n, cfg.samples, cfg.window, cfg.seed,
