@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
 from sparsedict.dictionaries.control import L0TargetFields, Steered
-from sparsedict.dictionaries.relu import warmup_factor
+from sparsedict.dictionaries.relu import ReLU
 
 
 @dataclass
@@ -93,14 +93,9 @@ class Gated(Steered, Dictionary):
         """Dense code ``values [B, n] = 1[π + b_gate > 0] · ReLU(exp(r_mag) π + b_mag)``."""
         return SparseCode(self._code(self.pi(x)), None, self.n_latents)
 
-    def on_step(self, step: int, total_steps: int) -> None:
-        steered = self.steered_coefficient(step, total_steps)
-        if steered is None:
-            steered = self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_steps)
-        self.l1_current = steered
-
-    def after_step(self, out: Output) -> None:
-        self.steer(out)
+    # the same L1 coefficient as ReLU's: steered to l0_target, else warmed up to l1_coefficient
+    on_step = ReLU.on_step
+    after_step = ReLU.after_step
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
