@@ -77,6 +77,7 @@ def run_mp(args) -> dict:
         epochs=args.epochs,
         lr=args.lr,
         warmup_steps=args.warmup,
+        optimizer=args.optimizer,
         autocast=args.autocast,
         out_dir="/tmp/sd_bench_mp",
         log_every=10_000,
@@ -99,7 +100,8 @@ def run_mp(args) -> dict:
         "autocast": args.autocast,
         "width": args.width,
         "pursuit_steps": args.steps,
-        "lr": args.lr,
+        "lr": tr.members[0].opt.base_lr,
+        "optimizer": tr.members[0].opt.describe(),
         "tokens_per_s": tr.tokens / wall,
         "train_wall_s": wall,
         "heldout_fvu": stats.fvu,
@@ -118,9 +120,21 @@ def run_snmf(args) -> list[dict]:
     out = []
     for K in args.K:
         cfg = SNMFConfig(
-            hookpoint=args.hookpoint, n_latents=K, sparsity=args.sparsity, memory_tokens=args.memory_tokens
+            hookpoint=args.hookpoint,
+            n_latents=K,
+            sparsity=args.sparsity,
+            memory_tokens=args.memory_tokens,
+            code_iters=args.code_iters,
         ).resolved(x.shape[1])
-        row = {"workload": "snmf", "K": K, "train_tokens": x.shape[0], "heldout_tokens": xt.shape[0]}
+        row = {
+            "workload": "snmf",
+            "K": K,
+            "train_tokens": x.shape[0],
+            "heldout_tokens": xt.shape[0],
+            "code_iters": cfg.code_iters,
+            "memory_tokens": cfg.memory_tokens,
+            "batch": args.batch,
+        }
         if args.full_iters > 0:
             t0 = time.perf_counter()
             ref = snmf_full_batch(x, K, sparsity=args.sparsity, iters=args.full_iters, seed=0)
@@ -231,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=4608)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="0: the optimiser's default rule")
+    p.add_argument("--warmup", type=int, default=10, help="-1: the default warmup")
+    p.add_argument("--optimizer", default="auto", choices=["auto", "adam"])
     p.add_argument("--autocast", default="none", choices=["none", "bf16"])
     p.add_argument("--init", default="data", choices=["data", "random"])
     # SNMF
@@ -240,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.01)
     p.add_argument("--full-iters", type=int, default=400)
     p.add_argument("--memory-tokens", type=int, default=200_000)
+    p.add_argument("--code-iters", type=int, default=50)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -409,7 +409,8 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
-        """Initialise biases from a data sample (``x`` already normalised by ``input_scale``)."""
+        """Initialise biases from a data sample (``x`` already normalised by ``input_scale``); for a transcoder
+        also the encoder's scale (:meth:`match_encoder_scale`)."""
         y = x if y is None else y
         how = self.cfg.b_dec_init
         if how == "median":
@@ -418,6 +419,25 @@ class Dictionary(nn.Module):
             self.b_dec.copy_(y.double().mean(0).to(self.b_dec.dtype))
         elif how != "zero":
             raise ValueError(f"b_dec_init must be 'median', 'mean' or 'zero', not {how!r}")
+        if self.cfg.is_transcoder:
+            self.match_encoder_scale(x, y)
+
+    @torch.no_grad()
+    def match_encoder_scale(self, x: Tensor, y: Tensor) -> None:
+        """Scale ``W_enc`` by ``rms‖y − b_dec‖ / rms‖x_in‖`` so that the first codes are in the target's units.
+
+        An SAE's encoder starts as its decoder's transpose, so a latent's first activation is the projection of
+        the input on its unit decoder direction: the size that direction needs in the reconstruction. A
+        transcoder's random encoder gives activations on the input's scale, and its input and target can differ
+        by an order of magnitude (a normalised MLP input against the MLP output); the encoder then has to grow
+        by that factor during training, and most latents stop firing while it does (dead latents, which
+        the AuxK loss does not bring back). Matching the scale at the start avoids that (measured:
+        benchmarks/RESULTS.md).
+        """
+        target = (y - self.b_dec).float().pow(2).sum(-1).mean().sqrt()
+        source = self._x_in(x).float().pow(2).sum(-1).mean().sqrt()
+        if float(source) > 0 and float(target) > 0:
+            self.W_enc.mul_((target / source).to(self.W_enc.dtype))
 
     # -- decoder normalisation ----------------------------------------------------------------------
     @torch.no_grad()
