@@ -29,6 +29,7 @@ so an MP transcoder (target ≠ input) is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -95,6 +96,8 @@ class MP(Dictionary):
     """Matching-pursuit SAE. Parameters: ``W_dec [n, d]`` (unit-norm atoms) and ``b_dec [d]``; no encoder."""
 
     cfg: MPConfig
+    # chosen by measurement: benchmarks/RESULTS.md
+    auto_train: ClassVar[dict[str, Any]] = {"lr_rule": "budget", "warmup_fraction": 0.1}
     supports_transcoder = False
     sparsity_fields = ("steps",)
 

@@ -49,7 +49,7 @@ class SNMFConfig(DictionaryConfig):
     code_l1: float = 0.0
     """L1 penalty λ on the codes in the NNLS (code sparsity; 0 = the paper's unpenalised codes)."""
     code_iters: int = 50
-    """NNLS iterations per training minibatch (streaming solver)."""
+    """NNLS iterations per training minibatch (streaming solver). Chosen by measurement: benchmarks/RESULTS.md."""
     encode_iters: int = 100
     """Maximum NNLS iterations in ``encode``."""
     encode_tol: float = 1e-5
