@@ -9,7 +9,9 @@ Both compute the same thing (the maths is in :mod:`sparsedict.dictionaries.mp`, 
 - ``pursuit_backward(grad_a, D, a, idx, rT, use_numba)`` -> ``(d_r0 [B,d], d_D [n,d])``: the reverse sweep.
 
 The numba kernel runs one row per task (rows in parallel), keeping that row's ``c`` (n floats) and
-residual in cache through all T steps: one pass over ``n`` per step, no [B, n] temporaries. The torch
+residual in cache through all T steps: one vectorised pass over ``n`` per step (``c -= a G[j]`` fused with
+the maxima of blocks of 64 scores), no [B, n] temporaries; the next argmax then reads the ~n/64 block
+maxima and one block instead of scanning the row (the first maximal index, as ``torch.argmax``). The torch
 loop is the path for GPUs (and machines without numba): per step one gather of ``G`` rows and one
 argmax over ``[B, n]``.
 """
@@ -39,64 +41,77 @@ def _kernels():
 
     # Reassociation lets LLVM vectorise the max and dot reductions; no 'nnan'/'ninf' (we compare with -inf).
     fm = {"reassoc", "contract", "nsz", "arcp"}
+    BLOCK = 64  # scores per block maximum: the argmax scans ~n/BLOCK maxima + one block, not ~n/2 scores
 
     @numba.njit(fastmath=fm, inline="always")
-    def upd_max(cb, Gj, a, absolute, ninf):
-        """``cb -= a·Gj`` in place; returns ``max(cb)`` (or ``max |cb|``)."""
+    def block_max(cb, Gj, a, update, absolute, ninf, bmax):
+        """``cb -= a·Gj`` in place when ``update``; ``bmax[k]`` = max of ``cb`` (or ``|cb|``) over block k
+        (``BLOCK`` entries, the last one partial); returns the overall max."""
         n = cb.shape[0]
-        n8 = n - n % 8
-        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf  # -inf in the array dtype (no fp64 promotion)
-        for i in range(0, n8, 8):
-            v0 = cb[i] - a * Gj[i]
-            v1 = cb[i + 1] - a * Gj[i + 1]
-            v2 = cb[i + 2] - a * Gj[i + 2]
-            v3 = cb[i + 3] - a * Gj[i + 3]
-            v4 = cb[i + 4] - a * Gj[i + 4]
-            v5 = cb[i + 5] - a * Gj[i + 5]
-            v6 = cb[i + 6] - a * Gj[i + 6]
-            v7 = cb[i + 7] - a * Gj[i + 7]
-            cb[i], cb[i + 1], cb[i + 2], cb[i + 3] = v0, v1, v2, v3
-            cb[i + 4], cb[i + 5], cb[i + 6], cb[i + 7] = v4, v5, v6, v7
-            if absolute:
-                v0, v1, v2, v3, v4, v5, v6, v7 = (
-                    abs(v0),
-                    abs(v1),
-                    abs(v2),
-                    abs(v3),
-                    abs(v4),
-                    abs(v5),
-                    abs(v6),
-                    abs(v7),
-                )
-            m0, m1, m2, m3 = max(m0, v0), max(m1, v1), max(m2, v2), max(m3, v3)
-            m4, m5, m6, m7 = max(m4, v4), max(m5, v5), max(m6, v6), max(m7, v7)
-        best = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-        for i in range(n8, n):
-            v = cb[i] - a * Gj[i]
-            cb[i] = v
-            best = max(best, abs(v) if absolute else v)
+        best = ninf
+        for k in range(bmax.shape[0]):
+            lo = k * BLOCK
+            hi = min(lo + BLOCK, n)
+            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf  # -inf in the array dtype (no fp64 promotion)
+            if hi - lo == BLOCK:
+                for i in range(lo, hi, 8):  # 8 accumulators: LLVM vectorises the loop
+                    if update:
+                        v0 = cb[i] - a * Gj[i]
+                        v1 = cb[i + 1] - a * Gj[i + 1]
+                        v2 = cb[i + 2] - a * Gj[i + 2]
+                        v3 = cb[i + 3] - a * Gj[i + 3]
+                        v4 = cb[i + 4] - a * Gj[i + 4]
+                        v5 = cb[i + 5] - a * Gj[i + 5]
+                        v6 = cb[i + 6] - a * Gj[i + 6]
+                        v7 = cb[i + 7] - a * Gj[i + 7]
+                        cb[i], cb[i + 1], cb[i + 2], cb[i + 3] = v0, v1, v2, v3
+                        cb[i + 4], cb[i + 5], cb[i + 6], cb[i + 7] = v4, v5, v6, v7
+                    else:
+                        v0, v1, v2, v3 = cb[i], cb[i + 1], cb[i + 2], cb[i + 3]
+                        v4, v5, v6, v7 = cb[i + 4], cb[i + 5], cb[i + 6], cb[i + 7]
+                    if absolute:
+                        v0, v1, v2, v3 = abs(v0), abs(v1), abs(v2), abs(v3)
+                        v4, v5, v6, v7 = abs(v4), abs(v5), abs(v6), abs(v7)
+                    m0, m1, m2, m3 = max(m0, v0), max(m1, v1), max(m2, v2), max(m3, v3)
+                    m4, m5, m6, m7 = max(m4, v4), max(m5, v5), max(m6, v6), max(m7, v7)
+            else:
+                for i in range(lo, hi):
+                    v = cb[i]
+                    if update:
+                        v = v - a * Gj[i]
+                        cb[i] = v
+                    m0 = max(m0, abs(v) if absolute else v)
+            m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+            bmax[k] = m
+            best = max(best, m)
         return best
+
+    @numba.njit(fastmath=fm, inline="always")
+    def first_max(cb, bmax, best, absolute):
+        """The first index whose score equals ``best``: the first block holding it, then inside that block."""
+        n = cb.shape[0]
+        for k in range(bmax.shape[0]):
+            if bmax[k] == best:
+                for i in range(k * BLOCK, min(k * BLOCK + BLOCK, n)):
+                    if (abs(cb[i]) if absolute else cb[i]) == best:
+                        return i
+        return 0
 
     @numba.njit(parallel=True, cache=True, fastmath=fm)
     def forward(r0, D, c, G, T, absolute, a_out, idx_out, first_out, rT, ninf_arr):
         ninf = ninf_arr[0]
         B, n = c.shape
         d = D.shape[1]
+        nb = (n + BLOCK - 1) // BLOCK
         for b in numba.prange(B):
             cb = c[b]
             r = rT[b]
+            bmax = np.empty(nb, dtype=c.dtype)
             for i in range(d):
                 r[i] = r0[b, i]
-            best = ninf
-            for i in range(n):
-                best = max(best, abs(cb[i]) if absolute else cb[i])
+            best = block_max(cb, cb, ninf, False, absolute, ninf, bmax)  # ninf: an unused `a` of the dtype
             for t in range(T):
-                # index of the maximum found by the previous (vectorised) pass: first match wins
-                j = 0
-                for i in range(n):
-                    if (abs(cb[i]) if absolute else cb[i]) == best:
-                        j = i
-                        break
+                j = first_max(cb, bmax, best, absolute)  # the argmax of the previous pass: first match wins
                 Dj = D[j]
                 a = 0.0
                 for i in range(d):
@@ -105,8 +120,8 @@ def _kernels():
                 a = a_out[b, t]  # in the array dtype, so the loops below stay in fp32
                 for i in range(d):
                     r[i] -= a * Dj[i]
-                # c -= a G[j] fused with the max of the new scores (8 accumulators: LLVM vectorises it)
-                best = upd_max(cb, G[j], a, absolute, ninf)
+                # c -= a G[j] fused with the block maxima of the new scores
+                best = block_max(cb, G[j], a, True, absolute, ninf, bmax)
                 idx_out[b, t] = j
                 f = t
                 for s in range(t):

@@ -87,6 +87,34 @@ def test_numba_and_torch_backends_agree_in_fp32():
     torch.testing.assert_close(a.decode(ca), b.decode(cb), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("n", [64, 333, 1000])
+def test_numba_pursuit_kernel_matches_torch_loop(n, absolute):
+    """The numba kernel's blocked argmax (block maxima, then one block) against the torch loop's argmax.
+
+    n = 64 is one full block, 333 and 1000 end in a partial block; fp64, so there are no near-ties.
+    """
+    from sparsedict.kernels.pursuit import numba_available, pursuit_forward
+
+    if not numba_available():
+        pytest.skip("numba not installed")
+    torch.manual_seed(n)
+    d, B, T = 24, 40, 30
+    D = torch.randn(n, d, dtype=torch.float64)
+    D /= D.norm(dim=1, keepdim=True)
+    r0 = torch.randn(B, d, dtype=torch.float64)
+    G = D @ D.T
+    c_nb, c_pt = r0 @ D.T, r0 @ D.T
+    out_nb = pursuit_forward(r0, D, c_nb, G, T, absolute, True)
+    out_pt = pursuit_forward(r0, D, c_pt, G, T, absolute, False)
+    assert torch.equal(out_nb[1], out_pt[1])  # selected atoms
+    assert torch.equal(out_nb[2], out_pt[2])  # first occurrences
+    torch.testing.assert_close(out_nb[0], out_pt[0], atol=1e-12, rtol=0)  # coefficients
+    torch.testing.assert_close(out_nb[3], out_pt[3], atol=1e-12, rtol=0)  # final residuals
+    torch.testing.assert_close(c_nb, c_pt, atol=1e-12, rtol=0)  # final correlations (updated in place)
+    torch.testing.assert_close(c_nb, out_nb[3] @ D.T, atol=1e-10, rtol=0)
+
+
 @torch.no_grad()
 def test_omp_least_squares_on_support():
     torch.manual_seed(0)
