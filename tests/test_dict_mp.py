@@ -88,11 +88,12 @@ def test_numba_and_torch_backends_agree_in_fp32():
 
 
 @pytest.mark.parametrize("absolute", [False, True])
-@pytest.mark.parametrize("n", [64, 333, 1000])
+@pytest.mark.parametrize("n", [64, 333, 1000, 1024])
 def test_numba_pursuit_kernel_matches_torch_loop(n, absolute):
-    """The numba kernel's blocked argmax (block maxima, then one block) against the torch loop's argmax.
+    """The numba kernel's blocked argmax (integer-key block maxima, then one block) against the torch loop's.
 
-    n = 64 is one full block, 333 and 1000 end in a partial block; fp64, so there are no near-ties.
+    n = 64 is one partial block, 333 and 1000 span several blocks and end in a partial one; fp64, so there
+    are no near-ties.
     """
     from sparsedict.kernels.pursuit import numba_available, pursuit_forward
 
