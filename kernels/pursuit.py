@@ -42,7 +42,7 @@ def _kernels():
     import numpy as np
     from llvmlite import ir
     from numba.core import types
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
 
     # Reassociation lets LLVM vectorise the max and dot reductions; no 'nnan'/'ninf' (we compare with -inf).
     fm = {"reassoc", "contract", "nsz", "arcp"}
@@ -68,12 +68,45 @@ def _kernels():
 
         return key(v, types.boolean), codegen
 
+    @intrinsic
+    def bf16_bits_to_f32(typingctx, bits):
+        """The fp32 value of bf16 ``bits`` (uint16): zero-extend, shift into the high half, reinterpret."""
+
+        def codegen(context, builder, signature, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
+    def as_float(v):
+        """A float array element as it is; a bf16 one (its uint16 bits) widened to fp32 (exact)."""
+
+    @overload(as_float, inline="always")
+    def _as_float(v):
+        if isinstance(v, types.Integer):
+            return lambda v: bf16_bits_to_f32(v)
+        return lambda v: v
+
+    def widen_row(src, b, dst):
+        """``dst[:] = src[b]`` widened when ``src`` holds bf16 bits; nothing for a float ``src`` (``dst``'s own matrix)."""
+
+    @overload(widen_row, inline="always")
+    def _widen_row(src, b, dst):
+        if isinstance(src.dtype, types.Integer):
+
+            def impl(src, b, dst):
+                for i in range(dst.shape[0]):
+                    dst[i] = bf16_bits_to_f32(src[b, i])
+
+            return impl
+        return lambda src, b, dst: None
+
     @numba.njit(fastmath=fm, inline="always")
     def update_key_max(c, g, a, absolute, kmin):
         """``c -= a·g`` in place; returns the largest :func:`order_key` of the new ``c`` (vectorised)."""
         m = kmin
         for i in range(c.shape[0]):
-            v = c[i] - a * g[i]
+            v = c[i] - a * as_float(g[i])
             c[i] = v
             key = order_key(v, absolute)
             m = key if key > m else m
@@ -116,7 +149,7 @@ def _kernels():
         return 0
 
     @numba.njit(parallel=True, cache=True, fastmath=fm)
-    def forward(r0, D, c, G, T, absolute, a_out, idx_out, first_out, rT, ninf_arr):
+    def forward(r0, D, c_in, G, T, absolute, a_out, idx_out, first_out, rT, c, ninf_arr):
         ninf = ninf_arr[0]
         kmin = order_key(ninf, False)  # the key of -inf: no score is below it
         B, n = c.shape
@@ -124,6 +157,7 @@ def _kernels():
         nb = (n + BLOCK - 1) // BLOCK
         for b in numba.prange(B):
             cb = c[b]
+            widen_row(c_in, b, cb)  # bf16 c_in: its row widened into c; a float c_in is c itself
             r = rT[b]
             bmax = np.empty(nb, dtype=np.int64)
             for i in range(d):
@@ -183,9 +217,19 @@ def _kernels():
 @torch.no_grad()
 def pursuit_forward(
     r0: Tensor, D: Tensor, c: Tensor, G: Tensor, T: int, absolute: bool, use_numba: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Greedy pursuit (see module docstring). All float tensors must share one dtype and be contiguous."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Greedy pursuit (see module docstring); returns ``(a, idx, first, rT, cT)``.
+
+    ``r0`` and ``D`` share one float dtype; ``c`` and ``G`` have it too, or are both bf16 (the outputs of
+    bf16 GEMMs) with fp32 ``r0``/``D``: the numba kernel then widens their elements as it reads them (no fp32
+    copies of ``c``/``G``, half the memory traffic over ``G``), the arithmetic is fp32 either way and the
+    result the same as on fp32 copies. ``cT`` is ``c`` itself, updated in place, when ``c`` has ``r0``'s
+    dtype, else a new tensor of that dtype. All tensors contiguous.
+    """
     B, d = r0.shape
+    half = c.dtype == torch.bfloat16 and r0.dtype == torch.float32
+    if half != (G.dtype == torch.bfloat16) or not (half or c.dtype == G.dtype == r0.dtype):
+        raise TypeError(f"pursuit_forward: c {c.dtype} and G {G.dtype} must both be {r0.dtype} or both bf16")
     if use_numba:
         fwd, _ = _kernels()
         numba_threads()
@@ -193,21 +237,25 @@ def pursuit_forward(
         idx = torch.empty(B, T, dtype=torch.long)
         first = torch.empty(B, T, dtype=torch.long)
         rT = torch.empty(B, d, dtype=r0.dtype)
+        cT = torch.empty(c.shape, dtype=r0.dtype) if half else c
         ninf = torch.full((1,), float("-inf"), dtype=r0.dtype)
+        bits = (lambda m: m.view(torch.uint16).numpy()) if half else (lambda m: m.numpy())
         fwd(
             r0.numpy(),
             D.numpy(),
-            c.numpy(),
-            G.numpy(),
+            bits(c),
+            bits(G),
             T,
             absolute,
             a.numpy(),
             idx.numpy(),
             first.numpy(),
             rT.numpy(),
+            cT.numpy(),
             ninf.numpy(),
         )
-        return a, idx, first, rT
+        return a, idx, first, rT, cT
+    c, G = c.to(r0.dtype), G.to(r0.dtype)
     r = r0.clone()
     a_list, idx_list = [], []
     for _ in range(T):
@@ -219,7 +267,7 @@ def pursuit_forward(
         a_list.append(at)
         idx_list.append(j)
     a, idx = torch.stack(a_list, 1), torch.stack(idx_list, 1)
-    return a, idx, first_occurrence(idx), r
+    return a, idx, first_occurrence(idx), r, c
 
 
 @torch.no_grad()
