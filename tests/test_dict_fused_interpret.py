@@ -3,9 +3,9 @@
 ``SPARSEDICT_FORCE_TRITON=1`` with ``TRITON_INTERPRET=1`` makes :func:`sparsedict.kernels.use_triton` true on
 CPU tensors, so the dictionaries take exactly the code path they take on CUDA: fused ``topk_encode`` (per-row
 candidates for BatchTopK) and fused ``sparse_decode`` (all Matryoshka prefixes). The same model with the
-variable unset and ``SPARSEDICT_DISABLE_CPU_KERNELS=1`` runs the plain-torch reference (dense batch top-k,
-reference decode). Losses, reconstructions, codes and every parameter gradient must agree (relative error
-≤ 1e-5, fp32). Shapes are tiny and off the kernels' tile sizes. The interpreter must be on when ``triton`` is first imported; as in
+variable unset runs the plain-torch reference (dense batch top-k, reference decode). Losses, reconstructions,
+codes and every parameter gradient must agree (relative error ≤ 1e-5, fp32). Shapes are tiny and off the
+kernels' tile sizes. The interpreter must be on when ``triton`` is first imported; as in
 ``test_kernels_interpret.py``, the file reruns itself in a fresh process when Triton was imported earlier.
 """
 
@@ -50,10 +50,8 @@ def run(m, x: torch.Tensor, fused: bool, monkeypatch, dead: torch.Tensor | None 
     """Forward + backward of the summed losses; returns (output, {param: grad})."""
     if fused:
         monkeypatch.setenv("SPARSEDICT_FORCE_TRITON", "1")
-        monkeypatch.delenv("SPARSEDICT_DISABLE_CPU_KERNELS", raising=False)
-    else:  # the plain-torch reference: neither Triton nor the CPU kernels
+    else:
         monkeypatch.delenv("SPARSEDICT_FORCE_TRITON", raising=False)
-        monkeypatch.setenv("SPARSEDICT_DISABLE_CPU_KERNELS", "1")
     m.zero_grad()
     m.set_dead_mask(dead)
     out = m(x)

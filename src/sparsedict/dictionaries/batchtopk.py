@@ -21,8 +21,8 @@ an eval-mode forward with an unset θ falls back to batch top-k). θ must descri
 Unit-norm decoder, AuxK and init as TopK.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
 
-Kernels: where the fused kernels run (Triton on CUDA, the numba CPU kernels on CPU), training selection
-runs on per-row candidates from the fused :func:`~sparsedict.kernels.topk_encode` (``k_c = min(4k, 128, n)`` per row, no
+Kernels: when :func:`sparsedict.kernels.use_triton` holds (CUDA), training selection runs on per-row
+candidates from the fused :func:`~sparsedict.kernels.topk_encode` (``k_c = min(4k, 128, n)`` per row, no
 ``[B, n]`` tensor), takes the global top ``k·B`` among the ``B·k_c`` candidates and decodes with
 :func:`~sparsedict.kernels.sparse_decode`. This equals the dense batch top-k (up to the order among
 entries tied at the selection boundary) unless some row has all ``k_c`` candidates selected — then its
@@ -42,7 +42,6 @@ from sparsedict import distributed
 from sparsedict.dictionaries.base import Dictionary, Output, SparseCode, register
 from sparsedict.dictionaries.topk import TopK, TopKConfig, auxk_loss
 from sparsedict.kernels import topk_encode, use_triton
-from sparsedict.kernels._common import use_cpu_kernels
 from sparsedict.kernels.topk_encode import MAX_K
 
 THRESHOLD_START_FRACTION = 0.8
@@ -131,10 +130,9 @@ class BatchTopK(Dictionary):
 
     def encode(self, x: Tensor) -> SparseCode:
         """Code of ``x [B, d_in]``: dense ``values [B, n]`` (zeros inactive), or on the fused path (training
-        with the Triton or CPU kernels, see the module docstring) k_c-sparse ``values, indices [B, k_c]`` with
-        unselected zeros."""
+        on CUDA, see the module docstring) k_c-sparse ``values, indices [B, k_c]`` with unselected zeros."""
         x_in = self._x_in(x)
-        if self.training and (use_triton(x_in) or use_cpu_kernels(x_in)):
+        if self.training and use_triton(x_in):
             code = self.fused_batch_topk(x_in)
             if code is not None:
                 return code
