@@ -191,6 +191,7 @@ def _kernels():
             acc = d_D_parts[p]
             r = np.empty(d, dtype=rT.dtype)
             rho = np.zeros(d, dtype=rT.dtype)
+            zero = np.zeros(1, dtype=rT.dtype)[0]  # a 0 in the array dtype: the sweep stays in fp32, not fp64
             for b in range(p * B // parts, (p + 1) * B // parts):
                 for i in range(d):
                     r[i] = rT[b, i]
@@ -199,7 +200,7 @@ def _kernels():
                     j = idx[b, t]
                     Dj = D[j]
                     at = a[b, t]
-                    dot = 0.0
+                    dot = zero
                     for i in range(d):
                         dot += rho[i] * Dj[i]
                     s = grad_a[b, t] - dot
