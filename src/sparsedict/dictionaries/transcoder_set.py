@@ -184,7 +184,9 @@ class TranscoderSet(LayerRange, nn.Module):
                         revision: str | None = None, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> TranscoderSet:  # fmt: skip
         """Load a transcoder set (ours, or circuit-tracer's ``transcoder_set``); see ``sparsedict.from_pretrained``."""
-        out = load_dir(hub.resolve(path_or_repo_id, subfolder, revision), ARCHITECTURES, device, dtype)
+        out = load_dir(
+            hub.resolve(path_or_repo_id, subfolder, revision), ARCHITECTURES, device, dtype, hub.fetch_uri
+        )
         if not isinstance(out, cls):
             raise TypeError(f"{path_or_repo_id} holds a {out.architecture}, not a transcoder set")
         return out
