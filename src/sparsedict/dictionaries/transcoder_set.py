@@ -163,8 +163,10 @@ class TranscoderSet(LayerRange, nn.Module):
         m = self.transcoders[i]
         return m.encode(x.to(m.W_enc.dtype) * float(m.input_scale))
 
-    def decode_layer(self, j: int, codes: list[SparseCode], x: Tensor | None = None) -> Tensor:
-        """Raw output of the transcoder at layer position j from its own code (``codes[j]``)."""
+    def decode_layer(self, j: int, codes: list[SparseCode], x: Tensor | None = None,
+                     contributions: dict[int, Tensor] | None = None) -> Tensor:  # fmt: skip
+        """Raw output of the transcoder at layer position j from its own code (``codes[j]``; ``contributions``:
+        unused, a transcoder's output depends on its own layer alone)."""
         m = self.transcoders[j]
         c = float(m.input_scale)
         return m.decode(codes[j], None if x is None else x.to(m.W_enc.dtype) * c).float() / c
