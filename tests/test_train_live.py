@@ -390,3 +390,39 @@ def test_cross_layer_transcoder_and_set_train_live_as_from_the_cache(tmp_path, s
     clt = from_pretrained(tmp_path / "live" / "train" / CLT)
     live_cache = parse_recipe(_layered(tmp_path / "live", source="live")).cache
     assert clt.layers == [3, 4] and clt.meta["live"]["config_hash"] == live_cache.config_hash()
+
+
+def test_layered_live_data_parallel_matches_one_process(tmp_path, smollm2, monkeypatch):
+    """2 gloo ranks, each running the model on its own share of the contexts and serving [B, 2, 576] batches of
+    it, end where one process reading the same global batches (rank 0's rows then rank 1's) ends. TopK (per row):
+    BatchTopK selects over each rank's batch, which one process with the global batch does not. Adam moves every
+    parameter by about lr per step, so a rank reading other rows would miss DP_TOL by far."""
+
+    def recipe(tmp: Path) -> dict:
+        data = _layered(tmp, source="live")
+        data["dictionaries"][0]["activation"] = data["dictionaries"][1]["architecture"] = "topk"
+        data["train"]["lr"] = 1e-3  # DP_TOL's: the summation-order differences scale with the step size
+        return data
+
+    _torchrun(recipe(tmp_path / "dp"), tmp_path)
+    model, tok = smollm2
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
+    one = parse_recipe(recipe(tmp_path / "one"))
+    threads = torch.get_num_threads()
+    try:
+        ranks = [pipeline.open_live_sources(one, 32, r, 2) for r in range(2)]
+        sources = {key: _GlobalBatches([r[key] for r in ranks]) for key in ranks[0]}
+        trainer = Trainer(pipeline.build_dictionaries(one, sources), sources, one.train)
+        trainer.fit(resume=False)
+        trainer.save()
+    finally:
+        torch.set_num_threads(threads)
+    for name in (CLT, PLT):
+        dp, ref = _params(tmp_path / "dp" / "train", name), _params(tmp_path / "one" / "train", name)
+        assert set(dp) == set(ref)
+        for key in ref:
+            assert torch.allclose(dp[key], ref[key], atol=DP_TOL, rtol=0), (
+                name,
+                key,
+                (dp[key] - ref[key]).abs().max(),
+            )
