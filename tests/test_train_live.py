@@ -234,12 +234,8 @@ def _torchrun(data: dict, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-5000:]
 
 
-def test_live_data_parallel_matches_one_process(runs, smollm2, tmp_path, monkeypatch):
-    _torchrun(_recipe(tmp_path / "dp", source="live"), tmp_path)
-
-    model, tok = smollm2  # one process, the same global batches: rank 0's 32 rows then rank 1's, every step
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
-    one = parse_recipe(_recipe(tmp_path / "one", source="live"))
+def _train_global_batches(one) -> None:
+    """Train recipe ``one`` in this process on the global batches of 2 live ranks (rank 0's 32 rows, then rank 1's)."""
     threads = torch.get_num_threads()
     try:
         ranks = [pipeline.open_live_sources(one, 32, r, 2) for r in range(2)]
@@ -249,6 +245,15 @@ def test_live_data_parallel_matches_one_process(runs, smollm2, tmp_path, monkeyp
         trainer.save()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_live_data_parallel_matches_one_process(runs, smollm2, tmp_path, monkeypatch):
+    _torchrun(_recipe(tmp_path / "dp", source="live"), tmp_path)
+
+    model, tok = smollm2  # one process, the same global batches: rank 0's 32 rows then rank 1's, every step
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
+    one = parse_recipe(_recipe(tmp_path / "one", source="live"))
+    _train_global_batches(one)
     for name in (SAE, TC):
         dp, ref = _params(tmp_path / "dp" / "train", name), _params(tmp_path / "one" / "train", name)
         for key in ref:
@@ -408,15 +413,7 @@ def test_layered_live_data_parallel_matches_one_process(tmp_path, smollm2, monke
     model, tok = smollm2
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
     one = parse_recipe(recipe(tmp_path / "one"))
-    threads = torch.get_num_threads()
-    try:
-        ranks = [pipeline.open_live_sources(one, 32, r, 2) for r in range(2)]
-        sources = {key: _GlobalBatches([r[key] for r in ranks]) for key in ranks[0]}
-        trainer = Trainer(pipeline.build_dictionaries(one, sources), sources, one.train)
-        trainer.fit(resume=False)
-        trainer.save()
-    finally:
-        torch.set_num_threads(threads)
+    _train_global_batches(one)
     for name in (CLT, PLT):
         dp, ref = _params(tmp_path / "dp" / "train", name), _params(tmp_path / "one" / "train", name)
         assert set(dp) == set(ref)
