@@ -14,6 +14,7 @@ well below twice the typical coefficient ``≈ √(d / L0)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,6 +47,13 @@ def warmup_factor(step: int, total_steps: int, warmup_steps: int, default_fracti
 @register("relu", ReLUConfig)
 class ReLU(Steered, Dictionary):
     cfg: ReLUConfig
+    # a third of TopK's run-length LR, warmup at most 10 % of the run; chosen by measurement:
+    # benchmarks/RESULTS_defaults.md
+    auto_train: ClassVar[dict[str, Any]] = {
+        "lr_rule": "budget",
+        "budget_scale": 1 / 3,
+        "warmup_fraction": 0.1,
+    }
     unit_norm_decoder = False
     input_normalisation = "sqrt_d"
     saelens_architecture = "standard"
