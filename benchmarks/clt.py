@@ -1,7 +1,7 @@
 """Cross-layer transcoder vs a per-layer transcoder set on real SmolLM2-135M, at matched L0 per layer: one command.
 
     python benchmarks/clt.py [--layers 3 4 5 6] [--tokens 400000] [--eval_tokens 20000] [--splice_tokens 4096] \
-        [--n 2304] [--k 16] [--epochs 1] [--cache DIR] [--eval_cache DIR] [--work runs/bench-clt]
+        [--n 2304] [--k 16] [--epochs 1] [--cache DIR] [--eval_cache DIR] [--work runs/bench-clt] [--reuse]
 
 Caches ``mlp_in.l`` and ``mlp_out.l`` of every layer of the range (train split, and the held-out test split;
 ``--cache``/``--eval_cache`` reuse existing caches of those hookpoints), then trains both in one pass of the
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sparsedict.cache import ActivationStore, CacheConfig, cache_activations
-from sparsedict.dictionaries import CLTConfig, TranscoderSet, build
+from sparsedict.dictionaries import CLTConfig, TranscoderSet, build, from_pretrained
 from sparsedict.dictionaries.topk import TopKConfig
 from sparsedict.eval.evaluate import cache_contexts
 from sparsedict.eval.heldout import reconstruction_stats
@@ -53,6 +53,25 @@ def caches(args) -> tuple[Path, Path]:
     return train, test
 
 
+def train_both(args, src: ActivationStore) -> tuple[dict, float]:
+    """Train the CLT and the PLT set in one pass of the Trainer on the same rows; (models, seconds)."""
+    torch.manual_seed(0)
+    clt = build(
+        CLTConfig(layers=args.layers, activation="topk", n_latents=args.n, k=args.k).resolved(src.d_in)
+    )
+    tset = TranscoderSet(
+        TopKConfig(
+            layers=args.layers, hookpoint="mlp_in", target="mlp_out", n_latents=args.n, k=args.k
+        ).resolved(src.d_in)
+    )
+    tc = TrainConfig(batch_size=args.batch, epochs=args.epochs, lr=args.lr, optimizer="adam", warmup_steps=50,
+                     normalise_inputs="auto", dead_tokens=200_000, log_every=50, out_dir=f"{args.work}/train",
+                     init_rows=16384)  # fmt: skip
+    t0 = time.perf_counter()
+    Trainer({"clt": clt, "plt": tset}, {clt.cfg.source_key: src}, tc).fit(resume=False)
+    return {"CLT": clt.eval(), "PLT set": tset.eval()}, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 4, 5, 6])
@@ -74,23 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     train, test = caches(args)
     ins, outs = [f"mlp_in.{i}" for i in args.layers], [f"mlp_out.{i}" for i in args.layers]
     src = ActivationStore(train, ins, target=outs, batch_size=args.batch, seed=0)
-    torch.manual_seed(0)
-    clt = build(
-        CLTConfig(layers=args.layers, activation="topk", n_latents=args.n, k=args.k).resolved(src.d_in)
-    )
-    tset = TranscoderSet(
-        TopKConfig(
-            layers=args.layers, hookpoint="mlp_in", target="mlp_out", n_latents=args.n, k=args.k
-        ).resolved(src.d_in)
-    )
-    tc = TrainConfig(batch_size=args.batch, epochs=args.epochs, lr=args.lr, optimizer="adam", warmup_steps=50,
-                     normalise_inputs="auto", dead_tokens=200_000, log_every=50, out_dir=f"{args.work}/train",
-                     init_rows=16384)  # fmt: skip
-    t0 = time.perf_counter()
-    trainer = Trainer({"clt": clt, "plt": tset}, {clt.cfg.source_key: src}, tc)
-    trainer.fit(resume=False)
-    train_s = time.perf_counter() - t0
-    models = {"CLT": clt.eval(), "PLT set": tset.eval()}
+    saved = {"CLT": Path(args.work) / "clt", "PLT set": Path(args.work) / "plt"}
+    if args.reuse:
+        models, train_s = {name: from_pretrained(path).eval() for name, path in saved.items()}, float("nan")
+    else:
+        models, train_s = train_both(args, src)
+        for name, m in models.items():
+            m.save_pretrained(saved[name])
     recon = {}
     for name, m in models.items():
         store = ActivationStore(test, ins, target=outs, batch_size=4096, drop_last=False, loop=False)

@@ -3,8 +3,9 @@
 Workloads (one per process, so peak RSS is the workload's own; results print as one JSON line each):
 
 - ``mp``: MP-SAE (32 steps, width 4608) on a cached hookpoint (resid_post.14 of SmolLM2-135M), trained with
-  the standard Trainer on ``--tokens`` training rows; reports training tokens/s, held-out FVU, L0, dead %,
-  peak RSS.
+  the standard Trainer on ``--tokens`` training rows; reports training tokens/s, the fraction of the
+  encoder-shaped GEMM limit ``[batch, d] @ [d, width]`` (fp32 and bf16, timed in the same process before and
+  after the run), the load average, held-out FVU, L0, dead %, peak RSS.
 - ``snmf``: the paper's full-batch solver (``--full-iters``) vs the streaming solver (``--epochs`` passes of
   fit_step) on the same ``--tokens`` rows of a cached MLP-hidden hookpoint, for each K; held-out FVU of both
   (both encoded by the same NNLS), wall times, and the NNLS iterations needed for the encode to converge.
@@ -22,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
 
 import torch
+from throughput import GEMM_DTYPES, gemm_limits, gemm_times
 
 from sparsedict.dictionaries import build
 from sparsedict.metrics import ReconstructionStats
@@ -86,10 +89,17 @@ def run_mp(args) -> dict:
     tr.initialise()
     init_stats = evaluate(model, xt)
     it = iter(tr.sources[(args.hookpoint, "")])
+    shape = (args.batch, x.shape[1], args.width)
+    gemms = {g: gemm_times(*shape, dt) for g, dt in GEMM_DTYPES.items()}  # the encoder-shaped GEMM limit
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     while tr.step < tr.total_steps:
         tr.train_step({(args.hookpoint, ""): next(it)})
     wall = time.perf_counter() - t0
+    load_after = os.getloadavg()
+    for g, dt in GEMM_DTYPES.items():
+        gemms[g] += gemm_times(*shape, dt)
+    limits = gemm_limits(*shape, gemms)
     stats = evaluate(model, xt)
     return {
         "workload": "mp",
@@ -102,6 +112,9 @@ def run_mp(args) -> dict:
         "lr": args.lr,
         "tokens_per_s": tr.tokens / wall,
         "train_wall_s": wall,
+        "gemm_limit_tokens_per_s": {g: v["tokens_per_s"] for g, v in limits.items()},
+        "gemm_fraction": {g: tr.tokens / wall / v["tokens_per_s"] for g, v in limits.items()},
+        "load_average": [load_before[0], load_after[0]],
         "heldout_fvu": stats.fvu,
         "heldout_fvu_at_init": init_stats.fvu,
         "l0": stats.l0,

@@ -28,6 +28,11 @@ change the shape (the other shapes the results file reports: ``--width 9216 --k 
 (``CacheConfig.model_dtype``); the held-out cache stays fp32, so the FVU compares both caches on the
 same fp32 activations.
 
+``--shapes 'width=9216,k=64,batch=1024;hookpoint=resid_post.6,train_cache=PATH'``: the same A/B of
+TopK steps at each further shape or layer, each with the GEMM limit of its own shape (``--compare R``
+rounds each). ``--compare-archs topk,batchtopk,...``: the A/B alternates the steps of these architectures
+(CPU kernels, ``--autocast``) instead, and prints each one's tokens/s as a fraction of the first one's.
+
 ``--compare R``: before the runs, an in-process A/B of single training steps on the same batches: the
 plain-torch path (``SPARSEDICT_DISABLE_CPU_KERNELS=1``, fp32, the trainer's unfused optimiser) against
 the CPU kernels in fp32 and in ``--autocast``, interleaved with the two GEMMs, R rounds in rotating order,
@@ -291,17 +296,22 @@ class _KernelSwitch:
             os.environ["SPARSEDICT_DISABLE_CPU_KERNELS"] = self.old
 
 
-def compare_steps(job: dict[str, Any], variants: list[str], rounds: int, profile_steps: int = 0) -> dict:
-    """In-process A/B of training steps (see the module docstring); returns medians per variant."""
+def compare_steps(job: dict[str, Any], entries: dict[str, list], rounds: int, profile_steps: int = 0) -> dict:
+    """In-process A/B of training steps (see the module docstring); returns medians per entry.
+
+    ``entries``: name -> ``[architecture, config fields, autocast, CPU kernels on]``; every entry gets its
+    own Trainer on the same cache (same batch order) and the entries' steps alternate in rotating order.
+    """
     import warnings
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(job["threads"] or os.cpu_count() or 1)
+    variants = list(entries)
     trainers, iters = {}, {}
-    for name in variants:
-        autocast, on = VARIANTS[name]
+    for name, (arch, fields, autocast, on) in entries.items():
         with _KernelSwitch(on):  # the optimiser picks its fused paths at construction
-            _, tr = fit_dictionary({**job, "autocast": autocast, "build_only": True, "steps": 10**6})
+            _, tr = fit_dictionary({**job, "arch": arch, "fields": fields, "autocast": autocast,
+                                    "build_only": True, "steps": 10**6})  # fmt: skip
             tr.initialise()
         trainers[name] = tr
         iters[name] = {key: iter(src) for key, src in tr.sources.items()}
@@ -309,7 +319,7 @@ def compare_steps(job: dict[str, Any], variants: list[str], rounds: int, profile
     def step(name: str) -> float:
         tr = trainers[name]
         batches = {key: next(it) for key, it in iters[name].items()}
-        with _KernelSwitch(VARIANTS[name][1]):
+        with _KernelSwitch(entries[name][3]):
             t = time.perf_counter()
             tr.train_step(batches)
             return time.perf_counter() - t
@@ -353,9 +363,11 @@ def print_compare(res: dict, batch: int) -> None:
           f"{res['load_after'][0]:.2f}; GEMM fp32 {1e3 * g['fp32']['seconds']:.1f} ms "
           f"({g['fp32']['gflops']:.0f} GFLOP/s, {g['fp32']['tokens_per_s']:.0f} tok/s), bf16 "
           f"{1e3 * g['bf16']['seconds']:.1f} ms ({g['bf16']['gflops']:.0f} GFLOP/s, {g['bf16']['tokens_per_s']:.0f} tok/s)")  # fmt: skip
+    base = next(iter(res["variants"].values()))
     for name, v in res["variants"].items():
-        print(f"#   {name:9} step {v['step_ms']:8.1f} ms  {v['tokens_per_s']:8.0f} tok/s  "
-              f"{100 * v['fraction_fp32']:5.1f}% of the fp32 GEMM limit, {100 * v['fraction_bf16']:5.1f}% of bf16")  # fmt: skip
+        print(f"#   {name:10} step {v['step_ms']:8.1f} ms  {v['tokens_per_s']:8.0f} tok/s  "
+              f"{100 * v['fraction_fp32']:5.1f}% of the fp32 GEMM limit, {100 * v['fraction_bf16']:5.1f}% of bf16, "
+              f"{100 * v['tokens_per_s'] / base['tokens_per_s']:5.1f}% of the first entry's tok/s")  # fmt: skip
     for name, table in res.get("profiles", {}).items():
         print(f"# profile {name} (self CPU time per op)\n{table}")
 
@@ -391,9 +403,26 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="directory of the benchmark caches (default: cache_dir()/bench-caches)",
     )
+    p.add_argument(
+        "--train-cache", default="", help="an existing training cache (instead of the benchmark's own)"
+    )
+    p.add_argument(
+        "--eval-cache", default="", help="an existing held-out cache (instead of the benchmark's own)"
+    )
     p.add_argument("--compare", type=int, default=0, help="rounds of the in-process A/B of steps (0: skip)")
     p.add_argument(
         "--variants", default="ref-fp32,cpu-fp32,cpu-bf16", help=f"A/B variants, of {list(VARIANTS)}"
+    )
+    p.add_argument(
+        "--compare-archs",
+        default="",
+        help="comma-separated architectures for the A/B instead of --variants (first one: the ratios' base)",
+    )
+    p.add_argument(
+        "--shapes",
+        default="",
+        help="more TopK shapes for the A/B, each against its own GEMM limit: ';'-separated lists of "
+        "width=,k=,batch=,hookpoint=,train_cache= (e.g. 'width=9216,k=64,batch=1024;hookpoint=resid_post.6')",
     )
     p.add_argument("--profile", type=int, default=0, help="torch.profiler steps per A/B variant (0: none)")
     p.add_argument("--no-runs", action="store_true", help="only the A/B (and profile), no full training runs")
@@ -405,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     from sparsedict.dictionaries import available
     from sparsedict.lm import cache_dir
 
-    train = bench_cache("train", args.train_tokens, args.threads, args.hookpoint, args.cache_root,
-                        args.train_model_dtype)  # fmt: skip
-    held = (
+    train = args.train_cache or bench_cache("train", args.train_tokens, args.threads, args.hookpoint,
+                                            args.cache_root, args.train_model_dtype)  # fmt: skip
+    held = args.eval_cache or (
         bench_cache("test", args.eval_tokens, args.threads, args.hookpoint, args.cache_root)
         if args.eval_tokens
         else None
@@ -424,15 +453,46 @@ def main(argv: list[str] | None = None) -> int:
             "autocast": args.autocast, "hookpoint": args.hookpoint, "d": d,
             "out_dir": str(cache_dir() / "bench-runs")}  # fmt: skip
     if args.compare or args.profile:
-        job = {**base, "arch": (args.archs or "topk").split(",")[0], "epochs": 1.0, "steps": 0}
-        job["fields"] = {"k": args.k} if args.workload else sparsity_fields(job["arch"], args.k)
+        job = {**base, "epochs": 1.0, "steps": 0}
+        if args.compare_archs:  # architectures against each other, each with the CPU kernels in --autocast
+            entries = {
+                a: [a, sparsity_fields(a, args.k), args.autocast, True] for a in args.compare_archs.split(",")
+            }
+        else:  # one architecture, the kernel/dtype variants against each other
+            arch = (args.archs or "topk").split(",")[0]
+            fields = {"k": args.k} if args.workload else sparsity_fields(arch, args.k)
+            entries = {v: [arch, fields, *VARIANTS[v]] for v in args.variants.split(",")}
         head["compare"] = run_isolated_fn(
-            _compare_child, {**job, "variants": args.variants.split(","), "rounds": max(1, args.compare),
+            _compare_child, {**job, "entries": entries, "rounds": max(1, args.compare),
                              "profile_steps": args.profile})  # fmt: skip
         if "error" in head["compare"]:
             print("# A/B failed:", head["compare"]["error"])
         else:
             print_compare(head["compare"], args.batch)
+    head["shapes"] = []
+    for spec in filter(None, args.shapes.split(";")):  # the same kernel/dtype A/B at other shapes and layers
+        over = dict(kv.split("=", 1) for kv in spec.split(","))
+        shape = {"width": int(over.get("width", args.width)), "batch": int(over.get("batch", args.batch)),
+                 "hookpoint": over.get("hookpoint", args.hookpoint)}  # fmt: skip
+        cache = over.get("train_cache") or (
+            str(train) if shape["hookpoint"] == args.hookpoint
+            else bench_cache("train", args.train_tokens, args.threads, shape["hookpoint"], args.cache_root)
+        )  # fmt: skip
+        shape_d = ActivationStore(cache, shape["hookpoint"], batch_size=1).d_in
+        job = {**base, **shape, "cache": cache, "d": shape_d, "epochs": 1.0, "steps": 0}
+        k = int(over.get("k", args.k))
+        entries = {v: ["topk", {"k": k}, *VARIANTS[v]] for v in args.variants.split(",")}
+        print(
+            f"# shape: TopK k={k}, width {shape['width']}, batch {shape['batch']}, {shape['hookpoint']} (d = {shape_d})"
+        )
+        res = run_isolated_fn(
+            _compare_child, {**job, "entries": entries, "rounds": max(1, args.compare), "profile_steps": 0}
+        )
+        head["shapes"].append({**shape, "k": k, "cache": cache, "compare": res})
+        if "error" in res:
+            print("# A/B failed:", res["error"])
+        else:
+            print_compare(res, shape["batch"])
     if args.workload:
         jobs = [{**base, "arch": "topk", "fields": {"k": args.k}, "epochs": float(e), "steps": 0}
                 for e in args.epochs.split(",")]  # fmt: skip
@@ -452,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare_child(job: dict[str, Any]) -> dict[str, Any]:
-    return compare_steps(job, job["variants"], job["rounds"], job["profile_steps"])
+    return compare_steps(job, job["entries"], job["rounds"], job["profile_steps"])
 
 
 def format_row(r: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """Expected memory per GPU (and host RAM per rank) of the multi-GPU recipes; optionally measured.
 
     python recipes/memory.py                  # the table in recipes/README.md (arithmetic only)
-    python recipes/memory.py --measure        # + one training step of each recipe's largest dictionary
-                                              #   on this GPU (fused kernels, bf16 autocast), peak bytes
+    python recipes/memory.py --measure        # + three training steps of each recipe's largest dictionary
+                                              #   (a TopK, or a CLT on [b, L, d] batches) on this GPU at
+                                              #   its per-GPU size (fused kernels, bf16 autocast), peak bytes
 
 Per dictionary with input dim d, output dim d_out, n latents, k active, on G GPUs (s = 1/G when latents
 are sharded, else 1) and per-GPU batch b (B/G in data parallel, the whole B when sharded):
@@ -52,13 +53,43 @@ class Row:
     transient_gib: float
     total_gib: float
     host_gib: float
-    largest: tuple[int, int, int, int, int] | None
-    """(d, d_out, n per GPU, k, b per GPU) of the widest single-layer dictionary; None: there is none."""
+    largest: Largest
+    """The dictionary of the recipe that needs the most memory per GPU (what ``--measure`` trains)."""
+
+
+@dataclass
+class Largest:
+    """One dictionary at its per-GPU size: a TopK of ``n`` latents, or a CLT of ``n`` features per layer over
+    ``layers`` layers (a transcoder set counts as one member: its members are stepped one after another)."""
+
+    d: int
+    d_out: int
+    n: int
+    """Latents (a CLT: features per layer) on one GPU."""
+    k: int
+    b: int
+    """Rows per GPU per step."""
+    layers: int = 0
+    """Layers of a cross-layer transcoder (0: a single-layer dictionary)."""
+    activation: str = "topk"
+    """A CLT's activation (its config's ``activation``)."""
+    estimate: float = 0.0
+    """Its state + transient per GPU in bytes (the formulas above)."""
+
+    def describe(self) -> str:
+        shape = f"{self.d}, {self.d_out}, {self.n}, {self.k}, {self.b}"
+        return f"clt {self.activation} × {self.layers} layers: {shape}" if self.layers else f"topk: {shape}"
 
 
 def hook_dim(model: str, hookpoint: str) -> int:
     d_model, d_mlp = DIMS[model]
     return d_mlp if hookpoint.startswith("mlp_hidden") else d_model
+
+
+def clt_state(d: int, d_out: int, n: int, layers: int, s: float = 1.0) -> float:
+    """State bytes of a cross-layer transcoder over ``layers`` layers of ``n`` features (``s``: share per GPU)."""
+    L = layers
+    return 16 * (L * n * (d + 1) + L * (L + 1) // 2 * n * d_out) * s + 16 * L * d_out
 
 
 def estimate(path: Path, gpus: int = GPUS) -> Row:
@@ -75,14 +106,17 @@ def estimate(path: Path, gpus: int = GPUS) -> Row:
         n = cfg.n_latents or cfg.expansion * d
         if cfg.architecture == "clt":
             L = len(cfg.layers)
-            state += 16 * (L * n * (d + 1) + L * (L + 1) // 2 * n * d_out) * s + 16 * L * d_out
+            one = clt_state(d, d_out, n, L, s)
+            state += one
             transients.append(4 * n * L * d_out * s + 12 * b * L * n * s + 16 * b * L * (d + d_out))
-            continue
-        state += max(1, len(cfg.layers)) * (16 * n * (d + d_out + 1) * s + 16 * d_out)  # a set: one per layer
-        t = 4 * n * d * s + 4 * b * n * s + 16 * b * (d + d_out)
-        transients.append(t)
-        if largest is None or n > largest[2] / s:
-            largest = (d, d_out, int(n * s), cfg.k, b)
+            spec = Largest(d, d_out, int(n * s), cfg.k, b, L, cfg.activation, one + transients[-1])
+        else:
+            one = 16 * n * (d + d_out + 1) * s + 16 * d_out
+            state += max(1, len(cfg.layers)) * one  # a set: one per layer
+            transients.append(4 * n * d * s + 4 * b * n * s + 16 * b * (d + d_out))
+            spec = Largest(d, d_out, int(n * s), cfg.k, b, estimate=one + transients[-1])
+        if largest is None or spec.estimate > largest.estimate:
+            largest = spec
     import torch
 
     from sparsedict.cache.store import DEFAULT_WINDOW_ROWS, RAM_SLACK
@@ -101,33 +135,39 @@ def estimate(path: Path, gpus: int = GPUS) -> Row:
     )
 
 
-def measure(
-    d: int, d_out: int, n: int, k: int, b: int, steps: int = 3, device: str = "cuda"
-) -> tuple[float, float]:
-    """Peak GPU bytes of ``steps`` training steps of one TopK (AuxK active: every latent starts dead).
+def measure(spec: Largest, steps: int = 3, device: str = "cuda") -> tuple[float, float]:
+    """Peak GPU bytes of ``steps`` training steps of ``spec``'s dictionary alone: a TopK (AuxK active: every latent
+    starts dead), or a cross-layer transcoder on ``[b, L, d]`` batches.
 
-    Returns ``(state_gib, peak_gib)`` where state is 16·params (measured after the first step).
+    Returns ``(state_gib, peak_gib)`` where state is 16·params (measured after the first step); the peak is 0
+    off CUDA.
     """
     import tempfile
 
     import torch
 
     from sparsedict.dictionaries import build
+    from sparsedict.dictionaries.clt import CLTConfig
     from sparsedict.dictionaries.topk import TopKConfig
     from sparsedict.train import TensorSource, TrainConfig, Trainer
 
     torch.manual_seed(0)
-    x = torch.randn(b * steps, d)
-    y = torch.randn(b * steps, d_out) if d_out != d else None
-    target = "t" if y is not None else ""
-    model = build(
-        TopKConfig(hookpoint="h", target=target, d_in=d, d_out=d_out, n_latents=n, k=k).resolved(d, d_out)
-    )
+    d, d_out, n, k, b, L = spec.d, spec.d_out, spec.n, spec.k, spec.b, spec.layers
+    rows = (b * steps, L) if L else (b * steps,)
+    x = torch.randn(*rows, d)
+    y = torch.randn(*rows, d_out) if L or d_out != d else None
+    if L:  # layers 0..L-1 (the names only key the source)
+        cfg = CLTConfig(layers=list(range(L)), hookpoint="mlp_in", target="mlp_out", activation=spec.activation,
+                        k=k, n_latents=n)  # fmt: skip
+    else:
+        cfg = TopKConfig(hookpoint="h", target="t" if y is not None else "", n_latents=n, k=k)
+    model = build(cfg.resolved(d, d_out))
+    key = cfg.source_key
     with tempfile.TemporaryDirectory() as tmp:
         tc = TrainConfig(batch_size=b, max_steps=steps, device=device, autocast="bf16", dead_tokens=1,
                          out_dir=tmp, init_rows=min(4096, b * steps), log_every=10**9, lr=1e-4)  # fmt: skip
         src = TensorSource(x, y, batch_size=b)
-        trainer = Trainer({"m": model}, {("h", target): src}, tc)
+        trainer = Trainer({"m": model}, {key: src}, tc)
         trainer.initialise()
         it = iter(src)
         cuda = device.startswith("cuda")
@@ -135,7 +175,7 @@ def measure(
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
-            trainer.train_step({("h", target): next(it)})
+            trainer.train_step({key: next(it)})
         peak = torch.cuda.max_memory_allocated() if cuda else 0
         params = sum(p.numel() for p in model.parameters())
         trainer.logger.close()
@@ -162,17 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             f"\nmeasured on {torch.cuda.get_device_name()} (torch {torch.__version__}): one dictionary, 3 steps"
         )
         print(
-            "| recipe | d, d_out, n/GPU, k, b/GPU | state GiB | estimate GiB (state+transient) | peak GiB |"
+            "| recipe | dictionary: d, d_out, n/GPU, k, b/GPU | state GiB | estimate GiB (state+transient) "
+            "| peak GiB |"
         )
         print("|---|---|---|---|---|")
         for r in rows:
-            if r.largest is None:  # cross-layer transcoders: not measured here
-                continue
-            d, d_out, n, k, b = r.largest
-            est = (16 * n * (d + d_out + 1) + 16 * d_out + 4 * n * d + 4 * b * n + 16 * b * (d + d_out)) / GIB
-            state, peak = measure(d, d_out, n, k, b)
+            state, peak = measure(r.largest)
             print(
-                f"| {r.recipe} | {d}, {d_out}, {n}, {k}, {b} | {state:.2f} | {est:.2f} | {peak:.2f} |",
+                f"| {r.recipe} | {r.largest.describe()} | {state:.2f} | {r.largest.estimate / GIB:.2f} "
+                f"| {peak:.2f} |",
                 flush=True,
             )
     return 0

@@ -115,6 +115,13 @@ def test_forward_and_losses_match_a_plain_loop(activation, skip):
         codes = [m.encode_layer(i, x[:, i]) for i in range(L)]
         per_layer = torch.stack([m.decode_layer(j, codes, x[:, j]) for j in range(L)], 1)
         torch.testing.assert_close(per_layer, y_hat, atol=1e-5, rtol=1e-5)
+        # with one cache for the forward (as the replacement model passes it), each layer's code is decoded once
+        calls, decode = [], m._contribution
+        m._contribution = lambda code, i: calls.append(i) or decode(code, i)
+        cache: dict = {}
+        shared = torch.stack([m.decode_layer(j, codes, x[:, j], cache) for j in range(L)], 1)
+        del m._contribution
+        assert calls == list(range(L)) and torch.equal(shared, per_layer)
 
 
 def test_shapes_and_layers_are_checked():

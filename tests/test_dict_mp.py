@@ -87,6 +87,59 @@ def test_numba_and_torch_backends_agree_in_fp32():
     torch.testing.assert_close(a.decode(ca), b.decode(cb), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("n", [64, 333, 1000, 1024])
+def test_numba_pursuit_kernel_matches_torch_loop(n, absolute):
+    """The numba kernel's blocked argmax (integer-key block maxima, then one block) against the torch loop's.
+
+    n = 64 is one partial block, 333 and 1000 span several blocks and end in a partial one; fp64, so there
+    are no near-ties.
+    """
+    from sparsedict.kernels.pursuit import numba_available, pursuit_forward
+
+    if not numba_available():
+        pytest.skip("numba not installed")
+    torch.manual_seed(n)
+    d, B, T = 24, 40, 30
+    D = torch.randn(n, d, dtype=torch.float64)
+    D /= D.norm(dim=1, keepdim=True)
+    r0 = torch.randn(B, d, dtype=torch.float64)
+    G = D @ D.T
+    c_nb, c_pt = r0 @ D.T, r0 @ D.T
+    out_nb = pursuit_forward(r0, D, c_nb, G, T, absolute, True)
+    out_pt = pursuit_forward(r0, D, c_pt, G, T, absolute, False)
+    assert out_nb[4] is c_nb and out_pt[4] is c_pt  # cT: c itself, updated in place
+    assert torch.equal(out_nb[1], out_pt[1])  # selected atoms
+    assert torch.equal(out_nb[2], out_pt[2])  # first occurrences
+    torch.testing.assert_close(out_nb[0], out_pt[0], atol=1e-12, rtol=0)  # coefficients
+    torch.testing.assert_close(out_nb[3], out_pt[3], atol=1e-12, rtol=0)  # final residuals
+    torch.testing.assert_close(c_nb, c_pt, atol=1e-12, rtol=0)  # final correlations (updated in place)
+    torch.testing.assert_close(c_nb, out_nb[3] @ D.T, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_numba_pursuit_reads_bf16_correlations_and_gram_exactly(absolute):
+    """bf16 ``c``/``G`` (what bf16 GEMMs return) read by the kernel equal their fp32 copies, bit for bit."""
+    from sparsedict.kernels.pursuit import numba_available, pursuit_forward
+
+    if not numba_available():
+        pytest.skip("numba not installed")
+    torch.manual_seed(1)
+    n, d, B, T = 700, 32, 50, 20
+    D = torch.randn(n, d)
+    D /= D.norm(dim=1, keepdim=True)
+    r0 = torch.randn(B, d)
+    c16, G16 = (r0.bfloat16() @ D.bfloat16().T), (D.bfloat16() @ D.bfloat16().T)
+    c32 = c16.float()
+    wide = pursuit_forward(r0, D, c16, G16, T, absolute, True)
+    fp32 = pursuit_forward(r0, D, c32, G16.float(), T, absolute, True)
+    for got, want in zip(wide, fp32, strict=True):
+        assert torch.equal(got, want)
+    assert wide[4].dtype == torch.float32 and torch.equal(fp32[4], c32)  # cT: a new fp32 tensor / c in place
+    torch_loop = pursuit_forward(r0, D, c16.clone(), G16, T, absolute, False)  # the torch path widens first
+    assert (torch_loop[1] == wide[1]).float().mean() > 0.99  # fp32 near-ties may differ
+
+
 @torch.no_grad()
 def test_omp_least_squares_on_support():
     torch.manual_seed(0)

@@ -7,6 +7,8 @@
   ``sd_*/sparsedict``) wrote ``checkpoint/``, circuit-tracer's own loaders ran it
   (``scripts/peer_fixtures/gen_circuit_tracer.py``), and the export written now is those files, whose
   circuit-tracer outputs are the model's own;
+- a set whose ``transcoders`` list names ``hf://`` files loads them from the HF cache (offline), as circuit-tracer
+  does;
 - what circuit-tracer cannot hold is refused with one line saying why.
 """
 
@@ -174,6 +176,63 @@ def test_export_round_trips_through_circuit_tracer(fx, tmp_path):
     scaled = copy.deepcopy(m)
     _unfold(scaled, 1.7)
     _same_files(save_circuit_tracer(scaled, tmp_path / "scaled"), ckpt)
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_transcoders_listed_as_hf_uris_load_from_the_hf_cache(tmp_path, monkeypatch):
+    """circuit-tracer's ``transcoders: [hf://org/repo/file?revision=…, …]``: each file comes from the HF cache
+    (offline here: a cache laid out as huggingface_hub writes it), a local entry from the directory."""
+    import huggingface_hub.constants
+
+    from sparsedict.dictionaries import ARCHITECTURES
+    from sparsedict.formats import load_dir
+
+    _, e, ckpt = read(ROOT / "plt_relu")
+    repo = tmp_path / "hf" / "models--org--plt"
+    (repo / "snapshots" / COMMIT / "layers").mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(ckpt / f"layer_{i}.safetensors", repo / "snapshots" / COMMIT / "layers")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert (
+        huggingface_hub.constants.HF_HUB_OFFLINE
+    )  # nothing is downloaded: the files must come from the cache
+
+    def listing(name: str, entries: list[str]) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        cfg = {**yaml.safe_load((ckpt / "config.yaml").read_text()), "transcoders": entries}
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        shutil.copy(ckpt / "layer_2.safetensors", out / "local_2.safetensors")
+        return out
+
+    uris = [
+        "hf://org/plt/layers/layer_0.safetensors",
+        f"hf://org/plt/layers/layer_1.safetensors?revision={COMMIT}",
+    ]
+    m = from_pretrained(listing("set", [*uris, "local_2.safetensors"]))
+    assert (
+        isinstance(m, TranscoderSet)
+        and m.layers == [0, 1, 2]
+        and "transcoders" not in m.meta["circuit_tracer_config"]
+    )
+    _check_outputs(_ours(m, e["x"]), e)  # circuit-tracer's outputs on the same three files
+
+    with pytest.raises(
+        FileNotFoundError, match=r"'hf://org/other/layer_0\.safetensors'.*HF_HUB_OFFLINE is set"
+    ):
+        from_pretrained(
+            listing("uncached", ["hf://org/other/layer_0.safetensors", *uris[1:], "local_2.safetensors"])
+        )
+    with pytest.raises(FormatError, match="not a hub file URI"):
+        from_pretrained(listing("bad", ["hf://org/plt", *uris[1:], "local_2.safetensors"]))
+    with pytest.raises(FormatError, match="only hf:// URIs are fetched"):
+        from_pretrained(listing("s3", ["s3://bucket/layer_0.safetensors", *uris[1:], "local_2.safetensors"]))
+    with pytest.raises(FormatError, match="this loader fetches nothing"):
+        load_dir(tmp_path / "set", ARCHITECTURES)  # no fetch given: nothing is downloaded
 
 
 def test_what_circuit_tracer_cannot_hold_is_refused(tmp_path):

@@ -57,17 +57,37 @@ def test_multi_gpu_recipe_is_realistic(path):
             assert cfg.architecture in ("topk", "clt") and cfg.n_latents % 8 == 0 and r.train.grad_clip == 0
 
 
-def test_readme_memory_table_matches_memory_py(capsys):
+def _memory():
     sys.path.insert(0, str(ROOT))
     try:
         import memory
     finally:
         sys.path.remove(str(ROOT))
+    return memory
+
+
+def test_readme_memory_table_matches_memory_py(capsys):
+    memory = _memory()
     memory.main([])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     readme = (ROOT / "README.md").read_text()
     for line in table:
         assert line in readme, f"recipes/README.md is out of date; rerun python recipes/memory.py:\n{line}"
+
+
+def test_measure_trains_what_the_estimate_counts():
+    """``--measure`` trains each recipe's largest dictionary (the CLT of the CLT recipe, TopK elsewhere); on the CPU
+    (no peak) a tiny one of each trains, and its parameters are the state the formulas count."""
+    memory = _memory()
+    clt = memory.estimate(ROOT / "gemma-2-2b" / "clt-sharded.yaml").largest
+    assert (clt.layers, clt.n, clt.b, clt.activation) == (26, 8192 // 8, 4096, "batchtopk")
+    assert memory.estimate(ROOT / "gpt2" / "resid-topk.yaml").largest.layers == 0
+    gib = memory.GIB
+    tiny = memory.Largest(d=16, d_out=12, n=32, k=4, b=64, layers=3, activation="batchtopk")
+    state, peak = memory.measure(tiny, steps=2, device="cpu")
+    assert peak == 0 and state == pytest.approx(memory.clt_state(16, 12, 32, 3) / gib, rel=1e-12)
+    state, _ = memory.measure(memory.Largest(d=16, d_out=12, n=32, k=4, b=64), steps=2, device="cpu")
+    assert state == pytest.approx((16 * 32 * (16 + 12 + 1) + 16 * 12) / gib, rel=1e-12)
 
 
 TRAINING = [p for p in RECIPES if "dictionaries" in load_yaml(p)]

@@ -4,7 +4,9 @@ One recipe with an SAE on ``resid_post.2`` and a transcoder ``mlp_in.2 -> mlp_ou
 trained twice in this process: from its float32 disk cache read in window order (``train.shuffle: window``)
 and live. The parameters must be bitwise equal, one model forward must serve both dictionaries (counted with a
 forward hook), a live run killed with SIGKILL and rerun must end bitwise where the uninterrupted run ends, and a
-2-rank gloo data-parallel live run must end where one process reading the same global batches ends.
+2-rank gloo data-parallel live run must end where one process reading the same global batches ends. A
+cross-layer transcoder and a transcoder set over two layers (``[B, 2, 576]`` batches of four hookpoints) train
+live bitwise as from the cache, and a live run interrupted after a checkpoint resumes to the same end.
 """
 
 from __future__ import annotations
@@ -232,12 +234,8 @@ def _torchrun(data: dict, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-5000:]
 
 
-def test_live_data_parallel_matches_one_process(runs, smollm2, tmp_path, monkeypatch):
-    _torchrun(_recipe(tmp_path / "dp", source="live"), tmp_path)
-
-    model, tok = smollm2  # one process, the same global batches: rank 0's 32 rows then rank 1's, every step
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
-    one = parse_recipe(_recipe(tmp_path / "one", source="live"))
+def _train_global_batches(one) -> None:
+    """Train recipe ``one`` in this process on the global batches of 2 live ranks (rank 0's 32 rows, then rank 1's)."""
     threads = torch.get_num_threads()
     try:
         ranks = [pipeline.open_live_sources(one, 32, r, 2) for r in range(2)]
@@ -247,6 +245,15 @@ def test_live_data_parallel_matches_one_process(runs, smollm2, tmp_path, monkeyp
         trainer.save()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_live_data_parallel_matches_one_process(runs, smollm2, tmp_path, monkeypatch):
+    _torchrun(_recipe(tmp_path / "dp", source="live"), tmp_path)
+
+    model, tok = smollm2  # one process, the same global batches: rank 0's 32 rows then rank 1's, every step
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
+    one = parse_recipe(_recipe(tmp_path / "one", source="live"))
+    _train_global_batches(one)
     for name in (SAE, TC):
         dp, ref = _params(tmp_path / "dp" / "train", name), _params(tmp_path / "one" / "train", name)
         for key in ref:
@@ -317,3 +324,102 @@ def test_data_parallel_live_needs_max_tokens(smollm2, tmp_path):
     )
     with pytest.raises(ValueError, match=r"data-parallel live training .* needs cache.max_tokens"):
         next(iter(live))
+
+
+CLT, PLT = "clt", "plt"
+LAYERED = {
+    "cache": {**RECIPE["cache"], "hookpoints": ["mlp_in.3", "mlp_in.4", "mlp_out.3", "mlp_out.4"]},
+    "train": {**RECIPE["train"], "max_steps": 8, "checkpoint_every": 3, "lr": 1e-2},
+    "dictionaries": [
+        {"architecture": "clt", "name": CLT, "layers": [3, 4], "hookpoint": "mlp_in", "target": "mlp_out",
+         "activation": "batchtopk", "k": 8, "n_latents": 256},
+        {"architecture": "batchtopk", "name": PLT, "layers": [3, 4], "hookpoint": "mlp_in", "target": "mlp_out",
+         "k": 8, "n_latents": 256},
+    ],
+}  # fmt: skip
+
+
+def _layered(tmp: Path, **train) -> dict:
+    data = copy.deepcopy(LAYERED)
+    data["cache"]["out_dir"] = str(tmp / "cache")
+    data["train"].update(out_dir=str(tmp / "train"), **train)
+    return data
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_cross_layer_transcoder_and_set_train_live_as_from_the_cache(tmp_path, smollm2, monkeypatch):
+    model, tok = smollm2
+    monkeypatch.setattr(sparsedict.lm, "load_model", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
+    threads = torch.get_num_threads()
+    step = Trainer.train_step
+
+    def stop_at_5(self, batches):
+        if self.step == 5:  # after the checkpoint of step 3: steps 4 and 5 are lost and run again
+            raise _Stop
+        return step(self, batches)
+
+    try:
+        pipeline.run(parse_recipe(_layered(tmp_path / "cached", shuffle="window")), resume=False)
+        pipeline.run(parse_recipe(_layered(tmp_path / "live", source="live")), resume=False)
+        resumed = parse_recipe(_layered(tmp_path / "resumed", source="live"))
+        monkeypatch.setattr(Trainer, "train_step", stop_at_5)
+        with pytest.raises(_Stop):
+            pipeline.run(resumed, resume=False)
+        monkeypatch.setattr(Trainer, "train_step", step)
+        pipeline.run(resumed, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert not (tmp_path / "live" / "cache").exists(), "live training wrote a cache"
+    log_c, log_l = _log(tmp_path / "cached" / "train"), _log(tmp_path / "live" / "train")
+    log_r = _log(tmp_path / "resumed" / "train")
+    assert [r["step"] for r in log_r] == [*range(1, 6), *range(4, 9)]
+    logged = [k for k in log_l[-1] if k.startswith((f"{CLT}/", f"{PLT}/"))]  # losses, FVU, L0 of every layer
+    fvus = [f"{CLT}/fvu", f"{CLT}/layer4/fvu", f"{PLT}/layer3/fvu", f"{PLT}/layer4/fvu"]
+    assert {f"{CLT}/loss", f"{PLT}/layer3/loss", *fvus} <= set(logged)
+    for key in logged:
+        assert [r[key] for r in log_l] == [r[key] for r in log_c], key
+        assert [r[key] for r in log_r[5:]] == [r[key] for r in log_l[3:]], key  # no token lost or read twice
+    for (
+        key
+    ) in fvus:  # it trained (FVU 1.01-1.02 at step 1, 0.85-0.91 at step 8): the comparison is not vacuous
+        assert log_l[0][key] > 1.0 and log_l[-1][key] < 0.93, (key, log_l[0][key], log_l[-1][key])
+    for name in (CLT, PLT):
+        pc = _params(tmp_path / "cached" / "train", name)
+        for run in ("live", "resumed"):
+            pl = _params(tmp_path / run / "train", name)
+            assert set(pc) == set(pl) and all(torch.equal(pc[k], pl[k]) for k in pc), (name, run)
+    clt = from_pretrained(tmp_path / "live" / "train" / CLT)
+    live_cache = parse_recipe(_layered(tmp_path / "live", source="live")).cache
+    assert clt.layers == [3, 4] and clt.meta["live"]["config_hash"] == live_cache.config_hash()
+
+
+def test_layered_live_data_parallel_matches_one_process(tmp_path, smollm2, monkeypatch):
+    """2 gloo ranks, each running the model on its own share of the contexts and serving [B, 2, 576] batches of
+    it, end where one process reading the same global batches (rank 0's rows then rank 1's) ends. TopK (per row):
+    BatchTopK selects over each rank's batch, which one process with the global batch does not. Adam moves every
+    parameter by about lr per step, so a rank reading other rows would miss DP_TOL by far."""
+
+    def recipe(tmp: Path) -> dict:
+        data = _layered(tmp, source="live")
+        data["dictionaries"][0]["activation"] = data["dictionaries"][1]["architecture"] = "topk"
+        data["train"]["lr"] = 1e-3  # DP_TOL's: the summation-order differences scale with the step size
+        return data
+
+    _torchrun(recipe(tmp_path / "dp"), tmp_path)
+    model, tok = smollm2
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (model, tok))
+    one = parse_recipe(recipe(tmp_path / "one"))
+    _train_global_batches(one)
+    for name in (CLT, PLT):
+        dp, ref = _params(tmp_path / "dp" / "train", name), _params(tmp_path / "one" / "train", name)
+        assert set(dp) == set(ref)
+        for key in ref:
+            assert torch.allclose(dp[key], ref[key], atol=DP_TOL, rtol=0), (
+                name,
+                key,
+                (dp[key] - ref[key]).abs().max(),
+            )

@@ -1,7 +1,8 @@
 """Moving checkpoints to and from the Hugging Face hub (through ``huggingface_hub``); nothing else.
 
 :func:`resolve` turns a local directory or a hub repo id into a local directory (downloaded into the HF
-cache, so ``HF_HUB_OFFLINE=1`` and a populated cache work offline); :func:`push_to_hub` saves a dictionary in
+cache, so ``HF_HUB_OFFLINE=1`` and a populated cache work offline); :func:`fetch_uri` does so for one file named
+by an ``hf://`` URI (the formats that list files elsewhere on the hub get it passed in); :func:`push_to_hub` saves a dictionary in
 our format (:mod:`sparsedict.formats.native`) and uploads it. Reading and writing the files is the formats'
 job; loading goes through ``Dictionary.from_pretrained``.
 """
@@ -25,6 +26,40 @@ def _looks_like_repo_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
 
 
+def _not_cached(what: str, err: Exception) -> FileNotFoundError:
+    why = "HF_HUB_OFFLINE is set and it is not in the local HF cache" if _offline() else "it is not cached"
+    return FileNotFoundError(
+        f"cannot load {what}: {why} and the hub could not be reached ({err}). Download it once with network "
+        "access, or pass a local directory."
+    )
+
+
+def fetch_uri(uri: str) -> Path:
+    """The local copy of one file named ``hf://org/repo/path/in/repo[?revision=rev]`` (the URIs of circuit-tracer's
+    ``transcoders`` lists), downloaded into the HF cache (offline: found there)."""
+    from urllib.parse import parse_qs, urlparse
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    parsed = urlparse(uri)
+    name, _, filename = parsed.path.lstrip("/").partition("/")
+    if parsed.scheme != "hf" or not parsed.netloc or not name or not filename:
+        raise ValueError(f"{uri!r} is not a hub file URI hf://org/repo/path/in/repo[?revision=rev]")
+    repo_id, revision = f"{parsed.netloc}/{name}", parse_qs(parsed.query).get("revision", [None])[0] or None
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except LocalEntryNotFoundError as err:  # before EntryNotFoundError: it is one
+        raise _not_cached(f"{uri!r} (revision {revision or 'main'})", err) from err
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
+        raise FileNotFoundError(f"no hub file {uri!r}: {err}") from err
+
+
 def _download(repo_id: str, subfolder: str | None, revision: str | None) -> Path:
     """Snapshot ``repo_id`` (only ``subfolder`` when given) into the HF cache and return the local dir."""
     from huggingface_hub import snapshot_download
@@ -34,15 +69,7 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None) -> Path
         try:
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
         except LocalEntryNotFoundError as err:
-            why = (
-                "HF_HUB_OFFLINE is set and it is not in the local HF cache"
-                if _offline()
-                else "it is not cached"
-            )
-            raise FileNotFoundError(
-                f"cannot load {repo_id!r} (revision {revision or 'main'}): {why} and the hub could not be "
-                f"reached ({err}). Download it once with network access, or pass a local directory."
-            ) from err
+            raise _not_cached(f"{repo_id!r} (revision {revision or 'main'})", err) from err
         except (RepositoryNotFoundError, RevisionNotFoundError) as err:
             raise FileNotFoundError(f"no hub repo/revision {repo_id!r}@{revision or 'main'}: {err}") from err
 

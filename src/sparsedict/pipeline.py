@@ -55,14 +55,9 @@ def open_sources(recipe: Recipe, cache_dir: str | Path, batch_size: int, rank: i
 
 
 def open_live_sources(recipe: Recipe, batch_size: int, rank: int, world: int) -> dict:
-    """One LiveSource per distinct (hookpoint, target) pair, all views of one stream of ``recipe.cache``: every
-    hookpoint the dictionaries read comes from one forward of its model, which runs on ``cache.device``."""
-    layered = [cfg.name for cfg in recipe.dictionaries if cfg.layers]
-    if layered:
-        raise ValueError(
-            f"{', '.join(layered)}: a live source serves one hookpoint per batch, not the [B, L, d] batches of a "
-            "cross-layer transcoder or transcoder set; train those from a cache (train.source: cache)"
-        )
+    """One LiveSource per distinct (hookpoint, target) pair (a multi-layer entry's pair is the tuple of its layers'
+    hookpoints: ``[B, L, d]`` batches), all views of one stream of ``recipe.cache``: every hookpoint the
+    dictionaries read comes from one forward of its model, which runs on ``cache.device``."""
     cache = recipe.cache
     model, tok = load_model(
         cache.model, str(model_device(cache, distributed.world_size())), cache.model_dtype

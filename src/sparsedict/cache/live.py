@@ -19,15 +19,16 @@ forwards that window's contexts again; nothing else is recomputed.
 
 :class:`LiveSource` is one ``(hookpoint, target)`` view of a stream, a
 :class:`~sparsedict.cache.source.Source`: views of one stream share each forward, so several dictionaries on
-several hookpoints cost one model pass (:func:`live_sources`). Views are read in lockstep (the trainer reads
+several hookpoints cost one model pass (:func:`live_sources`). A view of lists of hookpoints serves their rows
+stacked ``[B, L, d]`` (a cross-layer transcoder's or a transcoder set's batches), as the store does. Views are read in lockstep (the trainer reads
 every source once a step); a view that reads ahead of the others makes the stream recompute the window the
 others are in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
 import torch
@@ -35,9 +36,20 @@ import torch
 from sparsedict.cache import hooks
 from sparsedict.cache.config import CacheConfig
 from sparsedict.cache.runner import check_finite, compute_shard, model_device
-from sparsedict.cache.source import WINDOW_ROWS, EpochIterator, Window, WindowOrder, check_order, sample_rows
+from sparsedict.cache.source import (
+    WINDOW_ROWS,
+    EpochIterator,
+    Window,
+    WindowOrder,
+    check_order,
+    check_widths,
+    sample_rows,
+)
 from sparsedict.cache.tokens import ShardPlan, plan_shards
 from sparsedict.lm import load_model
+
+Names: TypeAlias = str | Sequence[str]
+"""One hookpoint name, or a list (tuple) of them served stacked as ``[B, L, d]``."""
 
 
 class _Segment(NamedTuple):
@@ -48,21 +60,29 @@ class _Segment(NamedTuple):
     acts: dict[str, torch.Tensor]
 
 
+def _listed(names: Names | None) -> list[str]:
+    """The hookpoint names of ``names``: one name, a list or tuple of them, or None/``""`` (none)."""
+    if not names:
+        return []
+    return [names] if isinstance(names, str) else [n for n in names if n]
+
+
 class LiveStream(WindowOrder):
-    """The model run over ``cfg``'s plan: batches ``{hookpoint: [B, d]}`` of every name in ``hookpoints``.
+    """The model run over ``cfg``'s plan: batches ``{hookpoint: [B, d]}`` of every name in ``hookpoints`` (names,
+    or lists of them, flattened).
 
     ``batch_size`` is this rank's batch; ``rank``/``world_size`` split every epoch as the store does. The model
     is ``model``/``tokenizer`` when given, else ``cfg.model`` loaded on ``cfg.device`` (under torchrun on GPUs,
     this process's local GPU) in ``cfg.model_dtype``. Batches come out in ``dtype``.
     """
 
-    def __init__(self, cfg: CacheConfig, hookpoints: Iterable[str], batch_size: int = 4096, seed: int = 0,
+    def __init__(self, cfg: CacheConfig, hookpoints: Iterable[Names], batch_size: int = 4096, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle_buffer_rows: int = WINDOW_ROWS,
                  dtype: torch.dtype = torch.float32, model=None, tokenizer=None) -> None:  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.cfg = cfg
-        self.hookpoints = list(dict.fromkeys(h for h in hookpoints if h))
+        self.hookpoints = list(dict.fromkeys(h for names in hookpoints for h in _listed(names)))
         if not self.hookpoints:
             raise ValueError("a live stream needs at least one hookpoint")
         if model is None:
@@ -242,10 +262,9 @@ class LiveStream(WindowOrder):
         self._sampled = ((n_rows, seed), out)
         return out
 
-    def sources(
-        self, keys: Iterable[tuple[str, str]], loop: bool = True
-    ) -> dict[tuple[str, str], LiveSource]:
-        """One :class:`LiveSource` view per ``(hookpoint, target)`` key (target ``""``: none)."""
+    def sources(self, keys: Iterable[tuple[Names, Names]], loop: bool = True) -> dict[tuple, LiveSource]:
+        """One :class:`LiveSource` view per ``(hookpoint, target)`` key (target ``""``: none; tuples of names: a
+        view serving ``[B, L, d]`` batches)."""
         return {key: LiveSource.view(self, key[0], key[1] or None, loop) for key in keys}
 
 
@@ -253,47 +272,64 @@ class LiveSource(EpochIterator):
     """Batches ``(x [B, d_in], y [B, d_out] | None)`` from model hooks: the :class:`~sparsedict.cache.source.Source`
     of ``cfg`` without a disk cache.
 
-    ``LiveSource(cfg, hookpoint, target, ...)`` runs its own :class:`LiveStream` of those two hookpoints;
+    ``LiveSource(cfg, hookpoint, target, ...)`` runs its own :class:`LiveStream` of those hookpoints;
     :meth:`view` (or :meth:`LiveStream.sources`) makes views sharing one stream. A string ``cfg`` names the model
     (``hookpoint`` default ``resid_post.14``). ``n_rows`` is the plan's row count (None with
-    ``max_tokens=None``).
+    ``max_tokens=None``). Several hookpoints in one batch, as the store serves them: a list (or tuple) for
+    ``hookpoint`` and/or ``target`` serves the same rows of every listed hookpoint stacked along dim 1,
+    ``x [B, L, d_in]`` (``y [B, L', d_out]``), the listed hookpoints of one width; ``x_shape``/``y_shape`` give a
+    row's shape. Its batches and ``sample`` are those of ``ActivationStore(cache, hookpoint, target,
+    shuffle="window")`` with the same lists.
     """
 
-    def __init__(self, cfg: CacheConfig | str = "smollm2-135m", hookpoint: str | None = None,
-                 target: str | None = None, batch_size: int = 4096, seed: int = 0, rank: int = 0,
+    def __init__(self, cfg: CacheConfig | str = "smollm2-135m", hookpoint: Names | None = None,
+                 target: Names | None = None, batch_size: int = 4096, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer_rows: int = WINDOW_ROWS, dtype: torch.dtype = torch.float32,
                  loop: bool = True, model=None, tokenizer=None) -> None:  # fmt: skip
         if isinstance(cfg, str):
-            names = [n for n in (hookpoint or "resid_post.14", target) if n]
+            names = [*_listed(hookpoint or "resid_post.14"), *_listed(target)]
             cfg = CacheConfig(model=cfg, hookpoints=names, progress=False)
         hookpoint = hookpoint or cfg.hookpoints[0]
-        stream = LiveStream(cfg, [hookpoint, target or ""], batch_size, seed, rank, world_size,
+        stream = LiveStream(cfg, [hookpoint, target], batch_size, seed, rank, world_size,
                             shuffle_buffer_rows, dtype, model, tokenizer)  # fmt: skip
         self._attach(stream, hookpoint, target, loop)
 
     @classmethod
     def view(
-        cls, stream: LiveStream, hookpoint: str, target: str | None = None, loop: bool = True
+        cls, stream: LiveStream, hookpoint: Names, target: Names | None = None, loop: bool = True
     ) -> LiveSource:
-        """A source reading ``(hookpoint, target)`` of ``stream`` (both among ``stream.hookpoints``)."""
+        """A source reading ``(hookpoint, target)`` of ``stream`` (names, or lists of names, among
+        ``stream.hookpoints``)."""
         self = cls.__new__(cls)
         self._attach(stream, hookpoint, target, loop)
         return self
 
-    def _attach(self, stream: LiveStream, hookpoint: str, target: str | None, loop: bool) -> None:
-        for name in filter(None, (hookpoint, target)):
-            if name not in stream.hookpoints:
-                raise KeyError(
-                    f"hookpoint {name!r} is not computed by this live stream ({stream.hookpoints})"
-                )
-        self.stream, self.hookpoint, self.target, self.loop = stream, hookpoint, target, loop
-        self.d_in = stream.dims[hookpoint]
-        self.d_out = stream.dims[target] if target else None
-        self.x_shape, self.y_shape = (self.d_in,), ((self.d_out,) if target else None)
+    def _attach(self, stream: LiveStream, hookpoint: Names, target: Names | None, loop: bool) -> None:
+        self.stream, self.loop = stream, loop
+        self.hookpoint, self.d_in, self.x_shape = self._names(hookpoint, "hookpoint")
+        self.target, self.d_out, self.y_shape = None, None, None
+        if target is not None and target != "":
+            self.target, self.d_out, self.y_shape = self._names(target, "target")
         self.world_size = stream.world_size
         self.epoch, self._batch = 0, 0
         self.meta: dict = stream.meta
         """Provenance recorded in the checkpoints trained on this source."""
+
+    def _names(self, names: Names, what: str) -> tuple[str | list[str], int, tuple[int, ...]]:
+        """``(name or list of names, width, row shape)`` of one hookpoint or a list of them (one width)."""
+        listed = _listed(names)
+        if not listed:
+            raise ValueError(f"{what}: an empty list of hookpoints; name at least one")
+        for name in listed:
+            if name not in self.stream.hookpoints:
+                raise KeyError(
+                    f"hookpoint {name!r} is not computed by this live stream ({self.stream.hookpoints})"
+                )
+        widths = [self.stream.dims[n] for n in listed]
+        check_widths(what, listed, widths)
+        if isinstance(names, str):
+            return names, widths[0], (widths[0],)
+        return listed, widths[0], (len(listed), widths[0])
 
     @property
     def cfg(self) -> CacheConfig:
@@ -303,16 +339,23 @@ class LiveSource(EpochIterator):
     def n_rows(self) -> int | None:
         return self.stream.n_rows
 
+    def _pick(self, b: dict[str, torch.Tensor], names: str | list[str] | None) -> torch.Tensor | None:
+        """The batch of ``names`` in ``b``: one hookpoint's ``[B, d]``, a list's stacked ``[B, L, d]``, or None."""
+        if names is None:
+            return None
+        return b[names] if isinstance(names, str) else torch.stack([b[n] for n in names], 1)
+
     def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         while (b := self.stream.batch(self.epoch, self._batch)) is not None:
             self._batch += 1
-            yield b[self.hookpoint], (b[self.target] if self.target else None)
+            yield self._pick(b, self.hookpoint), self._pick(b, self.target)
         self.epoch, self._batch = self.epoch + 1, 0
 
     def sample(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x [n, d_in], y [n, d_out] | None)`` from :meth:`LiveStream.sample` (one forward for every view)."""
+        """``(x [n, *x_shape], y [n, *y_shape] | None)`` from :meth:`LiveStream.sample` (one forward for every
+        view)."""
         out = self.stream.sample(n_rows, seed)
-        return out[self.hookpoint], (out[self.target] if self.target else None)
+        return self._pick(out, self.hookpoint), self._pick(out, self.target)
 
     def state_dict(self) -> dict:
         """The position (``epoch``, ``batch``, ``seed``) and what fixes the order, checked on resume (the keys a
@@ -336,10 +379,11 @@ class LiveSource(EpochIterator):
 
 
 def live_sources(
-    cfg: CacheConfig, keys: Iterable[tuple[str, str]], **stream_kw
-) -> dict[tuple[str, str], LiveSource]:
-    """One :class:`LiveSource` per ``(hookpoint, target)`` key, all views of one :class:`LiveStream` of ``cfg``
-    computing every hookpoint the keys name in one forward (``stream_kw``: the stream's arguments)."""
+    cfg: CacheConfig, keys: Iterable[tuple[Names, Names]], **stream_kw
+) -> dict[tuple, LiveSource]:
+    """One :class:`LiveSource` per ``(hookpoint, target)`` key (tuples of names: ``[B, L, d]`` batches), all views
+    of one :class:`LiveStream` of ``cfg`` computing every hookpoint the keys name in one forward (``stream_kw``:
+    the stream's arguments)."""
     keys = list(dict.fromkeys(keys))
     stream = LiveStream(cfg, [h for key in keys for h in key], **stream_kw)
     return stream.sources(keys)

@@ -183,6 +183,15 @@ def check_order(state: dict, have: dict, what: str) -> None:
             )
 
 
+def check_widths(what: str, names: list[str], widths: list[int]) -> None:
+    """Refuse a list of hookpoints of different widths: a batch stacks them as ``[B, L, d]``."""
+    if len(set(widths)) > 1:
+        raise ValueError(
+            f"{what}: the listed hookpoints {names} have different widths {widths}; a batch stacks them as "
+            "[B, L, d], so list hookpoints of one width (one source per width)"
+        )
+
+
 def _cat(a: tuple[Tensor | None, ...], b: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     return tuple(None if x is None else torch.cat([x, y]) for x, y in zip(a, b))
 

@@ -43,7 +43,15 @@ from sparsedict.cache import digest
 from sparsedict.cache.columns import SCRATCH_BYTES, Column, trim
 from sparsedict.cache.hooks import split_head
 from sparsedict.cache.manifest import TOKENS, CacheError, read_manifest
-from sparsedict.cache.source import WINDOW_ROWS, Window, WindowOrder, check_order, head_rows, sample_rows
+from sparsedict.cache.source import (
+    WINDOW_ROWS,
+    Window,
+    WindowOrder,
+    check_order,
+    check_widths,
+    head_rows,
+    sample_rows,
+)
 from sparsedict.cache.tokens import Exclusions
 from sparsedict.cache.writer import expected_tensors, load_shard
 from sparsedict.util import write_json_atomic
@@ -208,12 +216,7 @@ class ActivationStore(WindowOrder):
             base, head = self._resolve(name)
             cols.append(Column(self.root, self.manifest, base, verify, head))
             resolved.append(base if head is None else f"{base}.h{head}")
-        widths = {c.d for c in cols}
-        if len(widths) > 1:
-            raise ValueError(
-                f"{what}: the listed hookpoints {resolved} have different widths {[c.d for c in cols]}; a batch "
-                "stacks them as [B, L, d], so list hookpoints of one width (open one store per width)"
-            )
+        check_widths(what, resolved, [c.d for c in cols])
         return (resolved[0] if isinstance(names, str) else resolved), cols
 
     def _auto_window(self, sources: int) -> int:

@@ -274,8 +274,9 @@ class LayeredAttachment:
     model: the *replacement model*, every output of its layer range replaced by the dictionary's, at once.
 
     The dictionary provides ``cfg.hookpoints``/``cfg.targets`` (one per layer), ``encode_layer(i, x_i)`` (the
-    code of layer position i from its raw input ``[M, d_in]``) and ``decode_layer(j, codes, x_j)`` (the raw
-    output of layer position j from the codes of positions ``0 … j``). At each input hookpoint the activation
+    code of layer position i from its raw input ``[M, d_in]``) and ``decode_layer(j, codes, x_j, cache)`` (the
+    raw output of layer position j from the codes of positions ``0 … j``; ``cache``, a dict kept for one forward,
+    lets a CLT decode each layer's code once for all the outputs it writes). At each input hookpoint the activation
     is encoded (the model runs on); at each replaced target the output is decoded from the codes of this forward
     pass, so later layers read inputs computed from the replaced outputs before them. ``layers`` (positions)
     limits the replaced outputs (per-layer splicing: one output replaced, the rest of the model clean); the codes
@@ -305,6 +306,7 @@ class LayeredAttachment:
         self._stack: contextlib.ExitStack | None = None
         self._codes: dict[int, Any] = {}
         self._inputs: dict[int, Tensor] = {}
+        self._contributions: dict[int, Tensor] = {}  # the decoder's per-forward cache (decode_layer)
 
     def _rows(self, act: Tensor) -> Tensor | None:
         """Mask of the rows that go through the dictionary (None: all), as in :class:`Attachment`."""
@@ -320,6 +322,7 @@ class LayeredAttachment:
             if i == 0:
                 self._codes.clear()
                 self._inputs.clear()
+                self._contributions.clear()
             mask = self._rows(act)
             x = (act.reshape(-1, act.shape[-1]) if mask is None else act[mask]).float()
             with torch.no_grad():
@@ -362,7 +365,7 @@ class LayeredAttachment:
             mask = replaced_positions(act, self.keep, self.exclude_first)
             with torch.no_grad():
                 y_hat = self.dictionary.decode_layer(
-                    j, [self._codes[i] for i in range(j + 1)], self._inputs[j]
+                    j, [self._codes[i] for i in range(j + 1)], self._inputs[j], self._contributions
                 )
             if self.mode != "splice" and mask is not None:
                 y_hat = y_hat[mask.reshape(-1)]

@@ -473,7 +473,9 @@ class Dictionary(nn.Module):
         (:func:`sparsedict.formats.detect_format`); the architecture is the checkpoint's, whichever class this
         is called on. Weights come back on ``device`` in ``dtype`` (default: the checkpoint's), in eval mode.
         """
-        return load_dir(hub.resolve(path_or_repo_id, subfolder, revision), ARCHITECTURES, device, dtype)
+        return load_dir(
+            hub.resolve(path_or_repo_id, subfolder, revision), ARCHITECTURES, device, dtype, hub.fetch_uri
+        )
 
     def push_to_hub(self, repo_id: str, meta: dict[str, Any] | None = None, **kwargs: Any) -> str:
         """Save and upload to hub repo ``repo_id`` (see :func:`sparsedict.hub.push_to_hub`); returns the commit URL."""

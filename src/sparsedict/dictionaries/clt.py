@@ -456,9 +456,18 @@ class CLT(LayerRange, Dictionary):
             f = threshold_code(z.relu(), self.threshold[i])
         return compact(f)
 
-    def decode_layer(self, j: int, codes: list[SparseCode], x: Tensor | None = None) -> Tensor:
-        """Raw output of layer position j from the codes of layers ``0 … j`` (and its raw input for the skip)."""
-        out = self.b_dec[j] + sum(self._contribution(codes[i], i)[:, j - i] for i in range(j + 1))
+    def decode_layer(self, j: int, codes: list[SparseCode], x: Tensor | None = None,
+                     contributions: dict[int, Tensor] | None = None) -> Tensor:  # fmt: skip
+        """Raw output of layer position j from the codes of layers ``0 … j`` (and its raw input for the skip).
+
+        ``contributions`` (a dict the caller keeps for one set of codes) holds each layer's decoded features to
+        all later layers once computed, so decoding every layer of one forward decodes each layer's code once."""
+        if contributions is None:
+            contributions = {}
+        for i in range(j + 1):
+            if i not in contributions:
+                contributions[i] = self._contribution(codes[i], i)
+        out = self.b_dec[j] + sum(contributions[i][:, j - i] for i in range(j + 1))
         if self.W_skip is not None and x is not None:
             out = out + (x.to(self.W_skip.dtype) * float(self.input_scale)) @ self.W_skip[j].T
         return out / float(self.input_scale)

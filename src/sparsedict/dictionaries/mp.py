@@ -137,10 +137,14 @@ class MP(Dictionary):
         dt = torch.float64 if D.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             r0d, Dd = r0.detach().to(dt).contiguous(), D.detach().to(dt).contiguous()
-            c = (r0.detach() @ D.detach().T).to(dt).contiguous()  # bf16 GEMM under the trainer's autocast
-            G = (D.detach() @ D.detach().T).to(dt).contiguous()
+            c = r0.detach() @ D.detach().T  # bf16 GEMMs under the trainer's autocast
+            G = D.detach() @ D.detach().T
             use_numba = self._use_numba(x)
-            a, idx, first, rT = pursuit_forward(r0d, Dd, c, G, T, self.cfg.absolute, use_numba)
+            if not (use_numba and c.dtype == G.dtype == torch.bfloat16 and dt == torch.float32):
+                c, G = c.to(dt), G.to(dt)  # (the numba kernel reads bf16 c and G as they are)
+            a, idx, first, rT, c = pursuit_forward(
+                r0d, Dd, c.contiguous(), G.contiguous(), T, self.cfg.absolute, use_numba
+            )
         if torch.is_grad_enabled() and (D.requires_grad or r0.requires_grad):
             a = PursuitFn.apply(r0.to(dt), D.to(dt), a, idx, rT, use_numba)
         values = torch.zeros_like(a).scatter_add(1, first, a)  # merge repeated atoms into the first entry

@@ -163,8 +163,10 @@ class TranscoderSet(LayerRange, nn.Module):
         m = self.transcoders[i]
         return m.encode(x.to(m.W_enc.dtype) * float(m.input_scale))
 
-    def decode_layer(self, j: int, codes: list[SparseCode], x: Tensor | None = None) -> Tensor:
-        """Raw output of the transcoder at layer position j from its own code (``codes[j]``)."""
+    def decode_layer(self, j: int, codes: list[SparseCode], x: Tensor | None = None,
+                     contributions: dict[int, Tensor] | None = None) -> Tensor:  # fmt: skip
+        """Raw output of the transcoder at layer position j from its own code (``codes[j]``; ``contributions``:
+        unused, a transcoder's output depends on its own layer alone)."""
         m = self.transcoders[j]
         c = float(m.input_scale)
         return m.decode(codes[j], None if x is None else x.to(m.W_enc.dtype) * c).float() / c
@@ -184,7 +186,9 @@ class TranscoderSet(LayerRange, nn.Module):
                         revision: str | None = None, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> TranscoderSet:  # fmt: skip
         """Load a transcoder set (ours, or circuit-tracer's ``transcoder_set``); see ``sparsedict.from_pretrained``."""
-        out = load_dir(hub.resolve(path_or_repo_id, subfolder, revision), ARCHITECTURES, device, dtype)
+        out = load_dir(
+            hub.resolve(path_or_repo_id, subfolder, revision), ARCHITECTURES, device, dtype, hub.fetch_uri
+        )
         if not isinstance(out, cls):
             raise TypeError(f"{path_or_repo_id} holds a {out.architecture}, not a transcoder set")
         return out

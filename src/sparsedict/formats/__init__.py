@@ -21,6 +21,7 @@ library's forward pass, checking tensor names and shapes against the config befo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,8 +92,11 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_dir(path: str | Path, registry: Architectures, device: str | torch.device = "cpu",
-             dtype: torch.dtype | None = None):  # fmt: skip
-    """Load the dictionary stored in local directory ``path`` (any supported format) from ``registry``."""
+             dtype: torch.dtype | None = None, fetch: Callable[[str], Path] | None = None):  # fmt: skip
+    """Load the dictionary stored in local directory ``path`` (any supported format) from ``registry``.
+
+    ``fetch`` turns a file URI the checkpoint lists (circuit-tracer's ``hf://`` ``transcoders`` entries) into a
+    local file (:func:`sparsedict.hub.fetch_uri`); without it such an entry is refused."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "sparsedict":
@@ -103,9 +107,11 @@ def load_dir(path: str | Path, registry: Architectures, device: str | torch.devi
             f"{path} is a sparsify run directory with {len(hooks)} dictionaries; choose one with "
             f"subfolder=<name>, one of: {', '.join(hooks)}"
         )
-    loaders = {"saelens": load_saelens, "sparsify": load_sparsify, "circuit_tracer": load_circuit_tracer}
-    loader = loaders.get(fmt, load_dictionary_learning)
-    model = loader(path, registry)
+    if fmt == "circuit_tracer":
+        model = load_circuit_tracer(path, registry, fetch)
+    else:
+        loaders = {"saelens": load_saelens, "sparsify": load_sparsify}
+        model = loaders.get(fmt, load_dictionary_learning)(path, registry)
     model.to(device=device)
     if dtype is not None:
         model.to(dtype=dtype)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,25 +127,40 @@ def _meta(cfg: dict[str, Any]) -> dict[str, Any]:
             "circuit_tracer_config": {k: v for k, v in cfg.items() if k != "transcoders"}}  # fmt: skip
 
 
-def load_circuit_tracer(path: str | Path, registry: Architectures):
-    """Load a circuit-tracer ``transcoder_set`` (-> ``TranscoderSet``) or ``cross_layer_transcoder`` (-> ``clt``)."""
+def load_circuit_tracer(
+    path: str | Path, registry: Architectures, fetch: Callable[[str], Path] | None = None
+):
+    """Load a circuit-tracer ``transcoder_set`` (-> ``TranscoderSet``) or ``cross_layer_transcoder`` (-> ``clt``).
+
+    A set's ``transcoders`` list names each layer's file: a path relative to ``path``, or an ``hf://`` URI that
+    ``fetch`` turns into a local file (:func:`sparsedict.hub.fetch_uri`; without ``fetch`` it is refused)."""
     path = Path(path)
     cfg = _read_config(path)
     if cfg["model_kind"] == "transcoder_set":
-        return _load_set(path, cfg, registry)
+        return _load_set(path, cfg, registry, fetch)
     return _load_clt(path, cfg, registry)
 
 
-def _load_set(path: Path, cfg: dict[str, Any], registry: Architectures):
+def _transcoder_file(path: Path, entry: Any, fetch: Callable[[str], Path] | None) -> Path:
+    """The local file of one ``transcoders`` entry of ``path``'s config."""
+    entry = str(entry)
+    if "://" not in entry:
+        return path / entry
+    if not entry.startswith("hf://") or fetch is None:
+        how = "only hf:// URIs are fetched" if fetch is not None else "this loader fetches nothing"
+        raise FormatError(
+            f"{path / CONFIG}: transcoder {entry!r} is a remote file and {how}; load with from_pretrained (which "
+            "fetches hf://org/repo/file URIs), or download the files into the directory and list local paths"
+        )
+    try:
+        return fetch(entry)
+    except ValueError as err:
+        raise FormatError(f"{path / CONFIG}: {err}") from err
+
+
+def _load_set(path: Path, cfg: dict[str, Any], registry: Architectures, fetch: Callable[[str], Path] | None):
     if cfg.get("transcoders"):
-        files = []
-        for entry in cfg["transcoders"]:
-            if "://" in str(entry):
-                raise FormatError(
-                    f"{path / CONFIG}: transcoder {entry!r} is a remote file; download the files into the directory "
-                    "and list local paths (or omit 'transcoders' to read layer_{l}.safetensors)"
-                )
-            files.append(path / entry)
+        files = [_transcoder_file(path, entry, fetch) for entry in cfg["transcoders"]]
     else:
         files = [
             path / f"layer_{i}.safetensors"
