@@ -3,7 +3,8 @@
     python benchmarks/presets.py --train CACHE --test CACHE --hookpoint resid_post.6 [--target T] \
         --epochs 2 --batch_size 1024 [--max_steps N] [--expansion 8] \
         --point "topk:k=32" --point "topk:k=32;train.lr=0.003" --point "relu:l0_target=32" ... \
-        [--json out.jsonl] [--label NAME]
+        [--json out.jsonl] [--label NAME] [--png pareto.png]
+    python benchmarks/presets.py --replot out.jsonl [--label NAME] --png pareto.png
 
 A point is ``arch:field=value;field=value;train.field=value``: dictionary config fields, and
 ``train.*`` TrainConfig fields that may differ per dictionary (``lr``, ``betas``, ``lr_dec_scale``,
@@ -12,8 +13,10 @@ every point reads the same batches (one :class:`~sparsedict.train.Trainer`), so 
 points are the settings', not the data order's. Unset fields take the package defaults, which is how
 the defaults are measured. Each point is scored on the held-out cache (FVU, L0, dead and dense
 fractions over its tokens) and on a sample of the training cache (L0, to tell overfitting from
-steering error); the LR, betas and warmup the optimiser actually used are recorded. One JSON line per
-point goes to ``--json`` (appended), and a table is printed.
+steering error); a dictionary with a single inference threshold θ (BatchTopK, Matryoshka) is also scored
+under the running-mean θ its final recalibration replaced and under batch selection (θ unset); the LR, betas and warmup the optimiser actually used are recorded. One JSON line per
+point goes to ``--json`` (appended), and a table is printed; ``--png`` draws the held-out L0-FVU plot
+(one curve per architecture), ``--replot`` draws it from ``--json`` lines instead of training.
 """
 
 from __future__ import annotations
@@ -61,6 +64,17 @@ def point_name(arch: str, fields: dict, train: dict) -> str:
     return "-".join(str(p).replace(" ", "") for p in parts)
 
 
+def keep_running(model, name: str, into: dict):
+    """``model.calibrate_threshold`` that first records θ (the running mean it replaces) in ``into[name]``."""
+    calibrate = model.calibrate_threshold
+
+    def wrapped(*a, **kw):
+        into[name] = float(model.threshold)
+        return calibrate(*a, **kw)
+
+    return wrapped
+
+
 def run(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,20 +109,29 @@ def run(args) -> list[dict]:
             if "normalise_inputs" in train:
                 norm = train["normalise_inputs"]
                 m.normalisation = type(m.model).input_normalisation if norm == "auto" else norm
+    running = {}  # BatchTopK-like: θ's running mean, before the final recalibration replaces it
+    for m in trainer.members:
+        if hasattr(m.model, "calibrate_threshold"):
+            m.model.calibrate_threshold = keep_running(m.model, m.name, running)
     t0 = time.perf_counter()
     trainer.fit(resume=False)
     seconds = time.perf_counter() - t0
+
+    def test_store() -> ActivationStore:
+        # a fresh store per pass: a loop=False store iterated again after its epoch ended yields nothing
+        return ActivationStore(
+            args.test, args.hookpoint, target=target, batch_size=4096, loop=False, drop_last=False
+        )
+
+    def train_sample() -> ActivationStore:
+        return ActivationStore(args.train, args.hookpoint, target=target, batch_size=4096, seed=args.seed + 1,
+                               loop=False, drop_last=False)  # fmt: skip
+
     rows = []
     for m in trainer.members:
         arch, fields, train = settings[m.name]
-        # a fresh store per point: a loop=False store iterated again after its epoch ended yields nothing
-        test = ActivationStore(
-            args.test, args.hookpoint, target=target, batch_size=4096, loop=False, drop_last=False
-        )
-        held = reconstruction_stats(m.model, test, max_rows=args.eval_tokens)
-        sample = ActivationStore(args.train, args.hookpoint, target=target, batch_size=4096, seed=args.seed + 1,
-                                 loop=False, drop_last=False)  # fmt: skip
-        train_l0 = reconstruction_stats(m.model, sample, max_rows=args.eval_tokens).l0
+        held = reconstruction_stats(m.model, test_store(), max_rows=args.eval_tokens)
+        train_l0 = reconstruction_stats(m.model, train_sample(), max_rows=args.eval_tokens).l0
         row = {
             "label": args.label, "name": m.name, "architecture": arch, "fields": fields, "train": train,
             "hookpoint": args.hookpoint, "target": args.target, "n_latents": m.model.n_latents,
@@ -121,10 +144,21 @@ def run(args) -> list[dict]:
             row.update(lr=m.opt.base_lr, warmup=m.opt.warmup_steps,
                        betas=list(m.opt.opt.param_groups[0].get("betas", ())),
                        lr_scales=sorted({g.get("lr_scale", 1.0) for g in m.opt.opt.param_groups}))  # fmt: skip
-        for buf in ("threshold",):
-            t = dict(m.model.named_buffers()).get(buf)
-            if t is not None and t.numel() == 1:
-                row["theta"] = float(t)
+        theta = dict(m.model.named_buffers()).get("threshold")
+        if theta is not None and theta.numel() == 1:
+            row["theta"] = float(theta)
+            # the same weights under the running-mean θ, and under batch top-k (θ unset) per eval batch
+            for key, value in (("running", running.get(m.name)), ("batch_selection", -1.0)):
+                if value is None:
+                    continue
+                theta.fill_(value)
+                held = reconstruction_stats(m.model, test_store(), max_rows=args.eval_tokens)
+                row.update({f"theta_{key}": value, f"fvu_{key}": held.fvu, f"l0_{key}": held.l0})
+                if key == "running":
+                    row["train_l0_running"] = reconstruction_stats(
+                        m.model, train_sample(), max_rows=args.eval_tokens
+                    ).l0
+            theta.fill_(row["theta"])
         for attr in ("l1_current", "l0_current"):
             if hasattr(m.model, attr):
                 row[attr] = float(getattr(m.model, attr))
@@ -137,16 +171,34 @@ def run(args) -> list[dict]:
     for r in rows:
         print(f"| {r['name']} | {r['fvu']:.4f} | {r['l0']:.1f} | {r['train_l0']:.1f} | {100 * r['dead']:.1f} | "
               f"{r.get('lr', 0):.3g} | {r['steps']} |", flush=True)  # fmt: skip
+        for key in ("running", "batch_selection"):
+            if f"fvu_{key}" in r:
+                print(f"|   {key}: θ {r[f'theta_{key}']:.4g} | {r[f'fvu_{key}']:.4f} | {r[f'l0_{key}']:.1f} | "
+                      f"{r.get(f'train_l0_{key}', float('nan')):.1f} |")  # fmt: skip
     return rows
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """The held-out L0-FVU plot of ``rows`` (one curve per architecture, each point tagged with its fields)."""
+    from sparsedict.eval.plot import plot_pareto
+
+    points = [{**r, "params": r["fields"]} for r in rows]
+    print(f"wrote {plot_pareto(points, path, title=title)}")
+
+
+def title_of(rows: list[dict]) -> str:
+    r = rows[0]
+    return (f"{r['label'] or r['hookpoint']}: n={r['n_latents']}, {r['steps']} steps of {r['batch_size']}, "
+            "default settings")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", required=True, help="training activation cache")
-    p.add_argument("--test", required=True, help="held-out activation cache")
-    p.add_argument("--hookpoint", required=True)
+    p.add_argument("--train", help="training activation cache")
+    p.add_argument("--test", help="held-out activation cache")
+    p.add_argument("--hookpoint")
     p.add_argument("--target", default="", help="transcoder target hookpoint (empty: SAEs)")
-    p.add_argument("--point", action="append", required=True, help="arch:field=v;train.field=v (repeatable)")
+    p.add_argument("--point", action="append", help="arch:field=v;train.field=v (repeatable)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max_steps", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=1024)
@@ -160,9 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="")
     p.add_argument("--work", default="/tmp/sparsedict-presets")
     p.add_argument("--json", default="")
+    p.add_argument("--png", default="", help="write the held-out L0-FVU plot here")
+    p.add_argument("--replot", default="", help="plot these JSON lines (those of --label if given) and exit")
     args = p.parse_args(argv)
+    if args.replot:
+        rows = [json.loads(line) for line in Path(args.replot).read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if not args.label or r["label"] == args.label]
+        if not rows or not args.png:
+            raise SystemExit(f"--replot needs --png and lines of label {args.label!r} in {args.replot}")
+        plot(rows, args.png, title_of(rows))
+        return 0
+    missing = [f"--{k}" for k in ("train", "test", "hookpoint", "point") if not getattr(args, k)]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)} (or give --replot)")
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    run(args)
+    rows = run(args)
+    if args.png:
+        plot(rows, args.png, title_of(rows))
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Every architecture lands its sparsity target with the package defaults (no LR, no coefficient given), on real
-SmolLM2 activations (embedded model, shipped corpus sample), measured on held-out rows.
+"""Every SAE architecture lands its sparsity target with the package defaults (no LR, no coefficient given), on
+real SmolLM2 activations (embedded model, shipped corpus sample), measured on held-out rows.
 
-Gated and JumpReLU get ``l0_target`` (the coefficient is steered, then frozen). Tolerance: held-out L0 within
-10 % of the target (the bound the defaults are stated to meet). ReLU, BatchTopK and Matryoshka do not meet it
-on this workload yet (held-out L0 25.6 / 20.4 / 20.2 for 16), so they are not listed; the measurements are in
-benchmarks/RESULTS_defaults.md.
+TopK, BatchTopK and Matryoshka get ``k``; Gated and JumpReLU get ``l0_target`` (the coefficient is steered, then
+frozen). Tolerance: held-out L0 within 10 % of the target, the bound the defaults are stated to meet. The FVU bound
+only says the dictionary learned something (a dictionary that outputs b_dec has FVU 1). ReLU with ``l0_target``
+is not asserted: on this workload it lands 12 % under the target (14.1 for 16), outside the bound (measurements:
+benchmarks/RESULTS_defaults.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from sparsedict.train import TensorSource, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HP, TOKENS, HELD_OUT, TARGET = "resid_post.3", 6000, 1500, 16
+HP, TOKENS, HELD_OUT, TARGET, EPOCHS = "resid_post.3", 14_000, 2000, 16, 3
+TOLERANCE = 0.1
+"""Held-out L0 within this fraction of the target."""
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +31,30 @@ def rows(tmp_path_factory):
     cache = small_cache(tmp_path_factory.mktemp("defaults"), [HP], TOKENS, context_length=64)
     x = ActivationStore(cache, HP).rows()
     assert len(x) == TOKENS
+    # rows in a fixed random order: the held-out rows are unseen tokens of the same documents, not the last
+    # documents of a small corpus slice (whose activation statistics differ by more than the tolerance)
+    x = x[torch.randperm(TOKENS, generator=torch.Generator().manual_seed(0))]
     return x[:-HELD_OUT], x[-HELD_OUT:]
 
 
 @pytest.mark.parametrize(
     "arch, fields",
     [
+        ("topk", {"k": TARGET}),
+        ("batchtopk", {"k": TARGET}),
+        ("matryoshka", {"k": TARGET}),
         ("gated", {"l0_target": TARGET}),
         ("jumprelu", {"l0_target": TARGET}),
     ],
 )
 def test_default_lands_the_target_l0(rows, tmp_path, arch, fields):
+    """12,000 training rows x 3 epochs = 140 steps of 256, n = 1152, then 2,000 held-out rows."""
     train, test = rows
     torch.manual_seed(0)
     _, cfg_cls = lookup(arch)
     model = build(cfg_cls(hookpoint=HP, expansion=2, **fields).resolved(train.shape[1]))
-    cfg = TrainConfig(batch_size=256, epochs=8, log_every=10**9, out_dir=str(tmp_path), init_rows=len(train))
+    cfg = TrainConfig(batch_size=256, epochs=EPOCHS, log_every=10**9, out_dir=str(tmp_path), init_rows=8192)
     Trainer({arch: model}, {model.cfg.source_key: TensorSource(train, batch_size=256)}, cfg).fit(resume=False)
     held = reconstruction_stats(model, [(test, None)])
-    assert abs(held.l0 - TARGET) <= 0.1 * TARGET, f"{arch}: held-out L0 {held.l0:.2f}, target {TARGET}"
+    assert abs(held.l0 - TARGET) <= TOLERANCE * TARGET, f"{arch}: held-out L0 {held.l0:.2f}, target {TARGET}"
     assert held.fvu < 0.5, f"{arch}: held-out FVU {held.fvu:.3f}"

@@ -1,5 +1,5 @@
-"""BatchTopK: batch-level selection (mean L0 = k in training), inference threshold θ (a running mean, used in
-eval), AuxK, planted recovery (save/load: test_dict_registry.py)."""
+"""BatchTopK: batch-level selection (mean L0 = k in training), inference threshold θ (a running mean,
+recalibrated on the final weights at the last step; used in eval), AuxK, planted recovery (save/load: test_dict_registry.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _min_kept(out: Output) -> float:
 
 
 def test_threshold_is_a_running_mean_floored_at_rate_r_and_starts_late_in_the_run():
-    m = make(k=3, threshold_rate=0.25)  # default start: int(0.8 * total_steps)
+    m = make(k=3, threshold_rate=0.25, threshold_calibration_rows=0)  # start: int(0.8 * total_steps)
     assert m._start == 0  # no on_step yet (run length unknown): estimate from the first batch
     with torch.no_grad():
         m.b_enc.fill_(0.5)
@@ -116,6 +116,42 @@ def test_eval_l0_is_k_when_the_activation_scale_drifts_during_training():
     m.eval()
     with torch.no_grad():
         l0 = float(m.encode(torch.randn(20_000, 16)).values.ne(0).sum(1).float().mean())
+    assert abs(l0 - k) < 0.1 * k, f"held-out L0 {l0:.2f} at θ={float(m.threshold):.4f}, k={k}"
+
+
+def _train_with_shrinking_encoder(**fields) -> tuple:
+    """60 steps while W_enc shrinks by 2 % a step (the weights drift through the whole estimate phase)."""
+    k, total = 3, 60
+    m = make(d=16, n=48, k=k, **fields)
+    torch.manual_seed(2)
+    batches = []
+    m.train()
+    with torch.no_grad():
+        for step in range(total):
+            m.on_step(step, total)
+            batches.append(torch.randn(256, 16))
+            m.after_step(m(batches[-1]))
+            m.W_enc.mul_(0.98)
+    return m, batches
+
+
+def test_threshold_is_recalibrated_on_the_final_weights_at_the_last_step():
+    """At the last step θ becomes the mean k·B-th largest pre-activation of the recent batches (here the
+    last 4 of 256 rows) under the final weights; the held-out L0 at θ is then within 10 % of k, while the
+    running mean alone (batches encoded by the larger earlier encoders) gives a θ too high."""
+    k = 3
+    m, batches = _train_with_shrinking_encoder(threshold_calibration_rows=1024)
+    with torch.no_grad():
+        m.W_enc.div_(0.98)  # undo the shrink after the last step: the weights of the final after_step
+        acts = [torch.relu((x - m.b_dec) @ m.W_enc + m.b_enc).flatten() for x in batches[-4:]]
+        expect = torch.stack([a.topk(k * 256).values.min() for a in acts]).mean()
+    assert abs(float(m.threshold) - float(expect)) < 1e-5 * float(expect)
+    plain, _ = _train_with_shrinking_encoder(threshold_calibration_rows=0)
+    assert float(plain.threshold) > 1.1 * float(m.threshold)
+    x = torch.randn(20_000, 16)
+    m.eval()
+    with torch.no_grad():
+        l0 = float(m.encode(x).values.ne(0).sum(1).float().mean())
     assert abs(l0 - k) < 0.1 * k, f"held-out L0 {l0:.2f} at θ={float(m.threshold):.4f}, k={k}"
 
 

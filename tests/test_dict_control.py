@@ -49,13 +49,13 @@ def test_steered_coefficient_rises_when_l0_is_too_high(arch):
     model = make_dict(arch, d_in=16, n_latents=64, l0_target=2.0, l0_control_gain=0.2, l0_control_damping=0.0)
     start = model.l1_current
     trainer = Trainer({"m": model}, {model.cfg.source_key: TensorSource(x, batch_size=256)},
-                      TrainConfig(max_steps=8, normalise_inputs="sqrt_d", log_every=10**9, out_dir="/tmp/unused",
-                                  init_rows=2048))  # fmt: skip
+                      TrainConfig(max_steps=8, lr=1e-3, normalise_inputs="sqrt_d", log_every=10**9,
+                                  out_dir="/tmp/unused", init_rows=2048))  # fmt: skip
     trainer.initialise()
     it = iter(trainer.sources[model.cfg.source_key])
     for _ in range(8):
         trainer.train_step({model.cfg.source_key: next(it)})
-    # A fresh ReLU/Gated fires on far more than 2 of 64 latents: every step until the freeze at
+    # A fresh ReLU/Gated fires on far more than 2 of 64 latents (and a small LR keeps it so): every step until the freeze at
     # int(0.8 · 8) = 6 raises log λ by the largest step (0.1); the coefficient in use follows it.
     assert model.l0_controller.coefficient == pytest.approx(start * math.exp(6 * 0.1), rel=1e-9)
     assert model.l1_current == pytest.approx(model.l0_controller.coefficient, rel=1e-12)

@@ -1,5 +1,5 @@
-"""ReLU + decoder-norm-weighted L1: loss terms, warmup, init, planted recovery, and the multi-dictionary
-sweep (one Trainer, shared batches == each trained alone). Save/load: test_dict_registry.py."""
+"""ReLU + decoder-norm-weighted L1: loss terms, warmup, init, the 'auto' preset, planted recovery, and the
+multi-dictionary sweep (one Trainer, shared batches == each trained alone). Save/load: test_dict_registry.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 from sparsedict.dictionaries import build
 from sparsedict.dictionaries.relu import ReLUConfig
 from sparsedict.dictionaries.topk import TopKConfig
+from sparsedict.train import TrainConfig
+from sparsedict.train.optim import DictionaryOptimizer
+from sparsedict.train.schedule import budget_lr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: thread barriers dominate on a shared machine
 
@@ -102,3 +105,13 @@ def test_sweep_in_one_pass_equals_separate_runs(tmp_path):
                 together[name].state_dict()[key], value, atol=0, rtol=0, msg=f"{name}.{key}"
             )
         assert not torch.equal(alone.W_dec, fresh(name).W_dec)  # it did train
+
+
+def test_auto_preset_is_a_third_of_the_run_length_rule():
+    """``optimizer='auto'`` (the default) gives ReLU, Gated and JumpReLU a third of TopK's run-length LR and a
+    warmup capped at 10 % of the run."""
+    for arch in ("relu", "gated", "jumprelu"):
+        opt = DictionaryOptimizer(make_dict(arch, 16, 64), TrainConfig(), 50)
+        assert opt.base_lr == pytest.approx(budget_lr(64, 50) / 3, rel=1e-12), arch
+        assert opt.warmup_steps == 5, arch
+        assert "'auto' run-length rule x 0.333: 50 steps" in opt.describe(), arch

@@ -255,13 +255,18 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     assert {g["betas"] for g in own.opt.param_groups} == {(0.9, 0.999)}
     own.set_step(50)
     assert {g["lr"] for g in own.opt.param_groups} == {1e-3}
+    # ReLU's preset: a third of the run-length rule, TopK's warmup cap, Adam's default betas
     relu = DictionaryOptimizer(build(ReLUConfig(d_in=24, n_latents=96).resolved(24)), TrainConfig(), 10)
     assert (
         relu.name == "adam"
-        and relu.base_lr == pytest.approx(width_lr(96, "adam"))
-        and relu.warmup_steps == 100
+        and relu.base_lr == pytest.approx(budget_lr(96, 10) / 3)
+        and relu.warmup_steps == 1
     )
     assert {g["betas"] for g in relu.opt.param_groups} == {(0.9, 0.999)}
+    plain = DictionaryOptimizer(
+        build(ReLUConfig(d_in=24, n_latents=96).resolved(24)), TrainConfig(optimizer="adam"), 10
+    )
+    assert plain.base_lr == pytest.approx(width_lr(96, "adam")) and plain.warmup_steps == 100
     explicit = DictionaryOptimizer(_topk(), TrainConfig(optimizer="adam"), 10)
     assert explicit.base_lr == pytest.approx(width_lr(96, "adam"))
     assert DictionaryOptimizer(_topk(), TrainConfig(optimizer="signum_sf"), 10).schedule_free

@@ -18,6 +18,12 @@ an eval-mode forward with an unset θ falls back to batch top-k). θ must descri
   seeded with the first value gives it weight ``(1 − r)^(j−1)``). j is derived from the step number
   (``step − start + 1``), so a resumed run continues the same average from the checkpointed θ.
 
+At the last training step θ is recalibrated on the final weights: the training batches of the estimate
+phase (up to ``threshold_calibration_rows`` of the most recent rows) are encoded again, and θ becomes the
+mean over them of each batch's ``k·B``-th largest pre-activation, so on recent training rows the mean number
+of latents above θ is k (what batch top-k keeps in expectation), without the lag of an average over batches
+encoded by earlier weights. The running mean stays θ until then (a mid-run evaluation uses it).
+
 Unit-norm decoder, AuxK and init as TopK.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
 
@@ -61,6 +67,10 @@ class BatchTopKConfig(TopKConfig):
     threshold_start_step: int = -1
     """Training step from which θ is estimated (earlier batches are ignored); -1 means the last 20 % of
     the run (``int(0.8 · total_steps)``, from ``on_step``; 0 when no ``on_step`` call gave the run length)."""
+    threshold_calibration_rows: int = 8192
+    """At the last training step θ is recalibrated on the final weights from up to this many of the most
+    recent training rows since ``threshold_start_step`` (whole batches, at least the last one; kept on the
+    training device until then; after a resume, those seen since); 0 keeps the running mean."""
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
@@ -121,6 +131,8 @@ class BatchTopK(Dictionary):
         self._step = 0
         self._start = max(0, cfg.threshold_start_step)  # resolved from the run length in on_step
         self._updates = 0  # batches averaged into θ so far (j − 1 for the next one)
+        self._total = 0  # the run length, from on_step (0: unknown)
+        self._recent: list[Tensor] = []  # recent training inputs for the final calibration of θ
 
     def select(self, acts: Tensor) -> Tensor:
         """Training: batch top-k. Eval: the threshold θ (batch top-k while θ is unset)."""
@@ -132,6 +144,8 @@ class BatchTopK(Dictionary):
         """Code of ``x [B, d_in]``: dense ``values [B, n]`` (zeros inactive), or on the fused path (training
         on CUDA, see the module docstring) k_c-sparse ``values, indices [B, k_c]`` with unselected zeros."""
         x_in = self._x_in(x)
+        if self.training and self._total and self._step >= self._start:
+            self.keep_recent(x_in.detach())
         if self.training and use_triton(x_in):
             code = self.fused_batch_topk(x_in)
             if code is not None:
@@ -152,8 +166,18 @@ class BatchTopK(Dictionary):
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
         return auxk_loss(self, self._x_in(x), y - x_hat, self.cfg.aux_k or self.d_in // 2, self.cfg.aux_alpha)
 
+    def keep_recent(self, x_in: Tensor) -> None:
+        """Remember the encoder input of a training batch (whole batches, the most recent up to
+        ``threshold_calibration_rows`` rows; none when that is 0)."""
+        limit = self.cfg.threshold_calibration_rows
+        if limit <= 0:
+            return
+        self._recent.append(x_in)
+        while len(self._recent) > 1 and sum(len(r) for r in self._recent[1:]) >= limit:
+            self._recent.pop(0)
+
     def on_step(self, step: int, total_steps: int) -> None:
-        self._step = step
+        self._step, self._total = step, total_steps
         start = self.cfg.threshold_start_step
         self._start = int(THRESHOLD_START_FRACTION * total_steps) if start < 0 else start
         # batches before this step that entered θ: also right after a resume (θ comes from the checkpoint)
@@ -165,6 +189,21 @@ class BatchTopK(Dictionary):
         if not self.training or self._step < self._start:
             return
         self.update_threshold(out.code)
+        if self._total and self._step == self._total - 1 and self._recent:
+            self.calibrate_threshold(self._recent)
+            self._recent = []
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches: list[Tensor]) -> None:
+        """θ ← the mean over ``batches`` (encoder inputs ``[B, d_in]``) of each one's ``k·B``-th largest
+        pre-activation under the current weights (over ranks too): recent rows then have mean L0 ≈ k at θ."""
+        kth = []
+        for x_in in batches:
+            acts = (x_in @ self.W_enc + self.b_enc).relu().reshape(-1).float()
+            kth.append(acts.topk(min(self.cfg.k * len(x_in), acts.numel()), sorted=False).values.min())
+        m = distributed.all_reduce_mean(torch.stack(kth).mean())
+        if float(m) > 0:
+            self.threshold.fill_(float(m))
 
     @torch.no_grad()
     def update_threshold(self, code: SparseCode) -> None:

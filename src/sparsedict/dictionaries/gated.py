@@ -54,8 +54,13 @@ class GatedConfig(L0TargetFields, DictionaryConfig):
 @register("gated", GatedConfig)
 class Gated(Steered, Dictionary):
     cfg: GatedConfig
-    # width-rule Adam with the warmup at most 10 % of the run; chosen by measurement: benchmarks/RESULTS_defaults.md
-    auto_train: ClassVar[dict[str, Any]] = {"warmup_fraction": 0.1}
+    # a third of TopK's run-length LR, warmup at most 10 % of the run; chosen by measurement:
+    # benchmarks/RESULTS_defaults.md
+    auto_train: ClassVar[dict[str, Any]] = {
+        "lr_rule": "budget",
+        "budget_scale": 1 / 3,
+        "warmup_fraction": 0.1,
+    }
     input_normalisation = "sqrt_d"
     saelens_architecture = "gated"
     sparsity_fields = ("l1_coefficient", "l0_target")

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
 from sparsedict.dictionaries.control import L0TargetFields, Steered
-from sparsedict.dictionaries.relu import warmup_factor
+from sparsedict.dictionaries.relu import ReLU, warmup_factor
 
 
 @dataclass
@@ -123,6 +124,8 @@ class JumpReLU(Steered, Dictionary):
     """JumpReLU SAE / transcoder; parameters: the canonical ones plus ``threshold [n]`` (θ, latent units)."""
 
     cfg: JumpReLUConfig
+    # as ReLU's (a third of TopK's run-length LR); chosen by measurement: benchmarks/RESULTS_defaults.md
+    auto_train: ClassVar[dict[str, Any]] = ReLU.auto_train
     input_normalisation = "unit_msn"
     saelens_architecture = "jumprelu"
     sparsity_fields = ("l0_coefficient", "l0_target")

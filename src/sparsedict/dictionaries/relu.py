@@ -5,7 +5,7 @@ Anthropic's spec has none, SAELens subtracts by default), ``x̂ = f W_dec + b_de
 Loss: ``‖y − x̂‖² + λ Σ_i f_i ‖W_dec[i]‖₂`` (per-token sum, mean over the batch). The decoder is *not*
 norm-constrained; the norm weighting makes the penalty invariant to rescaling ``f_i ↔ W_dec[i]``.
 λ is warmed up linearly from 0 (``l1_warmup_steps``). Init: decoder rows random directions of norm 0.1,
-``W_enc = W_dec^T``, biases 0. The defaults (λ = 5, lr ≈ 5e-5) assume inputs scaled so ``E‖x‖ = √d``
+``W_enc = W_dec^T``, biases 0. The default λ = 5 assumes inputs scaled so ``E‖x‖ = √d``
 (``TrainConfig.normalise_inputs = "sqrt_d"``); λ does not transfer across normalisations. For an isolated
 latent the penalty soft-thresholds its coefficient c (in scaled units) to ``max(c − λ/2, 0)``, so λ should sit
 well below twice the typical coefficient ``≈ √(d / L0)``.
@@ -14,6 +14,7 @@ well below twice the typical coefficient ``≈ √(d / L0)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,6 +47,13 @@ def warmup_factor(step: int, total_steps: int, warmup_steps: int, default_fracti
 @register("relu", ReLUConfig)
 class ReLU(Steered, Dictionary):
     cfg: ReLUConfig
+    # a third of TopK's run-length LR, warmup at most 10 % of the run; chosen by measurement:
+    # benchmarks/RESULTS_defaults.md
+    auto_train: ClassVar[dict[str, Any]] = {
+        "lr_rule": "budget",
+        "budget_scale": 1 / 3,
+        "warmup_fraction": 0.1,
+    }
     unit_norm_decoder = False
     input_normalisation = "sqrt_d"
     saelens_architecture = "standard"

@@ -69,7 +69,7 @@ def auto_preset(model: nn.Module, name: str) -> dict:
     """The training preset that ``optimizer='auto'`` applies: ``type(model).auto_train`` (empty otherwise).
 
     Keys: ``betas``, ``lr_rule`` ('budget': :func:`~sparsedict.train.schedule.budget_lr`; else the width
-    rule), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
+    rule), ``budget_scale`` (a factor on the run-length rule's LR), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
     fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale, warmup_steps) take precedence.
     """
     return dict(type(model).auto_train) if name == "auto" else {}
@@ -92,8 +92,10 @@ class DictionaryOptimizer:
         if cfg.lr:
             self.base_lr, lr_from = cfg.lr, "set in the config"
         elif preset.get("lr_rule") == "budget" and total_steps <= BUDGET_MAX_STEPS:
-            self.base_lr = budget_lr(model.n_latents, total_steps)
-            lr_from = f"'auto' run-length rule: {total_steps} steps, {model.n_latents} latents"
+            scale = preset.get("budget_scale", 1.0)
+            self.base_lr = scale * budget_lr(model.n_latents, total_steps)
+            lr_from = (f"'auto' run-length rule{f' x {scale:.3g}' if scale != 1 else ''}: {total_steps} steps, "
+                       f"{model.n_latents} latents")  # fmt: skip
         elif preset.get("lr_rule") == "budget":  # beyond the run lengths the rule was fitted on
             self.base_lr = width_lr(model.n_latents, self.name)
             lr_from = (f"width rule: {model.n_latents} latents; the 'auto' run-length rule is fitted up to "
