@@ -56,11 +56,7 @@ class Gated(Steered, Dictionary):
     cfg: GatedConfig
     # a third of TopK's run-length LR, warmup at most 10 % of the run; chosen by measurement:
     # benchmarks/RESULTS_defaults.md
-    auto_train: ClassVar[dict[str, Any]] = {
-        "lr_rule": "budget",
-        "budget_scale": 1 / 3,
-        "warmup_fraction": 0.1,
-    }
+    auto_train: ClassVar[dict[str, Any]] = ReLU.auto_train
     input_normalisation = "sqrt_d"
     saelens_architecture = "gated"
     sparsity_fields = ("l1_coefficient", "l0_target")
