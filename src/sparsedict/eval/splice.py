@@ -130,6 +130,17 @@ def _next_token_logp(model, ids: Tensor, attn: Tensor, pos: Tensor) -> Tensor:
     return torch.log_softmax(logits[:, :-1][pos].float(), dim=-1)
 
 
+def _clean_batches(
+    model, contexts: Contexts, batch_size: int, device: str | torch.device
+) -> Iterator[tuple[Tensor, ...]]:
+    """Each batch ``ids, attn, keep`` of ``contexts`` on ``device``, with the scored positions ``pos [B, T-1]``,
+    their next tokens ``labels [M]`` and the clean model's log-probabilities there ``[M, V]``."""
+    for ids, attn, keep in contexts.batches(batch_size):
+        ids, attn, keep = ids.to(device), attn.to(device), keep.to(device)
+        pos = keep[:, :-1] & attn[:, 1:]
+        yield ids, attn, keep, pos, ids[:, 1:][pos], _next_token_logp(model, ids, attn, pos)
+
+
 @torch.no_grad()
 def activation_means(model, hookpoints: list[str], contexts: Contexts, batch_size: int = 8,
                      device: str | torch.device = "cpu") -> dict[str, Tensor]:  # fmt: skip
@@ -175,11 +186,7 @@ def evaluate_splicing(
     recon = {name: ReconstructionStats(d.n_latents) for name, d in dictionaries.items()}
     for d in dictionaries.values():
         d.eval()
-    for ids, attn, keep in contexts.batches(batch_size):
-        ids, attn, keep = ids.to(device), attn.to(device), keep.to(device)
-        pos = keep[:, :-1] & attn[:, 1:]
-        labels = ids[:, 1:][pos]
-        logp_clean = _next_token_logp(model, ids, attn, pos)
+    for ids, attn, keep, pos, labels, logp_clean in _clean_batches(model, contexts, batch_size, device):
         ce_clean = token_ce(logp_clean, labels)
         base: dict[str, dict[str, Tensor]] = {}
         for target in targets:
@@ -243,11 +250,7 @@ def evaluate_replacement(
     stats = {name: {v: SpliceStats() for v, _, _ in rows} for name, rows in variants.items()}
     for d in dictionaries.values():
         d.eval()
-    for ids, attn, keep in contexts.batches(batch_size):
-        ids, attn, keep = ids.to(device), attn.to(device), keep.to(device)
-        pos = keep[:, :-1] & attn[:, 1:]
-        labels = ids[:, 1:][pos]
-        logp_clean = _next_token_logp(model, ids, attn, pos)
+    for ids, attn, keep, pos, labels, logp_clean in _clean_batches(model, contexts, batch_size, device):
         ce_clean = token_ce(logp_clean, labels)
         base: dict[tuple[str, ...], dict[str, Tensor]] = {}
         for hps in ablated:
