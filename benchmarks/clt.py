@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval_cache", default="")
     ap.add_argument("--work", default="runs/bench-clt")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--reuse", action="store_true", help="evaluate the CLT and PLT set saved by an earlier run"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
