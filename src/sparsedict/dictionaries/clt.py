@@ -398,6 +398,8 @@ class CLT(LayerRange, Dictionary):
             elif how == "median":
                 self.b_dec[j].copy_(geometric_median(y[:, j]).to(self.b_dec.dtype))
         self.target_variance.copy_(layer_var(y))
+        if self.unit_norm_decoder:
+            self.match_encoder_scale(x, y)
         l0 = self.cfg.threshold_init_l0
         l0 = self.cfg.k if l0 < 0 else l0
         if self.cfg.activation != "jumprelu" or l0 <= 0:
@@ -410,6 +412,23 @@ class CLT(LayerRange, Dictionary):
         for i in range(self.n_layers):
             z = (x[:, i] @ self.W_enc[i] + self.b_enc[i]).float()
             self.threshold[i] = z.kthvalue(q, dim=0).values.clamp_min(0.0).to(self.threshold.dtype)
+
+    @torch.no_grad()
+    def match_encoder_scale(self, x: Tensor, y: Tensor) -> None:
+        """Scale ``W_enc[i]`` by ``rms‖y_j − b_dec[j]‖`` over the layers ``j ≥ i`` it writes to, over ``rms‖x_i‖``.
+
+        A feature's decoder rows over its ``L − i`` target layers start as one random unit vector, so the
+        activation its reconstruction needs is about the per-layer target norm over ``√d_out`` (as for a
+        transcoder, :meth:`Dictionary.match_encoder_scale`); a random encoder gives ``‖x_i‖ / √d_in``. MLP
+        outputs are several times larger than the normalised MLP inputs, and a CLT left at the input's scale
+        loses about half its features to dead latents while its encoder grows (benchmarks/RESULTS.md).
+        """
+        residual = (y - self.b_dec).float().pow(2).sum(-1).mean(0)  # [L]: E‖y_j − b_dec[j]‖²
+        source = x.float().pow(2).sum(-1).mean(0).sqrt()  # [L]
+        for i in range(self.n_layers):
+            target = residual[i:].mean().sqrt()
+            if float(source[i]) > 0 and float(target) > 0:
+                self.W_enc[i].mul_((target / source[i]).to(self.W_enc.dtype))
 
     # -- decoder normalisation (topk, batchtopk) ---------------------------------------------------------
     @torch.no_grad()
