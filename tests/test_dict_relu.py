@@ -107,11 +107,11 @@ def test_sweep_in_one_pass_equals_separate_runs(tmp_path):
         assert not torch.equal(alone.W_dec, fresh(name).W_dec)  # it did train
 
 
-def test_auto_preset_is_a_third_of_the_run_length_rule():
-    """``optimizer='auto'`` (the default) gives ReLU, Gated and JumpReLU a third of TopK's run-length LR and a
+def test_auto_preset_is_two_thirds_of_the_run_length_rule():
+    """``optimizer='auto'`` (the default) gives ReLU, Gated and JumpReLU two thirds of the run-length LR and a
     warmup capped at 10 % of the run."""
     for arch in ("relu", "gated", "jumprelu"):
         opt = DictionaryOptimizer(make_dict(arch, 16, 64), TrainConfig(), 50)
-        assert opt.base_lr == pytest.approx(budget_lr(64, 50) / 3, rel=1e-12), arch
+        assert opt.base_lr == pytest.approx(budget_lr(64, 50) * 2 / 3, rel=1e-12), arch
         assert opt.warmup_steps == 5, arch
-        assert "'auto' run-length rule x 0.333: 50 steps" in opt.describe(), arch
+        assert "'auto' run-length rule x 0.667: 50 steps" in opt.describe(), arch

@@ -214,8 +214,8 @@ def test_fused_decoder_adam_on_cuda_picks_triton_and_equals_unfused():
         assert err_ratio(results[0][name], p) < 1e-5, name
 
 
-def test_run_length_rule_only_inside_its_fitted_range():
-    """Runs longer than the run-length rule's fitted range take the width rule, and the printed line says so."""
+def test_run_length_rule_only_inside_its_measured_range():
+    """Runs longer than the run-length rule's measured range take the width rule, and the printed line says so."""
     from sparsedict.train.schedule import BUDGET_MAX_STEPS, budget_lr, width_lr
 
     inside = DictionaryOptimizer(_topk(), TrainConfig(), BUDGET_MAX_STEPS)
@@ -226,7 +226,7 @@ def test_run_length_rule_only_inside_its_fitted_range():
         == pytest.approx(width_lr(96, "adam"))
         != pytest.approx(budget_lr(96, 4 * BUDGET_MAX_STEPS))
     )
-    assert f"fitted up to {BUDGET_MAX_STEPS} steps" in longer.describe()
+    assert f"measured up to {BUDGET_MAX_STEPS} steps" in longer.describe()
     assert {g["betas"] for g in longer.opt.param_groups} == {(0.8, 0.99)}  # the rest of the preset stays
 
 
@@ -240,8 +240,12 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     assert (
         topk.base_lr
         == pytest.approx(budget_lr(96, 200))
-        == pytest.approx(0.0209 / (200 ** (1 / 3) * (96 / 2**14) ** 0.5))
+        == pytest.approx(0.0148 / (200 ** (1 / 3) * (96 / 2**14) ** 0.5))
     )
+    # the batch factor (B / 4096)^(1/4), flat above 4096
+    small = DictionaryOptimizer(_topk(), TrainConfig(batch_size=256), 200)
+    assert small.base_lr == pytest.approx(budget_lr(96, 200, 256)) == pytest.approx(topk.base_lr / 2)
+    assert DictionaryOptimizer(_topk(), TrainConfig(batch_size=16384), 200).base_lr == pytest.approx(topk.base_lr)
     assert topk.warmup_steps == 20  # min(warmup_steps=100, 10 % of 200 steps)
     assert {g["betas"] for g in topk.opt.param_groups} == {(0.8, 0.99)}
     topk.set_step(50)
@@ -255,11 +259,11 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     assert {g["betas"] for g in own.opt.param_groups} == {(0.9, 0.999)}
     own.set_step(50)
     assert {g["lr"] for g in own.opt.param_groups} == {1e-3}
-    # ReLU's preset: a third of the run-length rule, TopK's warmup cap, Adam's default betas
+    # ReLU's preset: two thirds of the run-length rule, TopK's warmup cap, Adam's default betas
     relu = DictionaryOptimizer(build(ReLUConfig(d_in=24, n_latents=96).resolved(24)), TrainConfig(), 10)
     assert (
         relu.name == "adam"
-        and relu.base_lr == pytest.approx(budget_lr(96, 10) / 3)
+        and relu.base_lr == pytest.approx(budget_lr(96, 10) * 2 / 3)
         and relu.warmup_steps == 1
     )
     assert {g["betas"] for g in relu.opt.param_groups} == {(0.9, 0.999)}
@@ -289,7 +293,7 @@ def test_describe_states_what_the_run_gets():
     auto = DictionaryOptimizer(_topk(), TrainConfig(), 200)
     lr = budget_lr(96, 200)
     assert auto.describe() == (
-        f"adam, lr {lr:.3g} ('auto' run-length rule: 200 steps, 96 latents), W_dec lr {2 * lr:.3g} (x2, 'auto' "
+        f"adam, lr {lr:.3g} ('auto' run-length rule: 200 steps of 4096, 96 latents), W_dec lr {2 * lr:.3g} (x2, 'auto' "
         "preset), betas (0.8, 0.99) ('auto' preset), warmup 20 steps (default 100, 'auto' cap 10% of the run = "
         "20), decay to 0 over the last 20% of 200 steps"
     )

@@ -54,7 +54,7 @@ class GatedConfig(L0TargetFields, DictionaryConfig):
 @register("gated", GatedConfig)
 class Gated(Steered, Dictionary):
     cfg: GatedConfig
-    # a third of TopK's run-length LR, warmup at most 10 % of the run; chosen by measurement:
+    # as ReLU's (two thirds of the run-length LR, warmup at most 10 % of the run); chosen by measurement:
     # benchmarks/RESULTS_defaults.md
     auto_train: ClassVar[dict[str, Any]] = ReLU.auto_train
     input_normalisation = "sqrt_d"

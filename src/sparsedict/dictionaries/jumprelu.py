@@ -124,7 +124,7 @@ class JumpReLU(Steered, Dictionary):
     """JumpReLU SAE / transcoder; parameters: the canonical ones plus ``threshold [n]`` (θ, latent units)."""
 
     cfg: JumpReLUConfig
-    # as ReLU's (a third of TopK's run-length LR); chosen by measurement: benchmarks/RESULTS_defaults.md
+    # as ReLU's (two thirds of the run-length LR); chosen by measurement: benchmarks/RESULTS_defaults.md
     auto_train: ClassVar[dict[str, Any]] = ReLU.auto_train
     input_normalisation = "unit_msn"
     saelens_architecture = "jumprelu"

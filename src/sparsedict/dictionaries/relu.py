@@ -47,11 +47,11 @@ def warmup_factor(step: int, total_steps: int, warmup_steps: int, default_fracti
 @register("relu", ReLUConfig)
 class ReLU(Steered, Dictionary):
     cfg: ReLUConfig
-    # a third of TopK's run-length LR, warmup at most 10 % of the run; chosen by measurement:
-    # benchmarks/RESULTS_defaults.md
+    # two thirds of the run-length LR (at batch 1024 a third of the rule it was chosen against), warmup at most
+    # 10 % of the run; chosen by measurement: benchmarks/RESULTS_defaults.md
     auto_train: ClassVar[dict[str, Any]] = {
         "lr_rule": "budget",
-        "budget_scale": 1 / 3,
+        "budget_scale": 2 / 3,
         "warmup_fraction": 0.1,
     }
     unit_norm_decoder = False

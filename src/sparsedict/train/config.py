@@ -17,12 +17,12 @@ class TrainConfig:
     """'adam', 'signum_sf' (sign-SGD with momentum under a schedule-free wrapper) or 'auto': Adam with the
     architecture's tuned preset (``Dictionary.auto_train``; TopK: betas (0.8, 0.99), run-length LR rule,
     decoder LR x2, warmup <= 10 % of the run, the benchmark winner in benchmarks/RESULTS_training.md; BatchTopK and
-    Matryoshka use it too; ReLU, JumpReLU and Gated a third of its run-length LR; MP-SAE the run-length LR with
+    Matryoshka use it too; ReLU, JumpReLU and Gated two thirds of its run-length LR; MP-SAE the run-length LR with
     warmup <= 10 %); plain Adam with the width rule for architectures without a preset."""
     lr: float = 0.0
     """Learning rate; 0 uses the architecture's rule: under 'auto' with a 'budget' preset
-    0.0209 / (steps^(1/3) sqrt(n/2^14)) for runs of at most 305 steps (the fitted range), the width rule
-    beyond; otherwise the width rule adam 2e-4/sqrt(n/2^14),
+    0.0148 (B/4096)^(1/4) / (steps^(1/3) sqrt(n/2^14)) (B: batch_size, at most 4096) for runs of at most
+    2000 steps (the measured range), the width rule beyond; otherwise the width rule adam 2e-4/sqrt(n/2^14),
     signum_sf 5e-3/sqrt(n/2^14)."""
     betas: tuple[float, float] | None = None
     """Adam betas (None: the 'auto' preset's, else (0.9, 0.999))."""

@@ -93,12 +93,12 @@ class DictionaryOptimizer:
             self.base_lr, lr_from = cfg.lr, "set in the config"
         elif preset.get("lr_rule") == "budget" and total_steps <= BUDGET_MAX_STEPS:
             scale = preset.get("budget_scale", 1.0)
-            self.base_lr = scale * budget_lr(model.n_latents, total_steps)
-            lr_from = (f"'auto' run-length rule{f' x {scale:.3g}' if scale != 1 else ''}: {total_steps} steps, "
-                       f"{model.n_latents} latents")  # fmt: skip
-        elif preset.get("lr_rule") == "budget":  # beyond the run lengths the rule was fitted on
+            self.base_lr = scale * budget_lr(model.n_latents, total_steps, cfg.batch_size)
+            lr_from = (f"'auto' run-length rule{f' x {scale:.3g}' if scale != 1 else ''}: {total_steps} steps "
+                       f"of {cfg.batch_size}, {model.n_latents} latents")  # fmt: skip
+        elif preset.get("lr_rule") == "budget":  # beyond the run lengths the rule was measured on
             self.base_lr = width_lr(model.n_latents, self.name)
-            lr_from = (f"width rule: {model.n_latents} latents; the 'auto' run-length rule is fitted up to "
+            lr_from = (f"width rule: {model.n_latents} latents; the 'auto' run-length rule is measured up to "
                        f"{BUDGET_MAX_STEPS} steps, this run has {total_steps}")  # fmt: skip
         else:
             self.base_lr = width_lr(model.n_latents, self.name)
