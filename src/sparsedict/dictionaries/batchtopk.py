@@ -24,10 +24,10 @@ mean over them of each batch's ``k·B``-th largest pre-activation, so on recent 
 of latents above θ is k (what batch top-k keeps in expectation), without the lag of an average over batches
 encoded by earlier weights. The running mean stays θ until then (a mid-run evaluation uses it).
 
-Unit-norm decoder and AuxK as TopK. Init as TopK (``W_enc = W_dec^T``, b_dec from a data sample), then
-``W_enc`` is scaled by the least-squares factor of the first code's reconstruction of that sample
-(``encoder_scale_init``): batch selection gives rows of large norm many latents at once, and the unscaled
-first reconstruction of those rows overshoots them several times over.
+Unit-norm decoder, AuxK and init as TopK (``W_enc = W_dec^T``, b_dec from a data sample). With
+``encoder_scale_init`` ``W_enc`` is then scaled by the least-squares factor of the first code's
+reconstruction of that sample: batch selection gives rows of large norm many latents at once, and the
+unscaled first reconstruction of those rows overshoots them several times over.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
 
 Kernels: when :func:`sparsedict.kernels.use_triton` holds (CUDA), training selection runs on per-row
@@ -74,9 +74,11 @@ class BatchTopKConfig(TopKConfig):
     """At the last training step θ is recalibrated on the final weights from up to this many of the most
     recent training rows since ``threshold_start_step`` (whole batches, at least the last one; kept on the
     training device until then; after a resume, those seen since); 0 keeps the running mean."""
-    encoder_scale_init: bool = True
+    encoder_scale_init: bool = False
     """Scale ``W_enc`` at initialisation by the least-squares factor of the first code's reconstruction of
-    the init sample (see :meth:`BatchTopK.fit_encoder_scale`); False keeps ``W_enc = W_dec^T``."""
+    the init sample (see :meth:`BatchTopK.fit_encoder_scale`); False keeps ``W_enc = W_dec^T``. Off by
+    default for BatchTopK: at the 'auto' LR it helps on inputs with rows of very large norm and hurts on
+    others (measured: benchmarks/RESULTS_defaults.md)."""
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
