@@ -27,7 +27,7 @@ encoded by earlier weights. The running mean stays θ until then (a mid-run eval
 Unit-norm decoder, AuxK and init as TopK (``W_enc = W_dec^T``, b_dec from a data sample). With
 ``encoder_scale_init`` ``W_enc`` is then scaled by the least-squares factor of the first code's
 reconstruction of that sample: batch selection gives rows of large norm many latents at once, and the
-unscaled first reconstruction of those rows overshoots them several times over.
+unscaled first reconstruction of those rows overshoots them.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
 
 Kernels: when :func:`sparsedict.kernels.use_triton` holds (CUDA), training selection runs on per-row
@@ -184,8 +184,8 @@ class BatchTopK(Dictionary):
 
         The selection of that code does not change with s (b_enc is 0), so s is the exact least-squares scale
         of the first reconstruction. Batch selection gives rows of large norm many latents, whose summed
-        projections overshoot the row (on residual streams with a few rows of ten times the median norm, the
-        first batch's FVU is then several times 1, measured: benchmarks/RESULTS_defaults.md); s removes that
+        projections overshoot the row (on a residual stream with a few rows of ten times the median norm, the
+        first reconstruction's FVU is then about 2, measured: benchmarks/RESULTS_defaults.md); s removes that
         overshoot before the first step.
         """
         x, y = x[:rows], y[:rows]
