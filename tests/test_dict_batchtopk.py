@@ -157,7 +157,7 @@ def test_threshold_is_recalibrated_on_the_final_weights_at_the_last_step():
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_init_scales_the_encoder_to_the_least_squares_fit_of_the_first_code(arch):
-    """With ``encoder_scale_init`` (Matryoshka's default) ``init_from_data`` multiplies ``W_enc = W_dec^T`` by
+    """With ``encoder_scale_init`` ``init_from_data`` multiplies ``W_enc = W_dec^T`` by
     ``s = ⟨r, x̂₀⟩ / ‖x̂₀‖²`` (r = x − b_dec, x̂₀ the first batch-top-k code's full reconstruction), computed
     here independently; with a few rows of ten times the norm (which batch selection gives many latents) the
     unscaled first code overshoots, so s < 1."""
@@ -165,7 +165,7 @@ def test_init_scales_the_encoder_to_the_least_squares_fit_of_the_first_code(arch
     x = torch.randn(2000, 16) + 0.3
     x[:20] *= 10
     plain = make_dict(arch, 16, 48, k=3, encoder_scale_init=False)
-    m = make_dict(arch, 16, 48, k=3, **({"encoder_scale_init": True} if arch == "batchtopk" else {}))
+    m = make_dict(arch, 16, 48, k=3, encoder_scale_init=True)
     plain.init_from_data(x)
     m.init_from_data(x)
     torch.testing.assert_close(m.b_dec, plain.b_dec)

@@ -77,8 +77,8 @@ class BatchTopKConfig(TopKConfig):
     encoder_scale_init: bool = False
     """Scale ``W_enc`` at initialisation by the least-squares factor of the first code's reconstruction of
     the init sample (see :meth:`BatchTopK.fit_encoder_scale`); False keeps ``W_enc = W_dec^T``. Off by
-    default for BatchTopK: at the 'auto' LR it helps on inputs with rows of very large norm and hurts on
-    others (measured: benchmarks/RESULTS_defaults.md)."""
+    default: at the 'auto' LR it helps on some inputs and hurts on others, and raises dead latents and the
+    held-out L0 at larger widths (measured: benchmarks/RESULTS_defaults.md)."""
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:

@@ -20,8 +20,8 @@ rows only. With ``selection = "batchtopk"`` the code comes from :class:`BatchTop
 candidates on CUDA when exact, see there); a dense code's G disjoint group blocks are decoded and
 cumulatively summed. Group weights default to ``1/G`` each.
 
-Init as BatchTopK (with either selection), with ``encoder_scale_init`` on by default: ``W_enc`` scaled by the
-least-squares factor of the first code's full reconstruction of the init sample.
+Init as BatchTopK (with either selection; with ``encoder_scale_init`` the scale is fitted to the first code's
+full reconstruction).
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ class MatryoshkaConfig(BatchTopKConfig):
     """Group sizes as fractions of n_latents (sum 1; rounded, the last group takes the remainder)."""
     group_weights: tuple[float, ...] = ()
     """Weight w_g of each prefix loss; empty means 1/G each."""
-    encoder_scale_init: bool = True
-    """Scale ``W_enc`` at initialisation by the least-squares factor of the first code's full reconstruction
-    of the init sample (on for Matryoshka, measured: benchmarks/RESULTS_defaults.md)."""
 
     def __post_init__(self) -> None:
         if self.selection not in ("topk", "batchtopk"):
