@@ -155,6 +155,33 @@ def test_threshold_is_recalibrated_on_the_final_weights_at_the_last_step():
     assert abs(l0 - k) < 0.1 * k, f"held-out L0 {l0:.2f} at θ={float(m.threshold):.4f}, k={k}"
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_init_scales_the_encoder_to_the_least_squares_fit_of_the_first_code(arch):
+    """With ``encoder_scale_init`` ``init_from_data`` multiplies ``W_enc = W_dec^T`` by
+    ``s = ⟨r, x̂₀⟩ / ‖x̂₀‖²`` (r = x − b_dec, x̂₀ the first batch-top-k code's full reconstruction), computed
+    here independently; with a few rows of ten times the norm (which batch selection gives many latents) the
+    unscaled first code overshoots, so s < 1."""
+    torch.manual_seed(3)
+    x = torch.randn(2000, 16) + 0.3
+    x[:20] *= 10
+    plain = make_dict(arch, 16, 48, k=3, encoder_scale_init=False)
+    m = make_dict(arch, 16, 48, k=3, encoder_scale_init=True)
+    plain.init_from_data(x)
+    m.init_from_data(x)
+    torch.testing.assert_close(m.b_dec, plain.b_dec)
+    r = x - plain.b_dec
+    x_hat = batch_topk(torch.relu(r @ plain.W_enc + plain.b_enc), 3) @ plain.W_dec
+    s = float((r * x_hat).sum() / x_hat.pow(2).sum())
+    assert 0 < s < 0.9
+    torch.testing.assert_close(m.W_enc, s * plain.W_enc)
+    m.train()
+    plain.train()
+    with torch.no_grad():
+        errors = [float((d(x).x_hat - x).pow(2).sum(-1).mean()) for d in (m, plain)]
+    assert errors[0] < 0.9 * errors[1]
+    assert float(m.threshold) == -1.0 and not m._recent  # the init sample is not a training batch
+
+
 def test_unset_threshold_falls_back_to_batch_topk_in_eval():
     m = make().eval()
     x = torch.randn(8, 16)

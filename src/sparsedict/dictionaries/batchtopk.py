@@ -24,7 +24,10 @@ mean over them of each batch's ``k·B``-th largest pre-activation, so on recent 
 of latents above θ is k (what batch top-k keeps in expectation), without the lag of an average over batches
 encoded by earlier weights. The running mean stays θ until then (a mid-run evaluation uses it).
 
-Unit-norm decoder, AuxK and init as TopK.
+Unit-norm decoder, AuxK and init as TopK (``W_enc = W_dec^T``, b_dec from a data sample). With
+``encoder_scale_init`` ``W_enc`` is then scaled by the least-squares factor of the first code's
+reconstruction of that sample: batch selection gives rows of large norm many latents at once, and the
+unscaled first reconstruction of those rows overshoots them.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
 
 Kernels: when :func:`sparsedict.kernels.use_triton` holds (CUDA), training selection runs on per-row
@@ -71,6 +74,11 @@ class BatchTopKConfig(TopKConfig):
     """At the last training step θ is recalibrated on the final weights from up to this many of the most
     recent training rows since ``threshold_start_step`` (whole batches, at least the last one; kept on the
     training device until then; after a resume, those seen since); 0 keeps the running mean."""
+    encoder_scale_init: bool = False
+    """Scale ``W_enc`` at initialisation by the least-squares factor of the first code's reconstruction of
+    the init sample (see :meth:`BatchTopK.fit_encoder_scale`); False keeps ``W_enc = W_dec^T``. Off by
+    default: at the 'auto' LR it helps on some inputs and hurts on others, and raises dead latents and the
+    held-out L0 at larger widths (measured: benchmarks/RESULTS_defaults.md)."""
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
@@ -162,6 +170,38 @@ class BatchTopK(Dictionary):
         vals, idx = topk_encode(x_in, self.W_enc, self.b_enc, kc)
         kept = batch_topk_candidates(vals, k, complete=kc == self.n_latents)
         return None if kept is None else SparseCode(kept, idx, self.n_latents)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
+        super().init_from_data(x, y)
+        if self.cfg.encoder_scale_init:
+            self.fit_encoder_scale(x, x if y is None else y)
+
+    @torch.no_grad()
+    def fit_encoder_scale(self, x: Tensor, y: Tensor, rows: int = 8192) -> None:
+        """``W_enc *= s`` with ``s = ⟨y − b_dec, x̂₀⟩ / ‖x̂₀‖²`` over up to ``rows`` sample rows, where ``x̂₀`` is the
+        reconstruction (without b_dec) of the training-mode code of the initial weights.
+
+        The selection of that code does not change with s (b_enc is 0), so s is the exact least-squares scale
+        of the first reconstruction. Batch selection gives rows of large norm many latents, whose summed
+        projections overshoot the row (on a residual stream with a few rows of ten times the median norm, the
+        first reconstruction's FVU is then about 2, measured: benchmarks/RESULTS_defaults.md); s removes that
+        overshoot before the first step.
+        """
+        x, y = x[:rows], y[:rows]
+        was_training = self.training
+        self.train()
+        total, self._total = self._total, 0  # not a training batch: kept out of θ's calibration rows
+        code = self.encode(x)
+        self._total = total
+        self.train(was_training)
+        r = (y - self.b_dec).double()
+        x_hat = (self.decode(code) - self.b_dec).double()
+        den = float(x_hat.pow(2).sum())
+        if den > 0:
+            s = float((r * x_hat).sum()) / den
+            if s > 0:
+                self.W_enc.mul_(s)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
         return auxk_loss(self, self._x_in(x), y - x_hat, self.cfg.aux_k or self.d_in // 2, self.cfg.aux_alpha)

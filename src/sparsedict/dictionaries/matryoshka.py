@@ -19,6 +19,9 @@ masked to zero, so no ``[B, n]`` or ``[B, k, d]`` tensor is formed and W_dec's g
 rows only. With ``selection = "batchtopk"`` the code comes from :class:`BatchTopK`'s encoder (fused per-row
 candidates on CUDA when exact, see there); a dense code's G disjoint group blocks are decoded and
 cumulatively summed. Group weights default to ``1/G`` each.
+
+Init as BatchTopK (with either selection; with ``encoder_scale_init`` the scale is fitted to the first code's
+full reconstruction).
 """
 
 from __future__ import annotations
