@@ -16,7 +16,9 @@ of its slots.
 * :class:`ActiveEncodeCPUFn`: the selected pre-activations ``z[b, idx[e]]`` as a differentiable function of
   ``x, W_enc, b_enc`` with TopK's sparse encoder backward (grouped sums over x's rows for ``W_enc``,
   per-latent sums for ``b_enc``, a sparse decode through ``W_encᵀ`` for ``x``).
-* :func:`encode_active`: GEMM + selection + the function above; the caller applies its activation to the
+* :func:`select_batch_topk`: BatchTopK's selection (the largest ``k·B`` entries of the batch) in the same
+  form, without sorting all ``B·n`` entries.
+* :func:`encode_active`: GEMM + a selection + the function above; the caller applies its activation to the
   ``[nnz]`` pre-activations and decodes them with :class:`~sparsedict.kernels.sparse_cpu.CSRDecodeCPUFn`.
 """
 
@@ -122,11 +124,44 @@ class ActiveEncodeCPUFn(torch.autograd.Function):
         return gx, gW, gb, None, None, None, None
 
 
+def select_batch_topk(
+    z: Tensor, count: int, cap: int, stride: int = 17
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The ``count`` largest positive entries of ``z [B, n]`` over the whole batch (a batch top-k; fewer
+    where fewer are positive) in the CSR form of :func:`select_active`, or None when ``count > cap``.
+
+    Without a sort of all ``B·n`` entries: a lower bound ``t`` of the ``count``-th largest value comes from
+    every ``stride``-th entry (the ``1.5·count/stride + 64``-th largest of that sample), :func:`select_active`
+    collects the entries above ``t``, and the exact top ``count`` is taken among those. When the sample's
+    bound is too high (fewer than ``count`` entries above a positive ``t``) the whole batch is searched.
+    Ties at the boundary are kept in an unspecified order (as ``torch.topk``).
+    """
+    if count > cap:
+        return None
+    flat = z.detach().reshape(-1)
+    sample = flat[::stride]
+    m = int(1.5 * count / stride) + 64
+    t = float(sample.topk(m, sorted=False).values.min()) if m < sample.numel() else 0.0
+    sel = select_active(z, torch.full((z.shape[1],), -max(t, 0.0)), flat.numel())
+    if sel[1].numel() < count and t > 0:  # the sample's bound missed: search everything above 0
+        sel = select_active(z, None, flat.numel())
+    rowptr, idx, vals = sel
+    if vals.numel() <= count:
+        return sel
+    keep = torch.zeros(vals.numel(), dtype=torch.bool)
+    keep[vals.topk(count, sorted=False).indices] = True
+    rows = sparse_cpu.row_of_slots(rowptr)
+    new_ptr = torch.zeros_like(rowptr)
+    torch.cumsum(torch.bincount(rows[keep], minlength=rowptr.numel() - 1), 0, out=new_ptr[1:])
+    return new_ptr, idx[keep], vals[keep]
+
+
 def encode_active(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor | None, shift: Tensor | None, cap: int, dtype: torch.dtype
+    x: Tensor, W_enc: Tensor, b_enc: Tensor | None, select, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """``(z [nnz] fp32, differentiable; rowptr [B+1]; indices [nnz]; rows [nnz])`` of the pre-activations
-    ``x W_enc + b_enc`` with ``z + shift > 0`` (see :func:`select_active`), or None above ``cap`` in all.
+    ``x W_enc + b_enc`` that ``select(z [B, n] fp32) -> (rowptr, indices, values) | None`` picks (e.g.
+    :func:`select_active` with a shift, or :func:`select_batch_topk`), or None where it returns None.
 
     The GEMM runs in ``dtype`` (bf16 under autocast: its product is widened to fp32 exactly, then the bias
     is added in fp32).
@@ -140,7 +175,7 @@ def encode_active(
             z = torch.addmm(b_enc.detach().float(), xc, w)
         else:  # the bias is added in fp32, as x W + b promotes under autocast
             z = (xc @ w).float() + b_enc.detach().float()
-        sel = select_active(z, shift, cap)
+        sel = select(z)
     if sel is None:
         return None
     rowptr, idx, vals = sel

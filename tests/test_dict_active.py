@@ -85,13 +85,13 @@ def _sparsify(m, arch: str, x: torch.Tensor) -> None:
             m.threshold.copy_(torch.rand(m.n_latents, generator=g) * 0.3 * z0.std())
 
 
-def _step(m, x, y, monkeypatch, dense: bool, autocast: bool = False):
+def _step(m, x, y, monkeypatch, dense: bool, autocast: bool = False, step: int = 50):
     if dense:
         monkeypatch.setenv("SPARSEDICT_DISABLE_CPU_KERNELS", "1")
     else:
         monkeypatch.delenv("SPARSEDICT_DISABLE_CPU_KERNELS", raising=False)
     m.zero_grad(set_to_none=True)
-    m.on_step(50, 100)
+    m.on_step(step, 100)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = m(x, y)
     sum(out.losses.values()).backward()
@@ -195,3 +195,78 @@ def test_eval_and_no_grad_stay_dense(monkeypatch):
         assert m(x).code.indices is None
     m.eval()
     assert m(x).code.indices is None
+
+
+@pytest.mark.parametrize("stride", [17, 1000])
+def test_select_batch_topk_equals_flat_topk(stride):
+    """The sampled-bound selection == the top k·B of the flattened batch (torch.topk), also when the sample
+    is too sparse to bound it (stride 1000: the whole-batch search) and when fewer than k·B are positive."""
+    g = torch.Generator().manual_seed(4)
+    B, n, k = 64, 512, 8
+    z = torch.randn(B, n, generator=g) * (1 + 3 * torch.rand(B, 1, generator=g))  # rows of unequal scale
+    for zz, count in ((z, k * B), (z - 3.2, k * B), (z, 1)):
+        rowptr, idx, vals = active_cpu.select_batch_topk(zz, count, 10**9, stride)
+        rows = sparse_cpu.row_of_slots(rowptr)
+        got = torch.zeros(B, n)
+        got[rows, idx] = vals
+        flat = zz.relu().reshape(-1)
+        ref = torch.zeros_like(flat).scatter(0, flat.topk(count).indices, flat.topk(count).values).view(B, n)
+        assert torch.equal(got, ref)
+        assert bool((rowptr.diff() >= 0).all()) and int(rowptr[-1]) == idx.numel()
+    assert active_cpu.select_batch_topk(z, k * B, k * B - 1) is None
+
+
+def test_batchtopk_sparse_step_equals_dense_step(monkeypatch):
+    """BatchTopK's CPU step on the batch top-k entries == its dense step: code, losses (AuxK included, with
+    dead latents), gradients; and θ's update and the calibration rows see the same batch."""
+    from sparsedict.dictionaries.batchtopk import BatchTopK
+
+    d, n, B = 16, 256, 64
+    m = make_dict("batchtopk", d, n, k=6)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(B, d, generator=g) * (1 + 2 * torch.rand(B, 1, generator=g))
+    m.set_dead_mask(torch.rand(n, generator=g) < 0.2)
+    ref_m = copy.deepcopy(m)
+    ref_out, ref_g = _step(ref_m, x, None, monkeypatch, dense=True, step=90)  # inside θ's estimate phase
+    out, grads = _step(m, x, None, monkeypatch, dense=False, step=90)
+    assert isinstance(m, BatchTopK) and ref_out.code.indices is None and out.code.indices is not None
+    torch.testing.assert_close(out.code.to_dense(), ref_out.code.values, rtol=1e-5, atol=1e-6)
+    assert out.losses.keys() == ref_out.losses.keys() == {"mse", "auxk"}
+    for k in ref_out.losses:
+        torch.testing.assert_close(out.losses[k], ref_out.losses[k], rtol=1e-5, atol=1e-6)
+    for k in ref_g:
+        assert float(ref_g[k].abs().max()) > 0, k
+        torch.testing.assert_close(grads[k], ref_g[k], rtol=1e-4, atol=1e-5, msg=k)
+    m.after_step(out)
+    ref_m.after_step(ref_out)
+    assert float(m.threshold) == float(ref_m.threshold) > 0
+    assert len(m._recent) == len(ref_m._recent) == 1 and torch.equal(m._recent[0], ref_m._recent[0])
+
+
+@pytest.mark.parametrize("fields", [{}, {"group_sizes": (1, 7, 48, 200)}, {"skip": True, "d_out": 12}])
+def test_matryoshka_sparse_step_equals_dense_step(fields, monkeypatch):
+    """Matryoshka (batch selection) on the batch top-k entries, all prefixes from one CSR decode == its dense
+    step of G block GEMMs: code, the prefix loss, the logged mse, AuxK, every gradient."""
+    d, n, B = 16, 256, 64
+    fields = dict(fields)
+    d_out = fields.pop("d_out", None)
+    m = make_dict("matryoshka", d, n, d_out=d_out, k=6, **fields)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(B, d, generator=g) * (1 + 2 * torch.rand(B, 1, generator=g))
+    y = torch.randn(B, d_out, generator=g) if d_out else None
+    if m.W_skip is not None:
+        with torch.no_grad():
+            m.W_skip.normal_(generator=g).mul_(0.1)
+    m.set_dead_mask(torch.rand(n, generator=g) < 0.2)
+    ref_out, ref_g = _step(copy.deepcopy(m), x, y, monkeypatch, dense=True)
+    out, grads = _step(m, x, y, monkeypatch, dense=False)
+    assert ref_out.code.indices is None and out.code.indices is not None
+    torch.testing.assert_close(out.code.to_dense(), ref_out.code.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
+    for k in ("prefix", "auxk"):
+        torch.testing.assert_close(out.losses[k], ref_out.losses[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logs["mse"], ref_out.logs["mse"], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_g.keys()
+    for k in ref_g:
+        assert float(ref_g[k].abs().max()) > 0, k
+        torch.testing.assert_close(grads[k], ref_g[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparsedict.dictionaries.base import SparseCode
 from sparsedict.kernels._common import use_cpu_kernels
-from sparsedict.kernels.active_cpu import encode_active
+from sparsedict.kernels.active_cpu import encode_active, select_active
 from sparsedict.kernels.sparse_cpu import CSRDecodeCPUFn
 
 MAX_ACTIVE_FRACTION = 1 / 6
@@ -48,6 +48,25 @@ class Active:
         """``[B, d]`` = ``b_dec + Σ_e values[e] · W_dec[indices[e]]`` per row; sparse backward."""
         return CSRDecodeCPUFn.apply(self.rowptr, self.indices, self.rows, values, W_dec, b_dec)
 
+    def reconstruct(self, model, values: Tensor, x: Tensor) -> Tensor:
+        """``model``'s reconstruction from the code ``values [nnz]``: :meth:`decode` with its ``W_dec``,
+        ``b_dec`` and the skip term ``x W_skipᵀ`` where it has one (as ``Dictionary.decode``)."""
+        out = self.decode(values, model.W_dec, model.b_dec)
+        return out if model.W_skip is None else out + x @ model.W_skip.T
+
+    def prefix_decodes(self, values: Tensor, W_dec: Tensor, ends: list[int]) -> Tensor:
+        """``[B, G, d]``: row b, prefix g = ``Σ_{e in row b, indices[e] < ends[g]} values[e] · W_dec[indices[e]]``
+        (no bias), as one decode: a row's slots are in latent order, so the slots of each (row, group) pair
+        are a contiguous run — the rows of a ``B·G``-row CSR code — and the G group sums are added up
+        cumulatively."""
+        G = len(ends)
+        group = torch.bucketize(self.indices, torch.tensor(ends[:-1], dtype=self.indices.dtype), right=True)
+        sub = self.rows * G + group
+        rowptr = torch.zeros(self.batch * G + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(sub, minlength=self.batch * G), 0, out=rowptr[1:])
+        blocks = CSRDecodeCPUFn.apply(rowptr, self.indices, sub, values, W_dec, None)
+        return blocks.view(self.batch, G, -1).cumsum(1)
+
     def mean_row_sum(self, t: Tensor) -> Tensor:
         """``Σ_e t[e] / B``: the batch mean of a per-token sum over the selected entries."""
         return t.sum() / max(1, self.batch)
@@ -70,6 +89,13 @@ def active_pre_acts(
 ) -> Active | None:
     """The entries of ``_x_in(x) W_enc + bias`` with ``z + shift > 0``, or None (the dense path; see the
     module docstring). ``dtype``: the encoder GEMM's dtype."""
+    cap = int(MAX_ACTIVE_FRACTION * x.shape[0] * model.n_latents)
+    return selected_pre_acts(model, x, bias, lambda z: select_active(z, shift, cap), dtype)
+
+
+def selected_pre_acts(model, x: Tensor, bias: Tensor | None, select, dtype: torch.dtype) -> Active | None:
+    """The entries of ``_x_in(x) W_enc + bias`` that ``select`` picks (see
+    :func:`~sparsedict.kernels.active_cpu.encode_active`), or None (the dense path)."""
     W = model.W_enc
     if not (model.training and torch.is_grad_enabled() and use_cpu_kernels(W) and use_cpu_kernels(x)):
         return None
@@ -83,8 +109,7 @@ def active_pre_acts(
             through = (b - model.b_dec) @ W.detach()
         bias = through if bias is None else bias + through
         x = x - b
-    cap = int(MAX_ACTIVE_FRACTION * x.shape[0] * model.n_latents)
-    sel = encode_active(x, W, bias, shift, cap, dtype)
+    sel = encode_active(x, W, bias, select, dtype)
     return None if sel is None else Active(*sel, model.n_latents)
 
 

@@ -117,9 +117,7 @@ class Gated(Steered, Dictionary):
             gated = pi + self.b_gate[act.indices]
             f = (gated > 0) * (self.r_mag.exp()[act.indices] * pi + self.b_mag[act.indices]).relu()
             code = act.code(f)
-            x_hat = act.decode(f, self.W_dec, self.b_dec)
-            if self.W_skip is not None:
-                x_hat = x_hat + x @ self.W_skip.T
+            x_hat = act.reconstruct(self, f, x)
             gate_act = gated.relu()
             x_aux = act.decode(gate_act, self.W_dec.detach(), self.b_dec.detach())
             l1 = act.mean_row_sum(gate_act.float())

@@ -210,9 +210,7 @@ class JumpReLU(Steered, Dictionary):
             f = JumpReLUFn.apply(act.z, theta_sel, eps)
             l0 = act.mean_row_sum(StepFn.apply(act.z, theta_sel, eps))
             code = act.code(f)
-            x_hat = act.decode(f, self.W_dec, self.b_dec)
-            if self.W_skip is not None:
-                x_hat = x_hat + x @ self.W_skip.T
+            x_hat = act.reconstruct(self, f, x)
         if self.cfg.l0_target > 0 and self.l0_controller is None:
             sparsity = (l0 / self.cfg.l0_target - 1).pow(2)
         else:

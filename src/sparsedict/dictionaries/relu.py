@@ -98,9 +98,7 @@ class ReLU(Steered, Dictionary):
             return super().forward(x, target)
         y = x if target is None else target
         f = act.z.relu()
-        x_hat = act.decode(f, self.W_dec, self.b_dec)
-        if self.W_skip is not None:
-            x_hat = x_hat + x @ self.W_skip.T
+        x_hat = act.reconstruct(self, f, x)
         l1 = act.mean_row_sum(f * self.W_dec.float().norm(dim=1)[act.indices])
         losses = {"mse": mse_loss(x_hat, y), "l1": self.l1_current * l1}
         return Output(x_hat, act.code(f), losses)
