@@ -31,7 +31,12 @@ same fp32 activations.
 ``--shapes 'width=9216,k=64,batch=1024;hookpoint=resid_post.6,train_cache=PATH'``: the same A/B of
 TopK steps at each further shape or layer, each with the GEMM limit of its own shape (``--compare R``
 rounds each). ``--compare-archs topk,batchtopk,...``: the A/B alternates the steps of these architectures
-(CPU kernels, ``--autocast``) instead, and prints each one's tokens/s as a fraction of the first one's.
+(CPU kernels, ``--autocast``) instead, and prints each one's tokens/s as a fraction of the first one's,
+with its last step's L0 and code form; ``relu:dense`` is ReLU without its sparse training step
+(``SPARSEDICT_DENSE_CODES=1``, the dense path). ``--l0-target`` trains ReLU/JumpReLU/Gated to
+``l0_target = --k``; ``--compare-warmup W`` runs W alternating training rounds first (their tokens/s are
+printed too) with every schedule set to the benchmark's length, so the timed steps see trained, sparse
+codes, as most steps of a run do.
 
 ``--compare R``: before the runs, an in-process A/B of single training steps on the same batches: the
 plain-torch path (``SPARSEDICT_DISABLE_CPU_KERNELS=1``, fp32, the trainer's unfused optimiser) against

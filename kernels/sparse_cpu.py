@@ -1,6 +1,10 @@
-"""CPU kernels (numba) for the sparse parts of a TopK step: decode, its backward, and the encoder backward.
+"""CPU kernels (numba) for the sparse parts of a training step: decode, its backward, and the encoder backward.
 
-Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``x [B, d]``, upstream ``g = ∂L/∂x̂ [B, d]``.
+Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``x [B, d]``, upstream ``g = ∂L/∂x̂ [B, d]``. The
+kernels take codes in CSR form (row b's slots are ``rowptr[b]:rowptr[b+1]`` of flat ``idx, val [nnz]``;
+the ``*_csr`` functions), which the padded ``[B, k]`` functions call with ``rowptr = k · arange(B + 1)``:
+TopK's codes are padded, the selected entries of the dense-code architectures
+(:mod:`sparsedict.kernels.active_cpu`) vary in number per row.
 
 * :func:`decode`: ``x̂_b = b_dec + Σ_j values[b, j] · W_dec[indices[b, j]]`` — rows in parallel, the
   k gathered rows summed in order j = 0..k−1 in fp32 (entries with value 0 are skipped: adding 0·w is
@@ -13,10 +17,11 @@ Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``x [B, d]``, upstream ``g
   ``[d, n]`` (the W_enc layout: each latent block's rows are 16 contiguous floats), with ``Σ coef`` per
   latent for the bias gradients.
 
-:class:`SparseDecodeCPUFn` and :class:`TopKEncodeCPUFn` wire them into autograd; the TopK forward runs
-the encoder GEMM in row chunks into one reused buffer and selects each chunk's top-k
+:class:`SparseDecodeCPUFn`, :class:`CSRDecodeCPUFn` and :class:`TopKEncodeCPUFn` wire them into autograd;
+the TopK forward runs the encoder GEMM in row chunks into one reused buffer and selects each chunk's top-k
 (:func:`topk_encode_cpu`). The plain-torch references are :func:`sparsedict.kernels.sparse_decode.
-sparse_decode_ref` and :func:`sparsedict.kernels.topk_encode.topk_encode_ref`.
+sparse_decode_ref` and :func:`sparsedict.kernels.topk_encode.topk_encode_ref` (``F.embedding_bag`` with
+offsets for the CSR decode).
 """
 
 from __future__ import annotations
