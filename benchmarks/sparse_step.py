@@ -9,7 +9,9 @@ For each architecture (default ReLU, JumpReLU, Gated, BatchTopK, Matryoshka, wit
 alternating in one process. Prints the largest relative difference of the summed loss over the run, the
 loss at the first and last step, how many steps took the sparse path, and the held-out FVU / L0 of both
 final models. The two runs differ only by fp32 summation order, which training amplifies slowly; the
-check is that the loss curves and the held-out FVU agree to a few digits.
+check is that the loss curves and the held-out FVU agree to a few digits. ``--control`` gives the noise floor
+of that comparison: both runs take the dense step, one on inputs scaled by ``1 + 2^-22`` (a rounding-level
+change), and the same numbers are printed ("sparse" then names the perturbed dense run).
 
 ``--crossover``: instead, where the sparse step stops paying: one ReLU step (forward + backward) dense
 against sparse at a set fraction of active entries (biases at each latent's quantile of real rows),
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=20_000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--control",
+        action="store_true",
+        help="noise floor: the first run is the dense step too, on inputs scaled by 1 + 2^-22 (fp rounding only)",
+    )
+    p.add_argument(
         "--crossover", action="store_true", help="time dense vs sparse ReLU steps by active fraction"
     )
     args = p.parse_args(argv)
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                "out_dir": str(cache_dir() / "bench-runs"), "build_only": True}  # fmt: skip
         runs = {}
         for dense in (False, True):
-            with _KernelSwitch(True, dense):
+            with _KernelSwitch(True, dense or args.control):
                 model, tr = fit_dictionary(job)
                 tr.initialise()
             it = {key: iter(src) for key, src in tr.sources.items()}
@@ -80,15 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.steps):
             for dense, run in runs.items():
                 batches = {key: next(i) for key, i in run["iters"].items()}
-                with _KernelSwitch(True, dense):
+                if args.control and not dense:
+                    batches = {key: (x * (1 + 2**-22), y) for key, (x, y) in batches.items()}
+                with _KernelSwitch(True, dense or args.control):
                     metrics = run["trainer"].train_step(batches)
                 run["loss"].append(metrics[f"{run['trainer'].members[0].name}/loss"])
         a, b = torch.tensor(runs[False]["loss"]), torch.tensor(runs[True]["loss"])
         rel = ((a - b).abs() / b.abs().clamp_min(1e-12)).max()
-        held = ActivationStore(args.eval_cache, args.hookpoint, batch_size=4096, drop_last=False, loop=False)
         quality = {}
         for dense, run in runs.items():
             os.environ.pop("SPARSEDICT_DENSE_CODES", None)
+            held = ActivationStore(
+                args.eval_cache, args.hookpoint, batch_size=4096, drop_last=False, loop=False
+            )
             st = reconstruction_stats(run["model"], held, max_rows=args.eval_tokens)
             quality[dense] = (st.fvu, st.l0, st.dead_fraction)
         (fs, ls, ds), (fd, ld, dd) = quality[False], quality[True]

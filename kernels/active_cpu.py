@@ -163,18 +163,15 @@ def encode_active(
     ``x W_enc + b_enc`` that ``select(z [B, n] fp32) -> (rowptr, indices, values) | None`` picks (e.g.
     :func:`select_active` with a shift, or :func:`select_batch_topk`), or None where it returns None.
 
-    The GEMM runs in ``dtype`` (bf16 under autocast: its product is widened to fp32 exactly, then the bias
-    is added in fp32).
+    The GEMM runs in ``dtype`` (bf16 under autocast: its product is widened to fp32 exactly); the bias is
+    added in fp32 after it, as in the dense paths.
     """
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         xc = x.detach().to(dtype)
         w = W_enc.detach().to(dtype)
-        if b_enc is None:
-            z = (xc @ w).float()
-        elif dtype == torch.float32:
-            z = torch.addmm(b_enc.detach().float(), xc, w)
-        else:  # the bias is added in fp32, as x W + b promotes under autocast
-            z = (xc @ w).float() + b_enc.detach().float()
+        z = (xc @ w).float()  # as the dense paths' ``x @ W + b``: the same values, bit for bit
+        if b_enc is not None:
+            z += b_enc.detach().float()
         sel = select(z)
     if sel is None:
         return None

@@ -125,7 +125,7 @@ def test_sparse_step_equals_dense_step(arch, fields, monkeypatch):
     out, grads = _step(m, x, y, monkeypatch, dense=False)
     assert ref_out.code.indices is None and out.code.indices is not None  # the two paths did run
     assert out.code.values.shape[1] < n // 4  # sparse regime
-    torch.testing.assert_close(out.code.to_dense(), ref_out.code.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.code.to_dense(), ref_out.code.values)  # the same pre-activations, bit for bit
     torch.testing.assert_close(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
     assert out.losses.keys() == ref_out.losses.keys()
     for k in ref_out.losses:
@@ -230,7 +230,7 @@ def test_batchtopk_sparse_step_equals_dense_step(monkeypatch):
     ref_out, ref_g = _step(ref_m, x, None, monkeypatch, dense=True, step=90)  # inside θ's estimate phase
     out, grads = _step(m, x, None, monkeypatch, dense=False, step=90)
     assert isinstance(m, BatchTopK) and ref_out.code.indices is None and out.code.indices is not None
-    torch.testing.assert_close(out.code.to_dense(), ref_out.code.values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.code.to_dense(), ref_out.code.values)
     assert out.losses.keys() == ref_out.losses.keys() == {"mse", "auxk"}
     for k in ref_out.losses:
         torch.testing.assert_close(out.losses[k], ref_out.losses[k], rtol=1e-5, atol=1e-6)
@@ -261,7 +261,7 @@ def test_matryoshka_sparse_step_equals_dense_step(fields, monkeypatch):
     ref_out, ref_g = _step(copy.deepcopy(m), x, y, monkeypatch, dense=True)
     out, grads = _step(m, x, y, monkeypatch, dense=False)
     assert ref_out.code.indices is None and out.code.indices is not None
-    torch.testing.assert_close(out.code.to_dense(), ref_out.code.values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.code.to_dense(), ref_out.code.values)
     torch.testing.assert_close(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
     for k in ("prefix", "auxk"):
         torch.testing.assert_close(out.losses[k], ref_out.losses[k], rtol=1e-5, atol=1e-6)
