@@ -24,7 +24,7 @@ from sparsedict.kernels._common import use_cpu_kernels
 from sparsedict.kernels.active_cpu import encode_active, select_active
 from sparsedict.kernels.sparse_cpu import CSRDecodeCPUFn
 
-MAX_ACTIVE_FRACTION = 1 / 6
+MAX_ACTIVE_FRACTION = 1 / 8
 """Above this fraction of active entries (of ``B · n``) the dense step is used (measured:
 benchmarks/RESULTS_training.md)."""
 
