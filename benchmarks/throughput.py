@@ -322,7 +322,8 @@ def compare_steps(job: dict[str, Any], entries: dict[str, list], rounds: int, pr
     torch.set_num_threads(job["threads"] or os.cpu_count() or 1)
     variants = list(entries)
     warm = job.get("warm", 0)
-    run_steps = 2 + warm + rounds + profile_steps if warm else 10**6
+    # one step more than are taken: the last step of a run does once-per-run work (BatchTopK's θ calibration)
+    run_steps = 3 + warm + rounds + profile_steps if warm else 10**6
     trainers, iters, last = {}, {}, {}
     for name, (arch, fields, autocast, on, dense) in entries.items():
         with _KernelSwitch(on, dense):  # the optimiser picks its fused paths at construction

@@ -1,4 +1,4 @@
-"""Sparse training path for dense-code dictionaries (ReLU, JumpReLU, Gated) on CPU.
+"""Sparse training path for dense-code dictionaries (ReLU, JumpReLU, Gated, BatchTopK) on CPU.
 
 Their codes are dense tensors ``[B, n]`` by definition, but only the entries above a per-latent threshold
 are active (and, for the straight-through estimators, a window just below it). Everything a training step

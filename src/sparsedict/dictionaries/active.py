@@ -1,14 +1,17 @@
-"""The sparse training step of the dense-code architectures (ReLU, JumpReLU, Gated) on CPU.
+"""The sparse training step of the architectures with dense codes (ReLU, JumpReLU, Gated, and BatchTopK /
+Matryoshka with batch selection) on CPU.
 
 :func:`active_pre_acts` returns the encoder pre-activations of the entries that can matter to a training
 step — those with ``z + shift > 0`` for the architecture's per-latent ``shift`` — as a differentiable flat
 tensor with their positions (:class:`Active`, a CSR layout:
-:func:`sparsedict.kernels.active_cpu.encode_active`), or None where the architecture's dense path runs
-instead: outside training or without gradients, off the CPU kernels (``SPARSEDICT_DISABLE_CPU_KERNELS=1``,
-CUDA, no numba), with ``SPARSEDICT_DENSE_CODES=1`` (for comparisons), or when there are more than
-``MAX_ACTIVE_FRACTION · B · n`` such entries (early training, while the codes are still dense). The
-architecture applies its activation to them, decodes with :meth:`Active.decode` and reports
-:meth:`Active.code`; values, losses and gradients equal the dense path's up to the fp32 summation order.
+:func:`sparsedict.kernels.active_cpu.encode_active`); :func:`selected_pre_acts` does the same for any
+selection of the dense pre-activations (BatchTopK's batch top-k). Both return None where the architecture's
+dense path runs instead: outside training or without gradients, off the CPU kernels
+(``SPARSEDICT_DISABLE_CPU_KERNELS=1``, CUDA, no numba), with ``SPARSEDICT_DENSE_CODES=1`` (for comparisons),
+or when there are more than ``MAX_ACTIVE_FRACTION · B · n`` such entries (early training, while the codes
+are still dense). The architecture applies its activation to them, decodes with :meth:`Active.reconstruct`
+and reports :meth:`Active.code`; the pre-activations, hence the selection and the code, are the dense
+path's bit for bit, and the losses and gradients equal the dense path's up to the fp32 summation order.
 """
 
 from __future__ import annotations
