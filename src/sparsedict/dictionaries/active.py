@@ -75,14 +75,13 @@ class Active:
         return t.sum() / max(1, self.batch)
 
     def code(self, values: Tensor) -> SparseCode:
-        """The code ``values [nnz]`` as a (detached) padded :class:`SparseCode` ``[B, k_max]`` for the
-        statistics and the L0 steering (zeros pad the rows)."""
+        """The code ``values [nnz]`` as a padded :class:`SparseCode` ``[B, k_max]`` (zeros pad the rows;
+        differentiable, as the dense paths' codes are)."""
         counts = self.rowptr.diff()
         k_max = max(1, int(counts.max()) if counts.numel() else 1)
         pos = torch.arange(self.indices.numel()) - self.rowptr[self.rows]
-        vals = values.new_zeros(self.batch, k_max)
+        vals = values.new_zeros(self.batch, k_max).index_put((self.rows, pos), values)
         idx = torch.zeros(self.batch, k_max, dtype=torch.int64)
-        vals[self.rows, pos] = values.detach()
         idx[self.rows, pos] = self.indices
         return SparseCode(vals, idx, self.n_latents)
 
