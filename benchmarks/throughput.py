@@ -31,7 +31,12 @@ same fp32 activations.
 ``--shapes 'width=9216,k=64,batch=1024;hookpoint=resid_post.6,train_cache=PATH'``: the same A/B of
 TopK steps at each further shape or layer, each with the GEMM limit of its own shape (``--compare R``
 rounds each). ``--compare-archs topk,batchtopk,...``: the A/B alternates the steps of these architectures
-(CPU kernels, ``--autocast``) instead, and prints each one's tokens/s as a fraction of the first one's.
+(CPU kernels, ``--autocast``) instead, and prints each one's tokens/s as a fraction of the first one's,
+with its last step's L0 and code form; ``relu:dense`` is ReLU without its sparse training step
+(``SPARSEDICT_DENSE_CODES=1``, the dense path). ``--l0-target`` trains ReLU/JumpReLU/Gated to
+``l0_target = --k``; ``--compare-warmup W`` runs W alternating training rounds first (their tokens/s are
+printed too) with every schedule set to the benchmark's length, so the timed steps see trained, sparse
+codes, as most steps of a run do.
 
 ``--compare R``: before the runs, an in-process A/B of single training steps on the same batches: the
 plain-torch path (``SPARSEDICT_DISABLE_CPU_KERNELS=1``, fp32, the trainer's unfused optimiser) against
@@ -113,8 +118,9 @@ def load_average() -> list[float]:
     return list(os.getloadavg())
 
 
-def sparsity_fields(arch: str, k: int) -> dict[str, Any]:
-    """The config overrides that give an architecture about ``k`` active latents (where it has such a knob)."""
+def sparsity_fields(arch: str, k: int, l0_target: bool = False) -> dict[str, Any]:
+    """The config overrides that give an architecture about ``k`` active latents (where it has such a knob;
+    ``l0_target``: also where its coefficient can be steered to a target L0)."""
     from sparsedict.dictionaries import lookup
 
     knobs = lookup(arch)[0].sparsity_fields
@@ -122,6 +128,8 @@ def sparsity_fields(arch: str, k: int) -> dict[str, Any]:
         return {"k": k}
     if "steps" in knobs:  # matching pursuit: one latent per step
         return {"steps": k}
+    if l0_target and "l0_target" in knobs:
+        return {"l0_target": float(k)}
     return {}
 
 
@@ -276,50 +284,63 @@ kernels, in fp32 or under bf16 autocast."""
 
 
 class _KernelSwitch:
-    """``with _KernelSwitch(on):`` runs the block with the CPU kernels on or off (the environment variable
-    the dispatch reads at every call)."""
+    """``with _KernelSwitch(on, dense_codes):`` runs the block with the CPU kernels on or off and, for the
+    dense-code architectures, their sparse training step on or off (the environment variables the dispatch
+    reads at every call)."""
 
-    def __init__(self, on: bool):
-        self.on = on
+    def __init__(self, on: bool, dense_codes: bool = False):
+        self.values = {"SPARSEDICT_DISABLE_CPU_KERNELS": not on, "SPARSEDICT_DENSE_CODES": dense_codes}
 
     def __enter__(self):
-        self.old = os.environ.get("SPARSEDICT_DISABLE_CPU_KERNELS")
-        if self.on:
-            os.environ.pop("SPARSEDICT_DISABLE_CPU_KERNELS", None)
-        else:
-            os.environ["SPARSEDICT_DISABLE_CPU_KERNELS"] = "1"
+        self.old = {k: os.environ.get(k) for k in self.values}
+        for k, v in self.values.items():
+            if v:
+                os.environ[k] = "1"
+            else:
+                os.environ.pop(k, None)
 
     def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop("SPARSEDICT_DISABLE_CPU_KERNELS", None)
-        else:
-            os.environ["SPARSEDICT_DISABLE_CPU_KERNELS"] = self.old
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def compare_steps(job: dict[str, Any], entries: dict[str, list], rounds: int, profile_steps: int = 0) -> dict:
     """In-process A/B of training steps (see the module docstring); returns medians per entry.
 
-    ``entries``: name -> ``[architecture, config fields, autocast, CPU kernels on]``; every entry gets its
-    own Trainer on the same cache (same batch order) and the entries' steps alternate in rotating order.
+    ``entries``: name -> ``[architecture, config fields, autocast, CPU kernels on, dense codes]``; every
+    entry gets its own Trainer on the same cache (same batch order) and the entries' steps alternate in
+    rotating order. ``job["warm"]`` rounds of training steps (alternating too, timed apart) precede the
+    timed ones; with them the run length every schedule sees (LR, coefficient warmups, L0 steering) is the
+    benchmark's own number of steps instead of an endless run.
     """
     import warnings
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(job["threads"] or os.cpu_count() or 1)
     variants = list(entries)
-    trainers, iters = {}, {}
-    for name, (arch, fields, autocast, on) in entries.items():
-        with _KernelSwitch(on):  # the optimiser picks its fused paths at construction
+    warm = job.get("warm", 0)
+    # one step more than are taken: the last step of a run does once-per-run work (BatchTopK's θ calibration)
+    run_steps = 3 + warm + rounds + profile_steps if warm else 10**6
+    trainers, iters, last = {}, {}, {}
+    for name, (arch, fields, autocast, on, dense) in entries.items():
+        with _KernelSwitch(on, dense):  # the optimiser picks its fused paths at construction
             _, tr = fit_dictionary({**job, "arch": arch, "fields": fields, "autocast": autocast,
-                                    "build_only": True, "steps": 10**6})  # fmt: skip
+                                    "build_only": True, "steps": run_steps})  # fmt: skip
             tr.initialise()
         trainers[name] = tr
         iters[name] = {key: iter(src) for key, src in tr.sources.items()}
+        for (
+            m
+        ) in tr.members:  # the L0 and the code's form (dense, or sparse with k_max slots) of the last step
+            m.model.after_step = _recording(m.model.after_step, last, name)
 
     def step(name: str) -> float:
         tr = trainers[name]
         batches = {key: next(it) for key, it in iters[name].items()}
-        with _KernelSwitch(entries[name][3]):
+        with _KernelSwitch(*entries[name][3:]):
             t = time.perf_counter()
             tr.train_step(batches)
             return time.perf_counter() - t
@@ -328,6 +349,10 @@ def compare_steps(job: dict[str, Any], entries: dict[str, list], rounds: int, pr
     for name in variants:  # warm-up: numba compilation, first-touch of buffers
         for _ in range(2):
             step(name)
+    warm_times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(warm):
+        for name in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            warm_times[name].append(step(name))
     times: dict[str, list[float]] = {v: [] for v in variants}
     gemms: dict[str, list[float]] = {g: [] for g in GEMM_DTYPES}
     load_before = load_average()
@@ -343,7 +368,11 @@ def compare_steps(job: dict[str, Any], entries: dict[str, list], rounds: int, pr
     for name in variants:
         t = median(times[name])
         out["variants"][name] = {"step_ms": 1e3 * t, "tokens_per_s": B / t, "all_ms": [1e3 * v for v in times[name]],
-                                 **{f"fraction_{g}": t_g["seconds"] / t for g, t_g in limits.items()}}  # fmt: skip
+                                 **{f"fraction_{g}": t_g["seconds"] / t for g, t_g in limits.items()},
+                                 **last.get(name, {})}  # fmt: skip
+        if warm:
+            w = warm_times[name]
+            out["variants"][name].update(warm_tokens_per_s=B * len(w) / sum(w), warm_ms=[1e3 * v for v in w])
     if profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
@@ -357,6 +386,19 @@ def compare_steps(job: dict[str, Any], entries: dict[str, list], rounds: int, pr
     return out
 
 
+def _recording(after_step, last: dict, name: str):
+    """``after_step`` that also stores the step's mean L0 and its code's form (``k_max`` slots or dense) in
+    ``last[name]``."""
+
+    def wrapped(out):
+        v = out.code.values.detach()
+        last[name] = {"l0": float((v != 0).sum(-1).float().mean()),
+                      "code": f"sparse k_max {v.shape[1]}" if out.code.indices is not None else "dense"}  # fmt: skip
+        return after_step(out)
+
+    return wrapped
+
+
 def print_compare(res: dict, batch: int) -> None:
     g = res["gemm"]
     print(f"# in-process A/B, {res['rounds']} rounds, load average {res['load_before'][0]:.2f} -> "
@@ -365,9 +407,14 @@ def print_compare(res: dict, batch: int) -> None:
           f"{1e3 * g['bf16']['seconds']:.1f} ms ({g['bf16']['gflops']:.0f} GFLOP/s, {g['bf16']['tokens_per_s']:.0f} tok/s)")  # fmt: skip
     base = next(iter(res["variants"].values()))
     for name, v in res["variants"].items():
-        print(f"#   {name:10} step {v['step_ms']:8.1f} ms  {v['tokens_per_s']:8.0f} tok/s  "
+        warm = ""
+        if "warm_tokens_per_s" in v:
+            warm = (f"; first {len(v['warm_ms'])} steps {v['warm_tokens_per_s']:6.0f} tok/s = "
+                    f"{100 * v['warm_tokens_per_s'] / base['warm_tokens_per_s']:5.1f}% of the first entry's")  # fmt: skip
+        code = f"  L0 {v['l0']:6.1f} ({v['code']})" if "l0" in v else ""
+        print(f"#   {name:14} step {v['step_ms']:8.1f} ms  {v['tokens_per_s']:8.0f} tok/s  "
               f"{100 * v['fraction_fp32']:5.1f}% of the fp32 GEMM limit, {100 * v['fraction_bf16']:5.1f}% of bf16, "
-              f"{100 * v['tokens_per_s'] / base['tokens_per_s']:5.1f}% of the first entry's tok/s")  # fmt: skip
+              f"{100 * v['tokens_per_s'] / base['tokens_per_s']:5.1f}% of the first entry's tok/s{code}{warm}")  # fmt: skip
     for name, table in res.get("profiles", {}).items():
         print(f"# profile {name} (self CPU time per op)\n{table}")
 
@@ -419,6 +466,18 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated architectures for the A/B instead of --variants (first one: the ratios' base)",
     )
     p.add_argument(
+        "--compare-warmup",
+        type=int,
+        default=0,
+        help="alternating training rounds before the timed ones (the codes of ReLU/JumpReLU/Gated become sparse "
+        "only after training; the schedules then see a run of the benchmark's length)",
+    )
+    p.add_argument(
+        "--l0-target",
+        action="store_true",
+        help="architectures with an l0_target (ReLU, JumpReLU, Gated) get l0_target = --k",
+    )
+    p.add_argument(
         "--shapes",
         default="",
         help="more TopK shapes for the A/B, each against its own GEMM limit: ';'-separated lists of "
@@ -453,15 +512,17 @@ def main(argv: list[str] | None = None) -> int:
             "autocast": args.autocast, "hookpoint": args.hookpoint, "d": d,
             "out_dir": str(cache_dir() / "bench-runs")}  # fmt: skip
     if args.compare or args.profile:
-        job = {**base, "epochs": 1.0, "steps": 0}
+        job = {**base, "epochs": 1.0, "steps": 0, "warm": args.compare_warmup}
         if args.compare_archs:  # architectures against each other, each with the CPU kernels in --autocast
-            entries = {
-                a: [a, sparsity_fields(a, args.k), args.autocast, True] for a in args.compare_archs.split(",")
-            }
+            entries = {}
+            for name in args.compare_archs.split(","):  # 'relu:dense': without the sparse training step
+                a, _, form = name.partition(":")
+                fields = sparsity_fields(a, args.k, args.l0_target)
+                entries[name] = [a, fields, args.autocast, True, form == "dense"]
         else:  # one architecture, the kernel/dtype variants against each other
             arch = (args.archs or "topk").split(",")[0]
             fields = {"k": args.k} if args.workload else sparsity_fields(arch, args.k)
-            entries = {v: [arch, fields, *VARIANTS[v]] for v in args.variants.split(",")}
+            entries = {v: [arch, fields, *VARIANTS[v], False] for v in args.variants.split(",")}
         head["compare"] = run_isolated_fn(
             _compare_child, {**job, "entries": entries, "rounds": max(1, args.compare),
                              "profile_steps": args.profile})  # fmt: skip
@@ -481,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         shape_d = ActivationStore(cache, shape["hookpoint"], batch_size=1).d_in
         job = {**base, **shape, "cache": cache, "d": shape_d, "epochs": 1.0, "steps": 0}
         k = int(over.get("k", args.k))
-        entries = {v: ["topk", {"k": k}, *VARIANTS[v]] for v in args.variants.split(",")}
+        entries = {v: ["topk", {"k": k}, *VARIANTS[v], False] for v in args.variants.split(",")}
         print(
             f"# shape: TopK k={k}, width {shape['width']}, batch {shape['batch']}, {shape['hookpoint']} (d = {shape_d})"
         )

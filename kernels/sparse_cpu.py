@@ -1,6 +1,10 @@
-"""CPU kernels (numba) for the sparse parts of a TopK step: decode, its backward, and the encoder backward.
+"""CPU kernels (numba) for the sparse parts of a training step: decode, its backward, and the encoder backward.
 
-Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``x [B, d]``, upstream ``g = ∂L/∂x̂ [B, d]``.
+Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``x [B, d]``, upstream ``g = ∂L/∂x̂ [B, d]``. The
+kernels take codes in CSR form (row b's slots are ``rowptr[b]:rowptr[b+1]`` of flat ``idx, val [nnz]``;
+the ``*_csr`` functions), which the padded ``[B, k]`` functions call with ``rowptr = k · arange(B + 1)``:
+TopK's codes are padded, the selected entries of the dense-code architectures
+(:mod:`sparsedict.kernels.active_cpu`) vary in number per row.
 
 * :func:`decode`: ``x̂_b = b_dec + Σ_j values[b, j] · W_dec[indices[b, j]]`` — rows in parallel, the
   k gathered rows summed in order j = 0..k−1 in fp32 (entries with value 0 are skipped: adding 0·w is
@@ -13,10 +17,11 @@ Shapes: ``indices, values [B, k]``, ``W_dec [n, d]``, ``x [B, d]``, upstream ``g
   ``[d, n]`` (the W_enc layout: each latent block's rows are 16 contiguous floats), with ``Σ coef`` per
   latent for the bias gradients.
 
-:class:`SparseDecodeCPUFn` and :class:`TopKEncodeCPUFn` wire them into autograd; the TopK forward runs
-the encoder GEMM in row chunks into one reused buffer and selects each chunk's top-k
+:class:`SparseDecodeCPUFn`, :class:`CSRDecodeCPUFn` and :class:`TopKEncodeCPUFn` wire them into autograd;
+the TopK forward runs the encoder GEMM in row chunks into one reused buffer and selects each chunk's top-k
 (:func:`topk_encode_cpu`). The plain-torch references are :func:`sparsedict.kernels.sparse_decode.
-sparse_decode_ref` and :func:`sparsedict.kernels.topk_encode.topk_encode_ref`.
+sparse_decode_ref` and :func:`sparsedict.kernels.topk_encode.topk_encode_ref` (``F.embedding_bag`` with
+offsets for the CSR decode).
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ def _kernels():
     import numpy as np
 
     @numba.njit(parallel=True, cache=True, fastmath=_FM)
-    def decode(idx, val, W, bias, has_bias, out, parts):
-        B, k = idx.shape
+    def decode(rowptr, idx, val, W, bias, has_bias, out, parts):
+        B = rowptr.shape[0] - 1
         d = W.shape[1]
         for p in numba.prange(parts):
             for b in range(p * B // parts, (p + 1) * B // parts):
@@ -52,26 +57,26 @@ def _kernels():
                     o[:] = bias
                 else:
                     o[:] = 0.0
-                for j in range(k):
-                    v = val[b, j]
+                for e in range(rowptr[b], rowptr[b + 1]):
+                    v = val[e]
                     if v != 0.0:
-                        w = W[idx[b, j]]
+                        w = W[idx[e]]
                         for c in range(d):
                             o[c] += v * w[c]
 
     @numba.njit(parallel=True, cache=True, fastmath=_FM)
-    def sddmm(idx, g, W, out, parts):
-        B, k = idx.shape
+    def sddmm(rowptr, idx, g, W, out, parts):
+        B = rowptr.shape[0] - 1
         d = W.shape[1]
         for p in numba.prange(parts):
             for b in range(p * B // parts, (p + 1) * B // parts):
                 gb = g[b]
-                for j in range(k):
-                    w = W[idx[b, j]]
+                for e in range(rowptr[b], rowptr[b + 1]):
+                    w = W[idx[e]]
                     s = np.float32(0.0)
                     for c in range(d):
                         s += gb[c] * w[c]
-                    out[b, j] = s
+                    out[e] = s
 
     @numba.njit(cache=True)
     def group(flat, n, offsets, order):
@@ -87,7 +92,7 @@ def _kernels():
             counts[i] += 1
 
     @numba.njit(parallel=True, cache=True, fastmath=_FM)
-    def grouped_sum(order, offsets, k, coef, X, out, transpose, csum, with_sum):
+    def grouped_sum(order, offsets, rows, coef, X, out, transpose, csum, with_sum):
         n = offsets.shape[0] - 1
         d = X.shape[1]
         L = 16
@@ -104,7 +109,7 @@ def _kernels():
                     cf = coef[slot]
                     s += cf
                     if cf != 0.0:
-                        xr = X[slot // k]
+                        xr = X[rows[slot]]
                         for c in range(d):
                             a[c] += cf * xr[c]
                 if with_sum:
@@ -128,32 +133,63 @@ def _f32(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def decode(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
-    """``[B, d]`` fp32 = ``b_dec + Σ_j values[:, j] · W_dec[indices[:, j]]`` (float32 inputs, int64 indices)."""
+def padded_rows(indices: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rowptr [B+1], flat indices [B·k])``: a padded ``[B, k]`` code in the CSR form the kernels take."""
+    B, k = indices.shape
+    return torch.arange(B + 1, dtype=torch.int64) * k, indices.reshape(-1).contiguous()
+
+
+def row_of_slots(rowptr: Tensor) -> Tensor:
+    """``rows [nnz]``: the row of every slot of a CSR code."""
+    return torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr.diff())
+
+
+def decode_csr(
+    rowptr: Tensor, idx: Tensor, val: Tensor, W_dec: Tensor, b_dec: Tensor | None = None
+) -> Tensor:
+    """``[B, d]`` fp32, row b = ``b_dec + Σ_{e in row b} val[e] · W_dec[idx[e]]`` (row b's slots are
+    ``rowptr[b]:rowptr[b+1]`` of the flat ``idx, val``)."""
     dec, _, _, _ = _kernels()
-    B = indices.shape[0]
+    B = rowptr.numel() - 1
     W = _f32(W_dec)
     out = torch.empty(B, W.shape[1], dtype=torch.float32)
     bias = _f32(b_dec) if b_dec is not None else W.new_zeros(W.shape[1])
     if B:
-        dec(_np(indices.contiguous()), _np(_f32(values)), _np(W), _np(bias), b_dec is not None, _np(out),
-            min(topk_cpu.numba_threads(), B))  # fmt: skip
+        dec(_np(rowptr), _np(idx.contiguous()), _np(_f32(val).reshape(-1)), _np(W), _np(bias), b_dec is not None,
+            _np(out), min(topk_cpu.numba_threads(), B))  # fmt: skip
+    return out
+
+
+def decode(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """``[B, d]`` fp32 = ``b_dec + Σ_j values[:, j] · W_dec[indices[:, j]]`` (float32 inputs, int64 indices)."""
+    return decode_csr(*padded_rows(indices), values, W_dec, b_dec)
+
+
+def sddmm_csr(rowptr: Tensor, idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
+    """``[nnz]`` fp32: ``out[e] = <g_b, W[idx[e]]>`` for every slot e of row b."""
+    _, sd, _, _ = _kernels()
+    B = rowptr.numel() - 1
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    if B:
+        sd(
+            _np(rowptr),
+            _np(idx.contiguous()),
+            _np(_f32(g)),
+            _np(_f32(W)),
+            _np(out),
+            min(topk_cpu.numba_threads(), B),
+        )
     return out
 
 
 def sddmm(indices: Tensor, g: Tensor, W: Tensor) -> Tensor:
     """``[B, k]`` fp32: ``out[b, j] = <g_b, W[indices[b, j]]>``."""
-    _, sd, _, _ = _kernels()
-    B, k = indices.shape
-    out = torch.empty(B, k, dtype=torch.float32)
-    if B:
-        sd(_np(indices.contiguous()), _np(_f32(g)), _np(_f32(W)), _np(out), min(topk_cpu.numba_threads(), B))
-    return out
+    return sddmm_csr(*padded_rows(indices), g, W).view(indices.shape)
 
 
 def group_by_latent(indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """``(offsets [n+1], order [B·k])``: the flat slots of each latent i are ``order[offsets[i]:offsets[i+1]]``,
-    in increasing slot order (a stable counting sort)."""
+    in increasing slot order (a stable counting sort). ``indices``: ``[B, k]`` or flat ``[nnz]``."""
     _, _, grp, _ = _kernels()
     flat = indices.reshape(-1).contiguous()
     offsets = torch.empty(n + 1, dtype=torch.int64)
@@ -162,23 +198,33 @@ def group_by_latent(indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return offsets, order
 
 
+def grouped_sum_csr(
+    rows: Tensor, idx: Tensor, coef: Tensor, X: Tensor, n: int, transpose: bool = False, with_sum: bool = False,
+    grouping: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """``out[i] = Σ_{e: idx[e]=i} coef[e] · X[rows[e]]`` fp32 ``[n, d]`` (``[d, n]`` with ``transpose``), and
+    ``Σ coef`` per latent ``[n]`` with ``with_sum``. Latents without entries get exact zeros."""
+    *_, gs = _kernels()
+    d = X.shape[1]
+    offsets, order = grouping if grouping is not None else group_by_latent(idx, n)
+    out = torch.empty((d, n) if transpose else (n, d), dtype=torch.float32)
+    csum = torch.empty(n if with_sum else 0, dtype=torch.float32)
+    if n:
+        topk_cpu.numba_threads()
+        gs(_np(order), _np(offsets), _np(rows.contiguous()), _np(_f32(coef).reshape(-1)), _np(_f32(X)), _np(out),
+           transpose, _np(csum), with_sum)  # fmt: skip
+    return out, (csum if with_sum else None)
+
+
 def grouped_sum(
     indices: Tensor, coef: Tensor, X: Tensor, n: int, transpose: bool = False, with_sum: bool = False,
     grouping: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """``out[i] = Σ_{(b,j): idx[b,j]=i} coef[b, j] · X_b`` fp32 ``[n, d]`` (``[d, n]`` with ``transpose``),
     and ``Σ coef`` per latent ``[n]`` with ``with_sum``. Latents without entries get exact zeros."""
-    *_, gs = _kernels()
-    k = indices.shape[1]
-    d = X.shape[1]
-    offsets, order = grouping if grouping is not None else group_by_latent(indices, n)
-    out = torch.empty((d, n) if transpose else (n, d), dtype=torch.float32)
-    csum = torch.empty(n if with_sum else 0, dtype=torch.float32)
-    if n:
-        topk_cpu.numba_threads()
-        gs(_np(order), _np(offsets), k, _np(_f32(coef).reshape(-1)), _np(_f32(X)), _np(out), transpose,
-           _np(csum), with_sum)  # fmt: skip
-    return out, (csum if with_sum else None)
+    B, k = indices.shape
+    rows = torch.arange(B, dtype=torch.int64).repeat_interleave(k)
+    return grouped_sum_csr(rows, indices.reshape(-1), coef, X, n, transpose, with_sum, grouping)
 
 
 class SparseDecodeCPUFn(torch.autograd.Function):
@@ -203,6 +249,33 @@ class SparseDecodeCPUFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             g_b = g.sum(0).to(ctx.dtypes[2])
         return None, g_val, g_W, g_b
+
+
+class CSRDecodeCPUFn(torch.autograd.Function):
+    """:func:`decode_csr` with :class:`SparseDecodeCPUFn`'s backward, for a CSR code (``rows``:
+    :func:`row_of_slots` of ``rowptr``)."""
+
+    @staticmethod
+    def forward(
+        ctx, rowptr: Tensor, idx: Tensor, rows: Tensor, val: Tensor, W_dec: Tensor, b_dec: Tensor | None
+    ):
+        ctx.save_for_backward(rowptr, idx, rows, val, W_dec)
+        ctx.has_bias = b_dec is not None
+        ctx.dtypes = (val.dtype, W_dec.dtype, None if b_dec is None else b_dec.dtype)
+        return decode_csr(rowptr, idx, val, W_dec, b_dec).to(W_dec.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        rowptr, idx, rows, val, W_dec = ctx.saved_tensors
+        g = _f32(g)
+        g_val = g_W = g_b = None
+        if ctx.needs_input_grad[3]:
+            g_val = sddmm_csr(rowptr, idx, g, W_dec).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[4]:
+            g_W = grouped_sum_csr(rows, idx, val, g, W_dec.shape[0])[0].to(ctx.dtypes[1])
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            g_b = g.sum(0).to(ctx.dtypes[2])
+        return None, None, None, g_val, g_W, g_b
 
 
 def sparse_decode_cpu(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
@@ -275,17 +348,30 @@ class TopKEncodeCPUFn(torch.autograd.Function):
     def backward(ctx, g_values: Tensor, _g_idx):
         x, W_enc, values, indices = ctx.saved_tensors
         gp = torch.where(values > 0, g_values.float(), 0.0)  # ReLU
-        n = W_enc.shape[1]
-        gx = gW = gb = None
         needs = ctx.needs_input_grad
-        if needs[0]:
-            table = W_enc.detach().T.float().contiguous()
-            gx = decode(indices, gp, table).to(ctx.dtypes[0])
-        if needs[1] or needs[2]:
-            gWt, gb = grouped_sum(indices, gp, x, n, transpose=True, with_sum=True)
-            gW = gWt.to(ctx.dtypes[1]) if needs[1] else None
-            gb = gb.to(ctx.dtypes[2]) if needs[2] else None
+        gx, gW, gb = encoder_grads(x, W_enc, *padded_rows(indices), gp.reshape(-1), needs[0], needs[1], needs[2],
+                                   ctx.dtypes)  # fmt: skip
         return gx, gW, gb, None, None
+
+
+def encoder_grads(
+    x: Tensor, W_enc: Tensor, rowptr: Tensor, idx: Tensor, gp: Tensor, need_x: bool, need_W: bool,
+    need_b: bool, dtypes: tuple, rows: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """Gradients of ``x``, ``W_enc`` and ``b_enc`` (in ``dtypes``) from the fp32 gradient ``gp [nnz]`` of the
+    pre-activations ``x_b W_enc[:, idx[e]] + b_enc[idx[e]]`` of a CSR code (``rowptr``, flat ``idx``; ``rows``:
+    :func:`row_of_slots`, computed when None): a decode through ``W_encᵀ`` for x, a grouped sum over x's rows
+    written as ``[d, n]`` for W_enc, per-latent sums for b_enc (None where not needed)."""
+    gx = gW = gb = None
+    if need_x:
+        table = W_enc.detach().T.float().contiguous()
+        gx = decode_csr(rowptr, idx, gp, table).to(dtypes[0])
+    if need_W or need_b:
+        rows = row_of_slots(rowptr) if rows is None else rows
+        gWt, gb = grouped_sum_csr(rows, idx, gp, x, W_enc.shape[1], transpose=True, with_sum=True)
+        gW = gWt.to(dtypes[1]) if need_W else None
+        gb = gb.to(dtypes[2]) if need_b else None
+    return gx, gW, gb
 
 
 def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,9 @@ candidates from the fused :func:`~sparsedict.kernels.topk_encode` (``k_c = min(4
 :func:`~sparsedict.kernels.sparse_decode`. This equals the dense batch top-k (up to the order among
 entries tied at the selection boundary) unless some row has all ``k_c`` candidates selected — then its
 ``k_c + 1``-th entry might also belong to the batch top-k, so the step is recomputed on the dense path.
-k above 128 (the fused kernel's limit) always uses the dense path.
+k above 128 (the fused kernel's limit) always uses the dense path. On the CPU kernels, training selects
+the batch top-k from the dense pre-activations without sorting them and runs the rest of the step on the
+selected entries (:mod:`~sparsedict.dictionaries.active`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ import torch
 from torch import Tensor
 
 from sparsedict import distributed
-from sparsedict.dictionaries.base import Dictionary, Output, SparseCode, register
+from sparsedict.dictionaries import active
+from sparsedict.dictionaries.active import Active, gemm_dtype, selected_pre_acts
+from sparsedict.dictionaries.base import Dictionary, Output, SparseCode, mse_loss, register
 from sparsedict.dictionaries.topk import TopK, TopKConfig, auxk_loss
 from sparsedict.kernels import topk_encode, use_triton
+from sparsedict.kernels.active_cpu import select_batch_topk
 from sparsedict.kernels.topk_encode import MAX_K
 
 THRESHOLD_START_FRACTION = 0.8
@@ -152,14 +157,45 @@ class BatchTopK(Dictionary):
         """Code of ``x [B, d_in]``: dense ``values [B, n]`` (zeros inactive), or on the fused path (training
         on CUDA, see the module docstring) k_c-sparse ``values, indices [B, k_c]`` with unselected zeros."""
         x_in = self._x_in(x)
-        if self.training and self._total and self._step >= self._start:
-            self.keep_recent(x_in.detach())
+        self.remember(x_in)
         if self.training and use_triton(x_in):
             code = self.fused_batch_topk(x_in)
             if code is not None:
                 return code
         acts = (x_in @ self.W_enc + self.b_enc).relu()
         return SparseCode(self.select(acts), None, self.n_latents)
+
+    def remember(self, x_in: Tensor) -> None:
+        """Keep a training batch's encoder input for the final calibration of θ (from the estimate's start)."""
+        if self.training and self._total and self._step >= self._start:
+            self.keep_recent(x_in.detach())
+
+    def batch_active(self, x: Tensor) -> Active | None:
+        """Training on the CPU kernels: the batch top-k entries of the pre-activations, selected without a
+        ``[B, n]`` sort (:func:`~sparsedict.kernels.active_cpu.select_batch_topk`), for the sparse step; None
+        elsewhere (the dense or fused path)."""
+        if not self.training:
+            return None
+        count = self.cfg.k * x.shape[0]
+        cap = int(active.MAX_ACTIVE_FRACTION * x.shape[0] * self.n_latents)
+        return selected_pre_acts(
+            self, x, self.b_enc, lambda z: select_batch_topk(z, count, cap), gemm_dtype(x)
+        )
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """The dense (or fused) forward, or in CPU training the same step on the batch top-k entries only."""
+        self.check_input(x)
+        act = self.batch_active(x)
+        if act is None:
+            return super().forward(x, target)
+        self.remember(self._x_in(x))
+        y = x if target is None else target
+        f = act.z.relu()
+        x_hat = act.reconstruct(self, f, x)
+        code = act.code(f)
+        losses = {"mse": mse_loss(x_hat, y)}
+        losses.update(self.aux_losses(x, y, code, x_hat))
+        return Output(x_hat, code, losses)
 
     def fused_batch_topk(self, x_in: Tensor) -> SparseCode | None:
         """Exact batch top-k from fused per-row candidates, or None where that is not exact / applicable."""

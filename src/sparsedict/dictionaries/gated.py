@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sparsedict.dictionaries.active import active_pre_acts, gemm_dtype
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
 from sparsedict.dictionaries.control import L0TargetFields, Steered
 from sparsedict.dictionaries.relu import ReLU
@@ -99,19 +100,34 @@ class Gated(Steered, Dictionary):
     after_step = ReLU.after_step
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """Dense, or in CPU training on the open gates ``π + b_gate > 0`` only (the support of the code and
+        of ``ReLU(π + b_gate)``; :func:`~sparsedict.dictionaries.active.active_pre_acts`): a sparse code."""
         self.check_input(x)
         y = x if target is None else target
-        pi = self.pi(x)
-        code = SparseCode(self._code(pi), None, self.n_latents)
-        x_hat = self.decode(code, x)
-        gate_act = (pi + self.b_gate).relu()
-        # Auxiliary reconstruction through a frozen copy of the decoder (and skip), training the gate path.
-        x_aux = gate_act @ self.W_dec.detach() + self.b_dec.detach()
+        act = active_pre_acts(self, x, None, self.b_gate.detach(), gemm_dtype(x))
+        if act is None:
+            pi = self.pi(x)
+            code = SparseCode(self._code(pi), None, self.n_latents)
+            x_hat = self.decode(code, x)
+            gate_act = (pi + self.b_gate).relu()
+            x_aux = gate_act @ self.W_dec.detach() + self.b_dec.detach()
+            l1 = gate_act.float().sum(-1).mean()
+        else:
+            pi = act.z
+            gated = pi + self.b_gate[act.indices]
+            f = (gated > 0) * (self.r_mag.exp()[act.indices] * pi + self.b_mag[act.indices]).relu()
+            code = act.code(f)
+            x_hat = act.reconstruct(self, f, x)
+            gate_act = gated.relu()
+            x_aux = act.decode(gate_act, self.W_dec.detach(), self.b_dec.detach())
+            l1 = act.mean_row_sum(gate_act.float())
+        # The auxiliary reconstruction goes through a frozen copy of the decoder (and skip): it trains the
+        # gate path only.
         if self.W_skip is not None:
             x_aux = x_aux + x @ self.W_skip.detach().T
         losses = {
             "mse": mse_loss(x_hat, y),
-            "l1": self.l1_current * gate_act.float().sum(-1).mean(),
+            "l1": self.l1_current * l1,
             "aux": mse_loss(x_aux, y),
         }
         return Output(x_hat, code, losses)

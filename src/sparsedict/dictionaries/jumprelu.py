@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sparsedict.dictionaries.active import active_pre_acts
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
 from sparsedict.dictionaries.control import L0TargetFields, Steered
 from sparsedict.dictionaries.relu import ReLU, warmup_factor
@@ -85,7 +86,8 @@ def _rect(u: Tensor) -> Tensor:
 
 
 class JumpReLUFn(torch.autograd.Function):
-    """``f = z · H(z − θ)`` for ``z [B, n]``, ``θ [n]``; pseudo-derivative wrt θ via the rectangle kernel."""
+    """``f = z · H(z − θ)`` for ``z [B, n]`` and ``θ [n]`` (or a θ gathered to z's shape); pseudo-derivative
+    wrt θ via the rectangle kernel."""
 
     @staticmethod
     def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
@@ -98,7 +100,7 @@ class JumpReLUFn(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         eps = ctx.eps
         gz = g * (z > theta)
-        gtheta = (g * (-theta / eps) * _rect((z - theta) / eps)).sum(0)
+        gtheta = (g * (-theta / eps) * _rect((z - theta) / eps)).sum_to_size(theta.shape)
         return gz, gtheta, None
 
 
@@ -115,7 +117,7 @@ class StepFn(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.eps
-        gtheta = (g * (-1.0 / eps) * _rect((z - theta) / eps)).sum(0)
+        gtheta = (g * (-1.0 / eps) * _rect((z - theta) / eps)).sum_to_size(theta.shape)
         return None, gtheta, None
 
 
@@ -190,13 +192,25 @@ class JumpReLU(Steered, Dictionary):
         self.l0_current = steered
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """Dense, or in CPU training on the latents with ``z > θ − ε`` only (the code's support and the
+        estimators' window; :func:`~sparsedict.dictionaries.active.active_pre_acts`): a sparse code."""
         self.check_input(x)
         y = x if target is None else target
-        z = self.pre_acts(x)
-        theta = self.theta(z.dtype)
-        code = SparseCode(JumpReLUFn.apply(z, theta, self.cfg.bandwidth), None, self.n_latents)
-        x_hat = self.decode(code, x)
-        l0 = StepFn.apply(z.float(), theta.float(), self.cfg.bandwidth).sum(-1).mean()
+        eps = self.cfg.bandwidth
+        dtype = torch.promote_types(self.W_enc.dtype, torch.float32)
+        theta = self.theta(dtype)
+        act = active_pre_acts(self, x, self.b_enc, (eps - theta).detach(), dtype)
+        if act is None:
+            z = self.pre_acts(x)
+            code = SparseCode(JumpReLUFn.apply(z, theta, eps), None, self.n_latents)
+            l0 = StepFn.apply(z.float(), theta.float(), eps).sum(-1).mean()
+            x_hat = self.decode(code, x)
+        else:
+            theta_sel = theta[act.indices]
+            f = JumpReLUFn.apply(act.z, theta_sel, eps)
+            l0 = act.mean_row_sum(StepFn.apply(act.z, theta_sel, eps))
+            code = act.code(f)
+            x_hat = act.reconstruct(self, f, x)
         if self.cfg.l0_target > 0 and self.l0_controller is None:
             sparsity = (l0 / self.cfg.l0_target - 1).pow(2)
         else:

@@ -137,15 +137,29 @@ class Matryoshka(BatchTopK):
         return prefix_reconstructions_dense(code.values, self.W_dec, ends)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """Every prefix's loss; in CPU training with batch selection on the batch top-k entries only, all G
+        prefix reconstructions from one sparse decode (:meth:`~sparsedict.dictionaries.active.Active.prefix_decodes`)."""
         self.check_input(x)
         y = x if target is None else target
-        code = self.encode(x)
-        x_hat = self.decode(code, x)
+        offset = self.b_dec if self.W_skip is None else self.b_dec + x @ self.W_skip.T
+        act = self.batch_active(x) if self.cfg.selection == "batchtopk" else None
+        if act is None:
+            code = self.encode(x)
+            x_hat = self.decode(code, x)
+            inner = None
+        else:
+            self.remember(self._x_in(x))
+            f = act.z.relu()
+            code = act.code(f)
+            prefixes = act.prefix_decodes(f, self.W_dec, self.ends) + offset.unsqueeze(-2)  # [B, G, d]
+            x_hat, inner = prefixes[:, -1], prefixes[:, :-1]
         mse = (x_hat.float() - y.float()).pow(2).sum(-1).mean()  # the full dictionary's, unweighted
         prefix = self.weights[-1] * mse
         if len(self.ends) > 1:
-            offset = self.b_dec if self.W_skip is None else self.b_dec + x @ self.W_skip.T
-            inner = self.prefix_reconstructions(code, self.ends[:-1]) + offset.unsqueeze(-2)  # [B, G-1, d]
+            if inner is None:
+                inner = self.prefix_reconstructions(code, self.ends[:-1]) + offset.unsqueeze(
+                    -2
+                )  # [B, G-1, d]
             sse = (inner.float() - y.float().unsqueeze(1)).pow(2).sum(-1).mean(0)  # [G-1]
             prefix = prefix + sum(w * s for w, s in zip(self.weights[:-1], sse, strict=True))
         losses = {"prefix": prefix}

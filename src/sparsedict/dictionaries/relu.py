@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, register
+from sparsedict.dictionaries.active import active_pre_acts, gemm_dtype
+from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
 from sparsedict.dictionaries.control import L0TargetFields, Steered
 
 
@@ -87,3 +88,17 @@ class ReLU(Steered, Dictionary):
         norms = self.W_dec.float().norm(dim=1)
         l1 = (code.values.float() @ norms).mean()
         return {"l1": self.l1_current * l1}
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """The dense forward, or in CPU training the same step on the active latents only
+        (:func:`~sparsedict.dictionaries.active.active_pre_acts`)."""
+        self.check_input(x)
+        act = active_pre_acts(self, x, self.b_enc, None, gemm_dtype(x))
+        if act is None:
+            return super().forward(x, target)
+        y = x if target is None else target
+        f = act.z.relu()
+        x_hat = act.reconstruct(self, f, x)
+        l1 = act.mean_row_sum(f * self.W_dec.float().norm(dim=1)[act.indices])
+        losses = {"mse": mse_loss(x_hat, y), "l1": self.l1_current * l1}
+        return Output(x_hat, act.code(f), losses)
