@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
-from sparsedict.dictionaries.control import L0TargetFields, Steered
+from sparsedict.dictionaries.control import L0TargetFields, Steered, firing_quantiles
 from sparsedict.dictionaries.relu import ReLU
 
 
@@ -85,6 +85,23 @@ class Gated(Steered, Dictionary):
         """Gate pre-activations ``π + b_gate`` ``[B, n]``."""
         return self.pi(x) + self.b_gate
 
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
+        """b_dec as in the base class, then ``b_gate`` from the data for a sparse start (``threshold_init_l0``)."""
+        super().init_from_data(x, y)
+        if self.init_l0() > 0:
+            x_in = self._x_in(x[: self.init_rows].to(self.W_enc.dtype))
+            scores = lambda c: x_in @ self.W_enc[:, c] + self.b_gate[c]  # noqa: E731
+            self.b_gate -= firing_quantiles(scores, self.n_latents, len(x_in), self.init_l0()).to(
+                self.b_gate.dtype
+            )
+
+    def firing_scores(self, x: Tensor) -> Tensor:
+        return self.pre_acts(x)
+
+    def shift_firing(self, delta: float) -> None:
+        self.b_gate -= delta
+
     def _code(self, pi: Tensor) -> Tensor:
         gate = (pi + self.b_gate) > 0
         mag = (self.r_mag.exp() * pi + self.b_mag).relu()
@@ -100,6 +117,7 @@ class Gated(Steered, Dictionary):
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
+        self.keep_recent(x)
         y = x if target is None else target
         pi = self.pi(x)
         code = SparseCode(self._code(pi), None, self.n_latents)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, register
-from sparsedict.dictionaries.control import L0TargetFields, Steered
+from sparsedict.dictionaries.control import L0TargetFields, Steered, firing_quantiles
 
 
 @dataclass
@@ -69,6 +69,23 @@ class ReLU(Steered, Dictionary):
         self.l1_current = cfg.l1_coefficient
         self.init_steering(cfg.controller(cfg.l1_coefficient))
 
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
+        """b_dec as in the base class, then ``b_enc`` from the data for a sparse start (``threshold_init_l0``)."""
+        super().init_from_data(x, y)
+        if self.init_l0() > 0:
+            x_in = self._x_in(x[: self.init_rows].to(self.W_enc.dtype))
+            scores = lambda c: x_in @ self.W_enc[:, c] + self.b_enc[c]  # noqa: E731
+            self.b_enc -= firing_quantiles(scores, self.n_latents, len(x_in), self.init_l0()).to(
+                self.b_enc.dtype
+            )
+
+    def firing_scores(self, x: Tensor) -> Tensor:
+        return self.pre_acts(x)
+
+    def shift_firing(self, delta: float) -> None:
+        self.b_enc -= delta
+
     def encode(self, x: Tensor) -> SparseCode:
         """``f = ReLU(pre_acts(x))`` as a dense code ``values [B, n]``."""
         return SparseCode(self.pre_acts(x).relu(), None, self.n_latents)
@@ -83,7 +100,8 @@ class ReLU(Steered, Dictionary):
         self.steer(out)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
-        """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32)."""
+        """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32); keeps the batch for the final L0 calibration."""
+        self.keep_recent(x)
         norms = self.W_dec.float().norm(dim=1)
         l1 = (code.values.float() @ norms).mean()
         return {"l1": self.l1_current * l1}
