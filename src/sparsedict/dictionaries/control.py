@@ -46,8 +46,8 @@ class L0TargetFields:
     threshold_init_l0: float = -1.0
     """Data-driven sparse start: if > 0, ``init_from_data`` sets each latent's firing threshold to the
     ``1 − threshold_init_l0/n`` quantile of its initial pre-activations on the sample (:func:`firing_quantiles`),
-    so the initial L0 ≈ threshold_init_l0 with every latent alive. -1 means ``l0_target`` when that is set, else
-    off; 0 means off."""
+    so the initial L0 ≈ threshold_init_l0 with every latent alive. -1 means the architecture's multiple of
+    ``l0_target`` (``Steered.init_l0_factor``) when that is set, else off; 0 means off."""
     l0_calibration_rows: int = 8192
     """With ``l0_target``: at the last training step the firing threshold is shifted on the final weights so
     the most recent training rows (up to this many, from the frozen phase) have mean L0 = ``l0_target``
@@ -124,6 +124,8 @@ class Steered:
     l0_controller: L0Controller | None
     init_rows: int = 8192
     """At most this many sample rows are used for the data-driven sparse start."""
+    init_l0_factor: float = 1.0
+    """``threshold_init_l0 = -1`` starts at this multiple of ``l0_target``."""
 
     def init_steering(self, controller: L0Controller | None) -> None:
         self.l0_controller = controller
@@ -133,7 +135,7 @@ class Steered:
     def init_l0(self) -> float:
         """The L0 of the data-driven sparse start (0: none), from ``threshold_init_l0`` and ``l0_target``."""
         l0 = self.cfg.threshold_init_l0
-        return self.cfg.l0_target if l0 < 0 else l0
+        return self.init_l0_factor * self.cfg.l0_target if l0 < 0 else l0
 
     def firing_scores(self, x: Tensor) -> Tensor:
         """``[B, n]`` scores of ``x``: latent i fires where its score is > 0 (implemented by the architecture)."""

@@ -58,6 +58,9 @@ class ReLU(Steered, Dictionary):
     input_normalisation = "sqrt_d"
     saelens_architecture = "standard"
     sparsity_fields = ("l1_coefficient", "l0_target")
+    init_l0_factor = (
+        4.0  # the sparse start at 4 x l0_target; chosen by measurement: benchmarks/RESULTS_defaults.md
+    )
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
