@@ -164,13 +164,15 @@ class Steered:
     @torch.no_grad()
     def calibrate_l0(self, batches: list[Tensor]) -> None:
         """Shift the firing threshold so ``batches`` have mean L0 = the target under the current weights: by the
-        mean over batches (and ranks) of each one's ``target·B``-th largest firing score."""
+        mean over batches (and ranks) of each one's cut between its ``target·B`` largest firing scores and the
+        rest (the midpoint of the ``target·B``-th and the next; one batch then has exactly ``target·B`` firings)."""
         target = self.l0_controller.target
-        kth = []
+        cuts = []
         for x in batches:
             s = self.firing_scores(x).reshape(-1).float()
-            kth.append(s.topk(max(1, min(round(target * len(x)), s.numel())), sorted=False).values.min())
-        self.shift_firing(float(distributed.all_reduce_mean(torch.stack(kth).mean())))
+            k = max(1, min(round(target * len(x)), s.numel() - 1))
+            cuts.append(s.topk(k + 1).values[-2:].mean())
+        self.shift_firing(float(distributed.all_reduce_mean(torch.stack(cuts).mean())))
 
     def steered_coefficient(self, step: int, total_steps: int) -> float | None:
         """The coefficient for training step ``step`` when steered (None otherwise)."""

@@ -97,7 +97,10 @@ class Gated(Steered, Dictionary):
             )
 
     def firing_scores(self, x: Tensor) -> Tensor:
-        return self.pre_acts(x)
+        """The gate pre-activations, below all others where the magnitude is 0 (no shift of b_gate fires those)."""
+        pi = self.pi(x)
+        u = pi + self.b_gate
+        return u.masked_fill((self.r_mag.exp() * pi + self.b_mag) <= 0, float(u.min()) - 1.0)
 
     def shift_firing(self, delta: float) -> None:
         self.b_gate -= delta

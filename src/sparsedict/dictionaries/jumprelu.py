@@ -152,11 +152,13 @@ class JumpReLU(Steered, Dictionary):
             self.threshold.copy_(theta.clamp_min(0.0).to(self.threshold.dtype))
 
     def firing_scores(self, x: Tensor) -> Tensor:
+        """``z − θ``, below all others where ``z ≤ 0`` (no θ ≥ 0 fires those), so a shift clamped at θ = 0 is exact."""
         z = self.pre_acts(x)
-        return z - self.theta(z.dtype)
+        s = z - self.theta(z.dtype)
+        return s.masked_fill(z <= 0, float(s.min()) - 1.0)
 
     def shift_firing(self, delta: float) -> None:
-        self.threshold.add_(delta).clamp_(min=0.0)
+        self.threshold.clamp_(min=0.0).add_(delta).clamp_(min=0.0)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Pre-activations ``z [B, n]`` in fp32 at least, outside autocast (the threshold path needs them exact)."""
