@@ -163,16 +163,18 @@ class Steered:
 
     @torch.no_grad()
     def calibrate_l0(self, batches: list[Tensor]) -> None:
-        """Shift the firing threshold so ``batches`` have mean L0 = the target under the current weights: by the
-        mean over batches (and ranks) of each one's cut between its ``target·B`` largest firing scores and the
-        rest (the midpoint of the ``target·B``-th and the next; one batch then has exactly ``target·B`` firings)."""
-        target = self.l0_controller.target
-        cuts = []
+        """Shift the firing threshold so ``batches`` (N rows in all) have mean L0 = the target under the current
+        weights: to the cut between their ``target·N`` largest firing scores and the rest (the midpoint of the
+        ``target·N``-th and the next, pooled over the batches: each batch's top ``target·N + 1`` scores contain the
+        pooled ones), averaged over ranks."""
+        k = max(1, round(self.l0_controller.target * sum(len(x) for x in batches)))
+        top = []
         for x in batches:
             s = self.firing_scores(x).reshape(-1).float()
-            k = max(1, min(round(target * len(x)), s.numel() - 1))
-            cuts.append(s.topk(k + 1).values[-2:].mean())
-        self.shift_firing(float(distributed.all_reduce_mean(torch.stack(cuts).mean())))
+            top.append(s.topk(min(k + 1, s.numel())).values)
+        top = torch.cat(top)
+        cut = top.topk(min(k + 1, top.numel())).values[-2:].mean()
+        self.shift_firing(float(distributed.all_reduce_mean(cut)))
 
     def steered_coefficient(self, step: int, total_steps: int) -> float | None:
         """The coefficient for training step ``step`` when steered (None otherwise)."""
