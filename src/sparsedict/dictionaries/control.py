@@ -12,8 +12,18 @@ The proportional term damps the loop: while L0 is already falling fast toward th
 (the encoder needs many steps to follow a change of λ, and a pure integral step would overshoot). From
 ``int(freeze_fraction · total_steps)`` on, λ is frozen, so the end of the run (the LR decay) trains one
 fixed objective. The state (λ, the last error, whether it is frozen) is part of the training checkpoint
-(:meth:`state_dict`), so a resumed run continues exactly. Defaults and their measurements:
-benchmarks/RESULTS_defaults.md.
+(:meth:`state_dict`), so a resumed run continues exactly.
+
+In a short run the L0 follows λ only over tens of steps, so two more pieces make the target land:
+
+- a sparse start (:func:`firing_quantiles`): each latent's firing threshold (ReLU ``b_enc``, Gated ``b_gate``,
+  JumpReLU θ) starts at the quantile of its initial pre-activations that makes it fire on a given fraction of
+  the sample, instead of half the latents firing on every token;
+- a final calibration (:meth:`Steered.calibrate_l0`): at the last step every latent's firing threshold moves by
+  one common shift so the frozen phase's most recent training rows have mean L0 = the target under the final
+  weights (as BatchTopK's inference threshold θ is calibrated).
+
+Defaults and their measurements: benchmarks/RESULTS_defaults.md.
 """
 
 from __future__ import annotations
