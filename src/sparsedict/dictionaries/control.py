@@ -147,6 +147,17 @@ class Steered:
         l0 = self.cfg.threshold_init_l0
         return self.init_l0_factor * self.cfg.l0_target if l0 < 0 else l0
 
+    @torch.no_grad()
+    def sparse_start(self, x: Tensor, bias: Tensor) -> Tensor | None:
+        """:func:`firing_quantiles` of ``x_in W_enc + bias`` on the first ``init_rows`` rows of the sample ``x``, for
+        an initial L0 of :meth:`init_l0` (None when that is 0)."""
+        l0 = self.init_l0()
+        if l0 <= 0:
+            return None
+        x_in = self._x_in(x[: self.init_rows].to(self.W_enc.dtype))
+        q = firing_quantiles(lambda c: x_in @ self.W_enc[:, c] + bias[c], self.n_latents, len(x_in), l0)
+        return q.to(bias.dtype)
+
     def firing_scores(self, x: Tensor) -> Tensor:
         """``[B, n]`` scores of ``x``: latent i fires where its score is > 0 (implemented by the architecture)."""
         raise NotImplementedError

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
-from sparsedict.dictionaries.control import L0TargetFields, Steered, firing_quantiles
+from sparsedict.dictionaries.control import L0TargetFields, Steered
 from sparsedict.dictionaries.relu import ReLU
 
 
@@ -89,12 +89,9 @@ class Gated(Steered, Dictionary):
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
         """b_dec as in the base class, then ``b_gate`` from the data for a sparse start (``threshold_init_l0``)."""
         super().init_from_data(x, y)
-        if self.init_l0() > 0:
-            x_in = self._x_in(x[: self.init_rows].to(self.W_enc.dtype))
-            scores = lambda c: x_in @ self.W_enc[:, c] + self.b_gate[c]  # noqa: E731
-            self.b_gate -= firing_quantiles(scores, self.n_latents, len(x_in), self.init_l0()).to(
-                self.b_gate.dtype
-            )
+        q = self.sparse_start(x, self.b_gate)
+        if q is not None:
+            self.b_gate -= q
 
     def firing_scores(self, x: Tensor) -> Tensor:
         """The gate pre-activations, below all others where the magnitude is 0 (no shift of b_gate fires those)."""

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
-from sparsedict.dictionaries.control import L0TargetFields, Steered, firing_quantiles
+from sparsedict.dictionaries.control import L0TargetFields, Steered
 from sparsedict.dictionaries.relu import ReLU, warmup_factor
 
 
@@ -145,11 +145,9 @@ class JumpReLU(Steered, Dictionary):
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
         """b_dec as in the base class, then θ from the quantiles of the pre-activations (see the config)."""
         super().init_from_data(x, y)
-        if self.init_l0() > 0:
-            x_in = self._x_in(x[: self.init_rows].to(self.W_enc.dtype))
-            scores = lambda c: x_in @ self.W_enc[:, c] + self.b_enc[c]  # noqa: E731
-            theta = firing_quantiles(scores, self.n_latents, len(x_in), self.init_l0())
-            self.threshold.copy_(theta.clamp_min(0.0).to(self.threshold.dtype))
+        q = self.sparse_start(x, self.b_enc)
+        if q is not None:
+            self.threshold.copy_(q.clamp_min(0.0).to(self.threshold.dtype))
 
     def firing_scores(self, x: Tensor) -> Tensor:
         """``z − θ``, below all others where ``z ≤ 0`` (no θ ≥ 0 fires those), so a shift clamped at θ = 0 is exact."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, register
-from sparsedict.dictionaries.control import L0TargetFields, Steered, firing_quantiles
+from sparsedict.dictionaries.control import L0TargetFields, Steered
 
 
 @dataclass
@@ -76,12 +76,9 @@ class ReLU(Steered, Dictionary):
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
         """b_dec as in the base class, then ``b_enc`` from the data for a sparse start (``threshold_init_l0``)."""
         super().init_from_data(x, y)
-        if self.init_l0() > 0:
-            x_in = self._x_in(x[: self.init_rows].to(self.W_enc.dtype))
-            scores = lambda c: x_in @ self.W_enc[:, c] + self.b_enc[c]  # noqa: E731
-            self.b_enc -= firing_quantiles(scores, self.n_latents, len(x_in), self.init_l0()).to(
-                self.b_enc.dtype
-            )
+        q = self.sparse_start(x, self.b_enc)
+        if q is not None:
+            self.b_enc -= q
 
     def firing_scores(self, x: Tensor) -> Tensor:
         return self.pre_acts(x)
