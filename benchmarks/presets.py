@@ -75,6 +75,19 @@ def keep_running(model, name: str, into: dict):
     return wrapped
 
 
+def trace_steps(m, trainer, into: list):
+    """``m.model.after_step`` that also appends ``(step, lr, coefficient, batch L0)`` to ``into``."""
+    after_step = m.model.after_step
+
+    def wrapped(out):
+        coefficient = m.model.l0_controller.coefficient  # the one this step trained with
+        after_step(out)
+        l0 = float((out.code.values.detach() != 0).sum(-1).float().mean())
+        into.append((trainer.step, m.opt.opt.param_groups[0]["lr"], coefficient, l0))
+
+    return wrapped
+
+
 def run(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,6 +122,11 @@ def run(args) -> list[dict]:
             if "normalise_inputs" in train:
                 norm = train["normalise_inputs"]
                 m.normalisation = type(m.model).input_normalisation if norm == "auto" else norm
+    traces = {}  # steered points: (step, lr, coefficient, batch L0) after every optimiser step
+    if args.trace:
+        for m in trainer.members:
+            if getattr(m.model, "l0_controller", None) is not None:
+                m.model.after_step = trace_steps(m, trainer, traces.setdefault(m.name, []))
     running = {}  # BatchTopK-like: θ's running mean, before the final recalibration replaces it
     for m in trainer.members:
         if hasattr(m.model, "calibrate_threshold"):
@@ -162,6 +180,8 @@ def run(args) -> list[dict]:
         for attr in ("l1_current", "l0_current"):
             if hasattr(m.model, attr):
                 row[attr] = float(getattr(m.model, attr))
+        if m.name in traces:
+            row["trace"] = traces[m.name]
         rows.append(row)
     if args.json:
         with open(args.json, "a") as f:
@@ -175,6 +195,11 @@ def run(args) -> list[dict]:
             if f"fvu_{key}" in r:
                 print(f"|   {key}: θ {r[f'theta_{key}']:.4g} | {r[f'fvu_{key}']:.4f} | {r[f'l0_{key}']:.1f} | "
                       f"{r.get(f'train_l0_{key}', float('nan')):.1f} |")  # fmt: skip
+    for name, trace in traces.items():
+        every = max(1, len(trace) // 24)
+        print(f"trace {name}: step lr coefficient batch-L0")
+        for step, lr, coefficient, l0 in trace[::every] + trace[-1:]:
+            print(f"  {step:5d} {lr:.3g} {coefficient:.4g} {l0:.1f}")
     return rows
 
 
@@ -209,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log_every", type=int, default=50)
+    p.add_argument("--trace", action="store_true", help="record and print λ and the batch L0 per step")
     p.add_argument("--label", default="")
     p.add_argument("--work", default="/tmp/sparsedict-presets")
     p.add_argument("--json", default="")

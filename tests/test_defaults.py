@@ -1,11 +1,14 @@
 """Every SAE architecture lands its sparsity target with the package defaults (no LR, no coefficient given), on
 real SmolLM2 activations (embedded model, shipped corpus sample), measured on held-out rows.
 
-TopK, BatchTopK and Matryoshka get ``k``; Gated and JumpReLU get ``l0_target`` (the coefficient is steered, then
-frozen). Tolerance: held-out L0 within 10 % of the target, the bound the defaults are stated to meet. The FVU bound
-only says the dictionary learned something (a dictionary that outputs b_dec has FVU 1). ReLU with ``l0_target``
-is not asserted: on this workload it lands 12 % under the target (14.1 for 16), outside the bound (measurements:
-benchmarks/RESULTS_defaults.md).
+TopK, BatchTopK and Matryoshka get ``k``; ReLU, Gated and JumpReLU get ``l0_target`` (the coefficient is steered,
+then frozen, and the firing threshold calibrated on the last training batches). Tolerance: held-out L0 within 10 %
+of the target, the bound the defaults are stated to meet. The FVU bound only says the dictionary learned something
+(a dictionary that outputs b_dec has FVU 1). Run lengths: TopK, BatchTopK and Matryoshka 3 epochs (140 steps; at
+one epoch TopK's held-out L0 is 13.4, some of its k activations still 0); ReLU, Gated and JumpReLU one epoch (46
+steps), as in the LM runs these defaults are for: their threshold is calibrated on training rows, and after 3 epochs
+over these 12,000 rows the held-out rows of ReLU and Gated fire 12-15 % more than the memorised training rows
+(held-out 18.9 / 17.8). Measurements: benchmarks/RESULTS_defaults.md.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sparsedict.train import TensorSource, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HP, TOKENS, HELD_OUT, TARGET, EPOCHS = "resid_post.3", 14_000, 2000, 16, 3
+HP, TOKENS, HELD_OUT, TARGET = "resid_post.3", 14_000, 2000, 16
 TOLERANCE = 0.1
 """Held-out L0 within this fraction of the target."""
 
@@ -38,22 +41,23 @@ def rows(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "arch, fields",
+    "arch, fields, epochs",
     [
-        ("topk", {"k": TARGET}),
-        ("batchtopk", {"k": TARGET}),
-        ("matryoshka", {"k": TARGET}),
-        ("gated", {"l0_target": TARGET}),
-        ("jumprelu", {"l0_target": TARGET}),
+        ("topk", {"k": TARGET}, 3),
+        ("batchtopk", {"k": TARGET}, 3),
+        ("matryoshka", {"k": TARGET}, 3),
+        ("relu", {"l0_target": TARGET}, 1),
+        ("gated", {"l0_target": TARGET}, 1),
+        ("jumprelu", {"l0_target": TARGET}, 1),
     ],
 )
-def test_default_lands_the_target_l0(rows, tmp_path, arch, fields):
-    """12,000 training rows x 3 epochs = 140 steps of 256, n = 1152, then 2,000 held-out rows."""
+def test_default_lands_the_target_l0(rows, tmp_path, arch, fields, epochs):
+    """12,000 training rows x ``epochs`` (of 256 rows a step), n = 1152, then 2,000 held-out rows."""
     train, test = rows
     torch.manual_seed(0)
     _, cfg_cls = lookup(arch)
     model = build(cfg_cls(hookpoint=HP, expansion=2, **fields).resolved(train.shape[1]))
-    cfg = TrainConfig(batch_size=256, epochs=EPOCHS, log_every=10**9, out_dir=str(tmp_path), init_rows=8192)
+    cfg = TrainConfig(batch_size=256, epochs=epochs, log_every=10**9, out_dir=str(tmp_path), init_rows=8192)
     Trainer({arch: model}, {model.cfg.source_key: TensorSource(train, batch_size=256)}, cfg).fit(resume=False)
     held = reconstruction_stats(model, [(test, None)])
     assert abs(held.l0 - TARGET) <= TOLERANCE * TARGET, f"{arch}: held-out L0 {held.l0:.2f}, target {TARGET}"

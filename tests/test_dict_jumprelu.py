@@ -155,20 +155,19 @@ def test_threshold_init_from_data_quantiles():
 
 def test_planted_recovery(tmp_path):
     """Threshold 0.95 mean max |cos| over the 256 true atoms (d=64, 6 active, noise 0.01), trained by the
-    real Trainer on unit-mean-squared-norm inputs with the target-L0 loss (target = the planted 6, as the
-    TopK/BatchTopK tests use k = 6), θ initialised from the data, ε = 0.1, b_dec subtracted (measured:
-    0.977 / 0.976 / 0.972 on data seeds 1 / 2 / 3). The model seed differs from the data seed: with equal
-    seeds the model's random W_dec would start as the planted atoms (the same RNG stream)."""
+    real Trainer on unit-mean-squared-norm inputs with λ steered to the target L0 (the default controller, target =
+    the planted 6, as the TopK/BatchTopK tests use k = 6) and θ calibrated at the end, θ initialised from the data,
+    ε = 0.1, b_dec subtracted, lr 4e-3 (measured: 0.973 / 0.977 / 0.974 on data seeds 1 / 2 / 3; the default LR,
+    the width rule's 1.13e-3 at this run length, gave 0.710). The model seed differs from the data seed: with
+    equal seeds the model's random W_dec would start as the planted atoms (the same RNG stream)."""
     x, atoms = planted_data(d=64, n_atoms=256, k_active=6, n_rows=40_000, seed=1)
     torch.manual_seed(0)
     cfg = JumpReLUConfig(
         d_in=64,
         n_latents=512,
         l0_target=6.0,
-        l0_coefficient=1.0,
         bandwidth=0.1,
         apply_b_dec_to_input=True,
-        l0_control=False,  # the fixed-λ target-L0 loss these bounds were measured with
     )
     m = build(cfg.resolved(64))
     assert mean_max_cosine(m.W_dec, atoms) < 0.5  # the start is not the answer
@@ -180,7 +179,7 @@ def test_planted_recovery(tmp_path):
     m.eval()
     with torch.no_grad():
         l0 = float(m(x[:4000] * m.input_scale).code.l0().float().mean())
-    assert 4.5 < l0 < 7.5, f"L0 {l0:.2f} is not near the target 6"
+    assert 5.4 < l0 < 6.6, f"L0 {l0:.2f} is not near the target 6"
 
 
 def test_threshold_path_stays_fp32_under_bf16_autocast():

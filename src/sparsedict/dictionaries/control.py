@@ -12,13 +12,24 @@ The proportional term damps the loop: while L0 is already falling fast toward th
 (the encoder needs many steps to follow a change of λ, and a pure integral step would overshoot). From
 ``int(freeze_fraction · total_steps)`` on, λ is frozen, so the end of the run (the LR decay) trains one
 fixed objective. The state (λ, the last error, whether it is frozen) is part of the training checkpoint
-(:meth:`state_dict`), so a resumed run continues exactly. Defaults and their measurements:
-benchmarks/RESULTS_defaults.md.
+(:meth:`state_dict`), so a resumed run continues exactly.
+
+In a short run the L0 follows λ only over tens of steps, so two more pieces make the target land:
+
+- a sparse start (:func:`firing_quantiles`): each latent's firing threshold (ReLU ``b_enc``, Gated ``b_gate``,
+  JumpReLU θ) starts at the quantile of its initial pre-activations that makes it fire on a given fraction of
+  the sample, instead of half the latents firing on every token;
+- a final calibration (:meth:`Steered.calibrate_l0`): at the last step every latent's firing threshold moves by
+  one common shift so the frozen phase's most recent training rows have mean L0 = the target under the final
+  weights (as BatchTopK's inference threshold θ is calibrated).
+
+Defaults and their measurements: benchmarks/RESULTS_defaults.md.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +53,15 @@ class L0TargetFields:
     """Integral gain k_i of the controller: ``log λ`` moves by k_i · log(L0 / target) per step."""
     l0_control_damping: float = 1.0
     """Proportional gain k_p on the change of the log error (damping)."""
+    threshold_init_l0: float = -1.0
+    """Data-driven sparse start: if > 0, ``init_from_data`` sets each latent's firing threshold to the
+    ``1 − threshold_init_l0/n`` quantile of its initial pre-activations on the sample (:func:`firing_quantiles`),
+    so the initial L0 ≈ threshold_init_l0 with every latent alive. -1 means the architecture's multiple of
+    ``l0_target`` (``Steered.init_l0_factor``) when that is set, else off; 0 means off."""
+    l0_calibration_rows: int = 8192
+    """With ``l0_target``: at the last training step the firing threshold is shifted on the final weights so
+    the most recent training rows (up to this many, from the frozen phase) have mean L0 = ``l0_target``
+    (:meth:`Steered.calibrate_l0`); 0 leaves the trained threshold."""
 
     def controller(self, coefficient: float) -> L0Controller | None:
         """The controller for these fields starting at ``coefficient`` (None when no target is set)."""
@@ -92,16 +112,90 @@ class L0Controller:
         self.last_error = None if state["last_error"] is None else float(state["last_error"])
 
 
+@torch.no_grad()
+def firing_quantiles(scores: Callable[[slice], Tensor], n: int, rows: int, l0: float) -> Tensor:
+    """Per latent, the value of ``scores(cols) [rows, len(cols)]`` exceeded on ``l0 / n`` of the rows ``[n]``.
+
+    Shifting latent i's firing threshold to this value makes it fire on ``l0 / n`` of the sample, so the mean L0
+    is ``l0`` with every latent alive (the data-driven sparse start). Columns go 4096 at a time (bounded memory).
+    """
+    if not 0 < l0 < n:
+        raise ValueError(f"the initial L0 ({l0}) must be in (0, n_latents = {n})")
+    k = max(1, min(rows, math.ceil((1.0 - l0 / n) * rows)))
+    return torch.cat([scores(slice(s, min(s + 4096, n))).float().kthvalue(k, dim=0).values
+                      for s in range(0, n, 4096)])  # fmt: skip
+
+
 class Steered:
     """Mixin for a :class:`~sparsedict.dictionaries.base.Dictionary` whose penalty coefficient may be steered:
     call :meth:`init_steering` in ``__init__``, take :meth:`steered_coefficient` in ``on_step`` (None: not
     steered) and call :meth:`steer` in ``after_step``. The controller's state is the model's ``train_state``."""
 
     l0_controller: L0Controller | None
+    init_rows: int = 8192
+    """At most this many sample rows are used for the data-driven sparse start."""
+    init_l0_factor: float = 1.0
+    """``threshold_init_l0 = -1`` starts at this multiple of ``l0_target``."""
 
     def init_steering(self, controller: L0Controller | None) -> None:
         self.l0_controller = controller
         self._step, self._total = 0, 0
+        self._recent: list[Tensor] = []  # training inputs of the frozen phase, for the final calibration
+
+    def init_l0(self) -> float:
+        """The L0 of the data-driven sparse start (0: none), from ``threshold_init_l0`` and ``l0_target``."""
+        l0 = self.cfg.threshold_init_l0
+        return self.init_l0_factor * self.cfg.l0_target if l0 < 0 else l0
+
+    @torch.no_grad()
+    def sparse_start(self, x: Tensor, bias: Tensor) -> Tensor | None:
+        """:func:`firing_quantiles` of ``x_in W_enc + bias`` on the first ``init_rows`` rows of the sample ``x``, for
+        an initial L0 of :meth:`init_l0` (None when that is 0)."""
+        l0 = self.init_l0()
+        if l0 <= 0:
+            return None
+        x_in = self._x_in(x[: self.init_rows].to(self.W_enc.dtype))
+        q = firing_quantiles(lambda c: x_in @ self.W_enc[:, c] + bias[c], self.n_latents, len(x_in), l0)
+        return q.to(bias.dtype)
+
+    def firing_scores(self, x: Tensor) -> Tensor:
+        """``[B, n]`` scores of ``x``: latent i fires where its score is > 0 (implemented by the architecture)."""
+        raise NotImplementedError
+
+    def shift_firing(self, delta: float) -> None:
+        """Raise every latent's firing threshold by ``delta`` in score units (implemented by the architecture)."""
+        raise NotImplementedError
+
+    def keep_recent(self, x: Tensor) -> None:
+        """Remember a training batch's input in the frozen phase (the most recent, up to
+        ``l0_calibration_rows`` rows, whole batches) for :meth:`calibrate_l0`."""
+        c, limit = self.l0_controller, getattr(self.cfg, "l0_calibration_rows", 0)
+        if (
+            c is None
+            or limit <= 0
+            or not self.training
+            or not self._total
+            or not c.frozen(self._step, self._total)
+        ):
+            return
+        self._recent.append(x.detach())
+        while len(self._recent) > 1 and sum(len(r) for r in self._recent[1:]) >= limit:
+            self._recent.pop(0)
+
+    @torch.no_grad()
+    def calibrate_l0(self, batches: list[Tensor]) -> None:
+        """Shift the firing threshold so ``batches`` (N rows in all) have mean L0 = the target under the current
+        weights: to the cut between their ``target·N`` largest firing scores and the rest (the midpoint of the
+        ``target·N``-th and the next, pooled over the batches: each batch's top ``target·N + 1`` scores contain the
+        pooled ones), averaged over ranks."""
+        k = max(1, round(self.l0_controller.target * sum(len(x) for x in batches)))
+        top = []
+        for x in batches:
+            s = self.firing_scores(x).reshape(-1).float()
+            top.append(s.topk(min(k + 1, s.numel())).values)
+        top = torch.cat(top)
+        cut = top.topk(min(k + 1, top.numel())).values[-2:].mean()
+        self.shift_firing(float(distributed.all_reduce_mean(cut)))
 
     def steered_coefficient(self, step: int, total_steps: int) -> float | None:
         """The coefficient for training step ``step`` when steered (None otherwise)."""
@@ -112,6 +206,9 @@ class Steered:
         """One control step from a training step's output (nothing outside training or when not steered)."""
         if self.l0_controller is not None and self.training:
             self.l0_controller.update(out.code.values, self._step, self._total)
+            if self._total and self._step == self._total - 1 and self._recent:
+                self.calibrate_l0(self._recent)
+                self._recent = []
 
     def train_state(self) -> dict[str, Any]:
         return {} if self.l0_controller is None else {"l0_controller": self.l0_controller.state_dict()}

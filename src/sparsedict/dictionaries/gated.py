@@ -86,6 +86,23 @@ class Gated(Steered, Dictionary):
         """Gate pre-activations ``π + b_gate`` ``[B, n]``."""
         return self.pi(x) + self.b_gate
 
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
+        """b_dec as in the base class, then ``b_gate`` from the data for a sparse start (``threshold_init_l0``)."""
+        super().init_from_data(x, y)
+        q = self.sparse_start(x, self.b_gate)
+        if q is not None:
+            self.b_gate -= q
+
+    def firing_scores(self, x: Tensor) -> Tensor:
+        """The gate pre-activations, below all others where the magnitude is 0 (no shift of b_gate fires those)."""
+        pi = self.pi(x)
+        u = pi + self.b_gate
+        return u.masked_fill((self.r_mag.exp() * pi + self.b_mag) <= 0, float(u.min()) - 1.0)
+
+    def shift_firing(self, delta: float) -> None:
+        self.b_gate -= delta
+
     def _code(self, pi: Tensor) -> Tensor:
         gate = (pi + self.b_gate) > 0
         mag = (self.r_mag.exp() * pi + self.b_mag).relu()
@@ -103,6 +120,7 @@ class Gated(Steered, Dictionary):
         """Dense, or in CPU training on the open gates ``π + b_gate > 0`` only (the support of the code and
         of ``ReLU(π + b_gate)``; :func:`~sparsedict.dictionaries.active.active_pre_acts`): a sparse code."""
         self.check_input(x)
+        self.keep_recent(x)
         y = x if target is None else target
         act = active_pre_acts(self, x, None, self.b_gate.detach(), gemm_dtype(x))
         if act is None:

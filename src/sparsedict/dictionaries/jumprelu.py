@@ -37,7 +37,6 @@ bf16). Rounded to bf16, z lies on a grid of spacing ``2^(⌊log2 θ⌋ − 7)``,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -131,8 +130,6 @@ class JumpReLU(Steered, Dictionary):
     input_normalisation = "unit_msn"
     saelens_architecture = "jumprelu"
     sparsity_fields = ("l0_coefficient", "l0_target")
-    init_rows: int = 8192
-    """At most this many sample rows are used for the data-driven θ initialisation."""
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
@@ -150,19 +147,18 @@ class JumpReLU(Steered, Dictionary):
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
         """b_dec as in the base class, then θ from the quantiles of the pre-activations (see the config)."""
         super().init_from_data(x, y)
-        l0 = self.cfg.threshold_init_l0
-        if l0 < 0:
-            l0 = self.cfg.l0_target
-        if l0 <= 0:
-            return
-        if l0 >= self.n_latents:
-            raise ValueError(f"threshold_init_l0={l0} must be below n_latents={self.n_latents}")
-        x = x[: self.init_rows].to(self.W_enc.dtype)
-        k = max(1, min(x.shape[0], math.ceil((1.0 - l0 / self.n_latents) * x.shape[0])))
-        for start in range(0, self.n_latents, 4096):  # bounded memory: [N, 4096] pre-activations at a time
-            cols = slice(start, min(start + 4096, self.n_latents))
-            z = (self._x_in(x) @ self.W_enc[:, cols] + self.b_enc[cols]).float()
-            self.threshold[cols] = z.kthvalue(k, dim=0).values.clamp_min(0.0).to(self.threshold.dtype)
+        q = self.sparse_start(x, self.b_enc)
+        if q is not None:
+            self.threshold.copy_(q.clamp_min(0.0).to(self.threshold.dtype))
+
+    def firing_scores(self, x: Tensor) -> Tensor:
+        """``z − θ``, below all others where ``z ≤ 0`` (no θ ≥ 0 fires those), so a shift clamped at θ = 0 is exact."""
+        z = self.pre_acts(x)
+        s = z - self.theta(z.dtype)
+        return s.masked_fill(z <= 0, float(s.min()) - 1.0)
+
+    def shift_firing(self, delta: float) -> None:
+        self.threshold.clamp_(min=0.0).add_(delta).clamp_(min=0.0)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Pre-activations ``z [B, n]`` in fp32 at least, outside autocast (the threshold path needs them exact)."""
@@ -195,6 +191,7 @@ class JumpReLU(Steered, Dictionary):
         """Dense, or in CPU training on the latents with ``z > θ − ε`` only (the code's support and the
         estimators' window; :func:`~sparsedict.dictionaries.active.active_pre_acts`): a sparse code."""
         self.check_input(x)
+        self.keep_recent(x)
         y = x if target is None else target
         eps = self.cfg.bandwidth
         dtype = torch.promote_types(self.W_enc.dtype, torch.float32)

@@ -59,6 +59,9 @@ class ReLU(Steered, Dictionary):
     input_normalisation = "sqrt_d"
     saelens_architecture = "standard"
     sparsity_fields = ("l1_coefficient", "l0_target")
+    init_l0_factor = (
+        4.0  # the sparse start at 4 x l0_target; chosen by measurement: benchmarks/RESULTS_defaults.md
+    )
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
@@ -69,6 +72,20 @@ class ReLU(Steered, Dictionary):
         # The coefficient in force for the current step (set by on_step; full λ outside training).
         self.l1_current = cfg.l1_coefficient
         self.init_steering(cfg.controller(cfg.l1_coefficient))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
+        """b_dec as in the base class, then ``b_enc`` from the data for a sparse start (``threshold_init_l0``)."""
+        super().init_from_data(x, y)
+        q = self.sparse_start(x, self.b_enc)
+        if q is not None:
+            self.b_enc -= q
+
+    def firing_scores(self, x: Tensor) -> Tensor:
+        return self.pre_acts(x)
+
+    def shift_firing(self, delta: float) -> None:
+        self.b_enc -= delta
 
     def encode(self, x: Tensor) -> SparseCode:
         """``f = ReLU(pre_acts(x))`` as a dense code ``values [B, n]``."""
@@ -84,7 +101,8 @@ class ReLU(Steered, Dictionary):
         self.steer(out)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
-        """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32)."""
+        """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32); keeps the batch for the final L0 calibration."""
+        self.keep_recent(x)
         norms = self.W_dec.float().norm(dim=1)
         l1 = (code.values.float() @ norms).mean()
         return {"l1": self.l1_current * l1}
