@@ -112,7 +112,7 @@ def test_steered_run_ends_calibrated_on_its_last_batches(arch):
     for rows in (512, 0):
         model = make_dict(arch, d_in=16, n_latents=64, l0_target=3.0, l0_calibration_rows=rows)
         trainer = Trainer({"m": model}, {model.cfg.source_key: TensorSource(x, batch_size=256)},
-                          TrainConfig(max_steps=10, normalise_inputs="sqrt_d", log_every=10**9,
+                          TrainConfig(max_steps=10, batch_size=256, normalise_inputs="sqrt_d", log_every=10**9,
                                       out_dir="/tmp/unused", init_rows=2048))  # fmt: skip
         trainer.initialise()
         it = iter(trainer.sources[model.cfg.source_key])

@@ -245,7 +245,8 @@ def test_auto_optimizer_applies_the_topk_preset_and_plain_adam_elsewhere():
     # the batch factor (B / 4096)^(1/4), flat above 4096
     small = DictionaryOptimizer(_topk(), TrainConfig(batch_size=256), 200)
     assert small.base_lr == pytest.approx(budget_lr(96, 200, 256)) == pytest.approx(topk.base_lr / 2)
-    assert DictionaryOptimizer(_topk(), TrainConfig(batch_size=16384), 200).base_lr == pytest.approx(topk.base_lr)
+    big = DictionaryOptimizer(_topk(), TrainConfig(batch_size=16384), 200)
+    assert big.base_lr == pytest.approx(topk.base_lr)
     assert topk.warmup_steps == 20  # min(warmup_steps=100, 10 % of 200 steps)
     assert {g["betas"] for g in topk.opt.param_groups} == {(0.8, 0.99)}
     topk.set_step(50)
@@ -327,7 +328,7 @@ def test_training_start_prints_settings_and_resume_step(tmp_path, capsys):
         return capsys.readouterr().err
 
     first = run(10)
-    assert f"m: {DictionaryOptimizer(_topk(), TrainConfig(), 10).describe()}" in first
+    assert f"m: {DictionaryOptimizer(_topk(), TrainConfig(batch_size=64), 10).describe()}" in first
     assert "resuming" not in first
     second = run(15)
     assert f"resuming from step 10 of 15 ({tmp_path / 'checkpoint'})" in second

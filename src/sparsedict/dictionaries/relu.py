@@ -101,16 +101,17 @@ class ReLU(Steered, Dictionary):
         self.steer(out)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
-        """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32); keeps the batch for the final L0 calibration."""
-        self.keep_recent(x)
+        """``λ_t · mean_b Σ_i f_bi ‖W_dec[i]‖₂`` (fp32)."""
         norms = self.W_dec.float().norm(dim=1)
         l1 = (code.values.float() @ norms).mean()
         return {"l1": self.l1_current * l1}
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         """The dense forward, or in CPU training the same step on the active latents only
-        (:func:`~sparsedict.dictionaries.active.active_pre_acts`)."""
+        (:func:`~sparsedict.dictionaries.active.active_pre_acts`); keeps the batch for the final L0
+        calibration."""
         self.check_input(x)
+        self.keep_recent(x)
         act = active_pre_acts(self, x, self.b_enc, None, gemm_dtype(x))
         if act is None:
             return super().forward(x, target)
