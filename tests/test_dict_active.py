@@ -222,7 +222,7 @@ def test_batchtopk_sparse_step_equals_dense_step(monkeypatch):
     from sparsedict.dictionaries.batchtopk import BatchTopK
 
     d, n, B = 16, 256, 64
-    m = make_dict("batchtopk", d, n, k=6)
+    m = make_dict("batchtopk", d, n, k=6, threshold_calibration_rows=1024)
     g = torch.Generator().manual_seed(8)
     x = torch.randn(B, d, generator=g) * (1 + 2 * torch.rand(B, 1, generator=g))
     m.set_dead_mask(torch.rand(n, generator=g) < 0.2)

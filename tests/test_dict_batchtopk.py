@@ -1,5 +1,6 @@
-"""BatchTopK: batch-level selection (mean L0 = k in training), inference threshold θ (a running mean,
-recalibrated on the final weights at the last step; used in eval), AuxK, planted recovery (save/load: test_dict_registry.py)."""
+"""BatchTopK: batch-level selection (mean L0 = k in training), inference threshold θ (a running mean, or
+recalibrated on the final weights at the last step; used in eval), AuxK, planted recovery on the package
+defaults (save/load: test_dict_registry.py)."""
 
 from __future__ import annotations
 
@@ -216,7 +217,9 @@ def test_planted_recovery(tmp_path):
     torch.manual_seed(0)
     m = build(BatchTopKConfig(d_in=64, n_latents=512, k=6).resolved(64))
     assert mean_max_cosine(m.W_dec, atoms) < 0.5  # the start is not the answer
-    train_dictionary(m, x, epochs=6, lr=4e-3, out_dir=str(tmp_path), dead_tokens=20_000)
+    # the package defaults (the 'auto' preset: 4.3e-3 at 937 steps of 256; measured 0.984 / 0.987 / 0.984 on data
+    # seeds 1 / 2 / 3)
+    train_dictionary(m, x, epochs=6, lr=0, warmup_steps=-1, out_dir=str(tmp_path), dead_tokens=20_000)
     score = mean_max_cosine(m.W_dec, atoms)
     assert score >= 0.95, f"mean max cosine {score:.3f} < 0.95"
     # the inference threshold (per token, no batch dependence) gives about the trained sparsity

@@ -47,7 +47,9 @@ def make(cfg, d: int, seed: int = 0):
 
 
 def run(m, x: torch.Tensor, fused: bool, monkeypatch, dead: torch.Tensor | None = None):
-    """Forward + backward of the summed losses; returns (output, {param: grad})."""
+    """Forward + backward of the summed losses; returns (output, {param: grad}). The reference is the dense
+    torch path (the CPU sparse step has its own equivalence tests: test_dict_active.py)."""
+    monkeypatch.setenv("SPARSEDICT_DENSE_CODES", "1")
     if fused:
         monkeypatch.setenv("SPARSEDICT_FORCE_TRITON", "1")
     else:

@@ -7,7 +7,7 @@ tensor with their positions (:class:`Active`, a CSR layout:
 :func:`sparsedict.kernels.active_cpu.encode_active`); :func:`selected_pre_acts` does the same for any
 selection of the dense pre-activations (BatchTopK's batch top-k). Both return None where the architecture's
 dense path runs instead: outside training or without gradients, off the CPU kernels
-(``SPARSEDICT_DISABLE_CPU_KERNELS=1``, CUDA, no numba), with ``SPARSEDICT_DENSE_CODES=1`` (for comparisons),
+(``SPARSEDICT_DISABLE_CPU_KERNELS=1``, CUDA, no numba, Triton forced), with ``SPARSEDICT_DENSE_CODES=1`` (for comparisons),
 or when there are more than ``MAX_ACTIVE_FRACTION · B · n`` such entries (early training, while the codes
 are still dense). The architecture applies its activation to them, decodes with :meth:`Active.reconstruct`
 and reports :meth:`Active.code`; the pre-activations, hence the selection and the code, are the dense
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sparsedict.dictionaries.base import SparseCode
-from sparsedict.kernels._common import use_cpu_kernels
+from sparsedict.kernels._common import use_cpu_kernels, use_triton
 from sparsedict.kernels.active_cpu import encode_active, select_active
 from sparsedict.kernels.sparse_cpu import CSRDecodeCPUFn
 
@@ -100,6 +100,8 @@ def selected_pre_acts(model, x: Tensor, bias: Tensor | None, select, dtype: torc
     :func:`~sparsedict.kernels.active_cpu.encode_active`), or None (the dense path)."""
     W = model.W_enc
     if not (model.training and torch.is_grad_enabled() and use_cpu_kernels(W) and use_cpu_kernels(x)):
+        return None
+    if use_triton(W):  # the fused Triton kernels are the choice (forced onto CPU under the interpreter)
         return None
     if os.environ.get("SPARSEDICT_DENSE_CODES", "") not in ("", "0"):
         return None
