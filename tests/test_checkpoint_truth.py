@@ -6,6 +6,8 @@ model; the run prints the optimiser settings each dictionary gets."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from sparsedict.dictionaries import from_pretrained
 from sparsedict.formats.common import FormatError
 from sparsedict.formats.modelcard import _fmt
 from sparsedict.formats.saelens import save_saelens
+from sparsedict.train.schedule import budget_lr
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m" / "skip_transcoder.yaml"
 NAME = "skip_transcoder-mlp_in.6-to-mlp_out.6"
@@ -31,10 +34,17 @@ def test_skip_transcoder_checkpoint_card_and_export(tmp_path, capsys):
                "--dictionaries.0.expansion", "2"])  # fmt: skip
     assert rc == 0
     err = capsys.readouterr().err
-    said = (
-        f"{NAME}: adam, lr 0.001 (set in the config), W_dec lr 0.002 (x2, 'auto' preset), betas (0.8, 0.99) "
+    # the recipe sets no LR: the 'auto' preset's run-length rule for this run's steps, batch and width
+    said = re.search(
+        rf"{re.escape(NAME)}: adam, lr (\S+) \('auto' run-length rule: (\d+) steps of 500, 1152 latents\), "
+        r"W_dec lr (\S+) \(x2, 'auto' preset\), betas \(0\.8, 0\.99\) \('auto' preset\), warmup (\d+) steps",
+        err,
     )
-    assert said + "('auto' preset), warmup 20 steps (set in the config)" in err
+    assert said, f"no settings line for {NAME} in the run's output"
+    steps = int(said[2])
+    lr = budget_lr(1152, steps, 500)
+    assert said[1] == f"{lr:.3g}" and said[3] == f"{2 * lr:.3g}"
+    assert int(said[4]) == min(100, math.ceil(0.1 * steps))
     ckpt = next(p for p in out.rglob(NAME) if (p / "config.json").exists())
     config = json.loads((ckpt / "config.json").read_text())
     meta = config["meta"]
