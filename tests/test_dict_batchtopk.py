@@ -156,31 +156,76 @@ def test_threshold_is_recalibrated_on_the_final_weights_at_the_last_step():
     assert abs(l0 - k) < 0.1 * k, f"held-out L0 {l0:.2f} at θ={float(m.threshold):.4f}, k={k}"
 
 
+@pytest.mark.parametrize("code", ["token", "batch"])
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
-def test_init_scales_the_encoder_to_the_least_squares_fit_of_the_first_code(arch):
-    """With ``encoder_scale_init`` ``init_from_data`` multiplies ``W_enc = W_dec^T`` by
-    ``s = ⟨r, x̂₀⟩ / ‖x̂₀‖²`` (r = x − b_dec, x̂₀ the first batch-top-k code's full reconstruction), computed
-    here independently; with a few rows of ten times the norm (which batch selection gives many latents) the
-    unscaled first code overshoots, so s < 1."""
+def test_init_scales_the_encoder_to_the_least_squares_fit_of_the_first_code(arch, code):
+    """With ``encoder_scale_init`` (the default) ``init_from_data`` multiplies ``W_enc = W_dec^T`` by
+    ``s = ⟨r, x̂₀⟩ / ‖x̂₀‖²`` (r = x − b_dec, x̂₀ the full reconstruction of the initial per-token top-k code, or of
+    the batch top-k code with ``encoder_scale_code='batch'``), computed here independently; the initial code's
+    summed projections overshoot the rows, so s < 1, and more so under batch selection, which gives the few rows
+    of ten times the norm many latents."""
     torch.manual_seed(3)
     x = torch.randn(2000, 16) + 0.3
     x[:20] *= 10
     plain = make_dict(arch, 16, 48, k=3, encoder_scale_init=False)
-    m = make_dict(arch, 16, 48, k=3, encoder_scale_init=True)
+    m = make_dict(arch, 16, 48, k=3, encoder_scale_code=code)
+    assert m.cfg.encoder_scale_init
     plain.init_from_data(x)
     m.init_from_data(x)
     torch.testing.assert_close(m.b_dec, plain.b_dec)
     r = x - plain.b_dec
-    x_hat = batch_topk(torch.relu(r @ plain.W_enc + plain.b_enc), 3) @ plain.W_dec
+    acts = torch.relu(r @ plain.W_enc + plain.b_enc)
+    if code == "batch":
+        f = batch_topk(acts, 3)
+    else:
+        top = acts.topk(3, dim=1)
+        f = torch.zeros_like(acts).scatter(1, top.indices, top.values)
+    x_hat = f @ plain.W_dec
     s = float((r * x_hat).sum() / x_hat.pow(2).sum())
+    assert 0 < s < (0.9 if code == "batch" else 1.0)
+    torch.testing.assert_close(m.W_enc, s * plain.W_enc)
+    with torch.no_grad():
+        err = [float((m.decode(c) - x).pow(2).sum(-1).mean()) for c in (m.encode(x), plain.encode(x))]
+    if code == "batch":
+        assert err[0] < 0.9 * err[1]  # the first (batch top-k) reconstruction improves
+    assert float(m.threshold) == -1.0 and not m._recent  # the init sample is not a training batch
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_scaled_encoder_trains_at_s_times_the_lr_also_after_a_resume(arch, tmp_path):
+    """With ``encoder_scale_init`` and ``encoder_scale_lr`` (the defaults) W_enc and b_enc train at s x the LR
+    (s: the init's scale of W_enc), W_dec and b_dec as before; the factor is in the optimiser's state, so an
+    optimiser restored from it (a resumed run: no ``init_from_data``) keeps it; ``encoder_scale_lr=False`` sets
+    none."""
+    from sparsedict.train import TensorSource, TrainConfig, Trainer
+    from sparsedict.train.optim import DictionaryOptimizer
+
+    torch.manual_seed(3)
+    x = torch.randn(2048, 16) + 0.3
+    x[:20] *= 10
+    plain = make_dict(arch, 16, 48, k=3, encoder_scale_init=False)
+    m = make_dict(arch, 16, 48, k=3)
+    cfg = TrainConfig(batch_size=256, max_steps=8, log_every=10**9, out_dir=str(tmp_path), init_rows=2048)
+    trainer = Trainer({"m": m}, {m.cfg.source_key: TensorSource(x, None, batch_size=256)}, cfg)
+    trainer.initialise()
+    s = float(m.W_enc.flatten()[0] / plain.W_enc.flatten()[0])
     assert 0 < s < 0.9
     torch.testing.assert_close(m.W_enc, s * plain.W_enc)
-    m.train()
-    plain.train()
-    with torch.no_grad():
-        errors = [float((d(x).x_hat - x).pow(2).sum(-1).mean()) for d in (m, plain)]
-    assert errors[0] < 0.9 * errors[1]
-    assert float(m.threshold) == -1.0 and not m._recent  # the init sample is not a training batch
+    opt = trainer.members[0].opt
+    fresh = DictionaryOptimizer(make_dict(arch, 16, 48, k=3), cfg, 8)
+    fresh.load_state_dict(opt.state_dict())
+    for o in (opt, fresh):
+        lr = o.set_step(4)
+        lrs = {g["name"]: g["lr"] for g in o.opt.param_groups}
+        assert lrs["W_enc"] == pytest.approx(s * lr) and lrs["b_enc"] == pytest.approx(s * lr)
+        assert lrs["W_dec"] == pytest.approx(2 * lr) and lrs["b_dec"] == pytest.approx(lr)
+        assert f"W_enc lr x{s:.3g} (set at init), b_enc lr x{s:.3g} (set at init)" in o.describe()
+    off = make_dict(arch, 16, 48, k=3, encoder_scale_lr=False)
+    off.init_from_data(x)
+    torch.testing.assert_close(off.W_enc, m.W_enc)
+    assert off.lr_factors == {} and plain.lr_factors == {}
+    with pytest.raises(ValueError, match="encoder_scale_code must be 'token' or 'batch', not 'row'"):
+        make_dict(arch, 16, 48, k=3, encoder_scale_code="row")
 
 
 def test_unset_threshold_falls_back_to_batch_topk_in_eval():

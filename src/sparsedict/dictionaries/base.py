@@ -300,6 +300,10 @@ class Dictionary(nn.Module):
         self.meta: dict[str, Any] = {}
         """Provenance of a loaded checkpoint (model, hookpoint, training data, metrics, source format)."""
         self._dead_mask: Tensor | None = None
+        self.lr_factors: dict[str, float] = {}
+        """LR multipliers by parameter name that ``init_from_data`` may set (e.g. for a rescaled encoder); the
+        optimiser applies them from the first step (:meth:`~sparsedict.train.optim.DictionaryOptimizer.apply_lr_factors`)
+        and keeps them in its checkpointed state."""
         d, n, d_out = cfg.d_in, cfg.n_latents, cfg.d_out or cfg.d_in
         dtype = getattr(torch, cfg.dtype)
         w_dec = torch.randn(n, d_out, dtype=dtype)

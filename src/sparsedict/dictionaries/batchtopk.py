@@ -26,10 +26,11 @@ average over batches encoded by earlier weights. The running mean is θ until th
 it), and the default keeps it: rows the model has just trained on fire less than new rows, so the
 recalibrated θ overshoots k on held-out rows.
 
-Unit-norm decoder, AuxK and init as TopK (``W_enc = W_dec^T``, b_dec from a data sample). With
-``encoder_scale_init`` ``W_enc`` is then scaled by the least-squares factor of the first code's
-reconstruction of that sample: batch selection gives rows of large norm many latents at once, and the
-unscaled first reconstruction of those rows overshoots them.
+Unit-norm decoder, AuxK and init as TopK (``W_enc = W_dec^T``, b_dec from a data sample), then (by default,
+``encoder_scale_init``) ``W_enc`` scaled by the least-squares factor s of the per-token top-k code's
+reconstruction of that sample, and the encoder's LR (``W_enc``, ``b_enc``) by the same s: the unscaled first
+code overshoots the rows, most of all under batch selection, which gives rows of large norm hundreds of
+latents at once.
 θ is in latent units, which the export fold (``fold_scaling``) leaves unchanged, so it needs no folding.
 
 Kernels: when :func:`sparsedict.kernels.use_triton` holds (CUDA), training selection runs on per-row
@@ -82,11 +83,20 @@ class BatchTopKConfig(TopKConfig):
     most recent training rows since ``threshold_start_step`` (whole batches, at least the last one; kept on
     the training device until then; after a resume, those seen since); 0 keeps the running mean (the default:
     on held-out rows it lands closer to k, benchmarks/RESULTS_defaults.md)."""
-    encoder_scale_init: bool = False
-    """Scale ``W_enc`` at initialisation by the least-squares factor of the first code's reconstruction of
-    the init sample (see :meth:`BatchTopK.fit_encoder_scale`); False keeps ``W_enc = W_dec^T``. Off by
-    default: at the 'auto' LR it helps on some inputs and hurts on others, and raises dead latents and the
-    held-out L0 at larger widths (measured: benchmarks/RESULTS_defaults.md)."""
+    encoder_scale_init: bool = True
+    """Scale ``W_enc`` at initialisation by the least-squares factor s of the reconstruction of the init sample
+    from the code ``encoder_scale_code`` (see :meth:`BatchTopK.fit_encoder_scale`); False keeps
+    ``W_enc = W_dec^T``. On by default, with the per-token code and the encoder's LR scaled by s (chosen by
+    measurement: benchmarks/RESULTS_defaults.md)."""
+    encoder_scale_code: str = "token"
+    """The code whose reconstruction s fits: 'token' (per-token top-k, k latents in every row) or 'batch' (the
+    training selection, batch top-k). The batch code gives rows of large norm hundreds of latents, so its s
+    (fitted mostly to those rows) leaves the other rows' codes too small, and short runs then end with many
+    dead latents at small k."""
+    encoder_scale_lr: bool = True
+    """With ``encoder_scale_init``, multiply the LR of ``W_enc`` and ``b_enc`` by s, so that Adam's steps (of a
+    size set by the LR, whatever the parameter's scale) stay the same relative to the scaled encoder as to the
+    unscaled one; False keeps the optimiser's LR."""
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
@@ -142,6 +152,8 @@ class BatchTopK(Dictionary):
     sparsity_fields = ("k",)
 
     def __init__(self, cfg: BatchTopKConfig):
+        if cfg.encoder_scale_code not in ("token", "batch"):
+            raise ValueError(f"encoder_scale_code must be 'token' or 'batch', not {cfg.encoder_scale_code!r}")
         super().__init__(cfg)
         self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float32))
         self._step = 0
@@ -219,21 +231,24 @@ class BatchTopK(Dictionary):
     @torch.no_grad()
     def fit_encoder_scale(self, x: Tensor, y: Tensor, rows: int = 8192) -> None:
         """``W_enc *= s`` with ``s = ⟨y − b_dec, x̂₀⟩ / ‖x̂₀‖²`` over up to ``rows`` sample rows, where ``x̂₀`` is the
-        reconstruction (without b_dec) of the training-mode code of the initial weights.
+        reconstruction (without b_dec) of the initial weights' code ``encoder_scale_code`` (per-token or batch
+        top-k); with ``encoder_scale_lr`` s also becomes the LR factor of ``W_enc`` and ``b_enc``
+        (``lr_factors``).
 
         The selection of that code does not change with s (b_enc is 0), so s is the exact least-squares scale
-        of the first reconstruction. Batch selection gives rows of large norm many latents, whose summed
-        projections overshoot the row (on a residual stream with a few rows of ten times the median norm, the
-        first reconstruction's FVU is then about 2, measured: benchmarks/RESULTS_defaults.md); s removes that
-        overshoot before the first step.
+        of its reconstruction: the initial encoder's projections summed over k or more latents overshoot the
+        row, and s removes that before the first step.
         """
         x, y = x[:rows], y[:rows]
-        was_training = self.training
-        self.train()
-        total, self._total = self._total, 0  # not a training batch: kept out of θ's calibration rows
-        code = self.encode(x)
-        self._total = total
-        self.train(was_training)
+        if self.cfg.encoder_scale_code == "token":
+            code = SparseCode(*topk_encode(self._x_in(x), self.W_enc, self.b_enc, self.cfg.k), self.n_latents)
+        else:
+            was_training, total = self.training, self._total
+            self.train()
+            self._total = 0  # not a training batch: kept out of θ's calibration rows
+            code = self.encode(x)
+            self._total = total
+            self.train(was_training)
         r = (y - self.b_dec).double()
         x_hat = (self.decode(code) - self.b_dec).double()
         den = float(x_hat.pow(2).sum())
@@ -241,6 +256,8 @@ class BatchTopK(Dictionary):
             s = float((r * x_hat).sum()) / den
             if s > 0:
                 self.W_enc.mul_(s)
+                if self.cfg.encoder_scale_lr:
+                    self.lr_factors.update(W_enc=s, b_enc=s)
 
     def aux_losses(self, x: Tensor, y: Tensor, code: SparseCode, x_hat: Tensor) -> dict[str, Tensor]:
         return auxk_loss(self, self._x_in(x), y - x_hat, self.cfg.aux_k or self.d_in // 2, self.cfg.aux_alpha)

@@ -20,8 +20,8 @@ rows only. With ``selection = "batchtopk"`` the code comes from :class:`BatchTop
 candidates on CUDA when exact, see there); a dense code's G disjoint group blocks are decoded and
 cumulatively summed. Group weights default to ``1/G`` each.
 
-Init as BatchTopK (with either selection; with ``encoder_scale_init`` the scale is fitted to the first code's
-full reconstruction).
+Init as BatchTopK (with either selection: by default ``W_enc`` scaled to the least-squares fit of the per-token
+code's full reconstruction, and its LR by the same factor).
 """
 
 from __future__ import annotations

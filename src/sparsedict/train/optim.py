@@ -7,7 +7,8 @@ the ``schedulefree`` wrapper (sparsify's default), whose evaluation point must b
 :meth:`DictionaryOptimizer.eval` before measuring or exporting. ``optimizer='auto'`` is Adam with the
 architecture's preset (:func:`auto_preset`: betas, a run-length LR rule, W_dec's LR multiplier, a warmup
 cap); each parameter is its own param group carrying an ``lr_scale`` that :meth:`DictionaryOptimizer.set_step`
-applies to the scheduled LR.
+applies to the scheduled LR, and an ``lr_factor`` the model may set at initialisation
+(:meth:`DictionaryOptimizer.apply_lr_factors`).
 
 Fused decoder update: with Adam and a unit-norm decoder, the projection, the bias-corrected Adam step
 and the row renormalisation of ``W_dec`` run as one pass (:func:`sparsedict.kernels.normalised_adam_step`:
@@ -124,9 +125,10 @@ class DictionaryOptimizer:
                          "betas_from": source(cfg.betas, "betas"), "warmup_steps": self.warmup_steps,
                          "warmup_from": warmup_from}  # fmt: skip
         """What this run gets and where each value comes from (:meth:`describe`)."""
-        # one param group per parameter with its LR multiplier (W_dec: lr_dec_scale), so set_step can scale
+        # one param group per parameter with its LR multipliers (``lr_scale``: W_dec's lr_dec_scale;
+        # ``lr_factor``: the model's, from apply_lr_factors), so set_step can scale
         params = [
-            {"params": [p], "lr_scale": dec_scale if name == "W_dec" else 1.0}
+            {"params": [p], "name": name, "lr_scale": dec_scale if name == "W_dec" else 1.0, "lr_factor": 1.0}
             for name, p in model.named_parameters()
             if p.requires_grad
         ]
@@ -142,12 +144,22 @@ class DictionaryOptimizer:
         self.schedule_free = self.name != "adam"
         self.fused_param = self._fused_decoder(fused)
 
+    def apply_lr_factors(self) -> None:
+        """Take the model's ``lr_factors`` (by parameter name, set by ``init_from_data``) into the param groups:
+        call after it. They are then part of the optimiser's state, so a resumed run keeps them."""
+        factors = getattr(self.model, "lr_factors", {})
+        for group in self.opt.param_groups:
+            group["lr_factor"] = float(factors.get(group.get("name", ""), 1.0))
+
     def describe(self) -> str:
         """One line: the optimiser, LR (and W_dec's), betas and warmup this run gets, with their sources."""
         s = self.settings
         lr = f"lr {s['lr']:.3g} ({s['lr_from']})"
         if s["lr_dec_scale"] != 1.0:
             lr += f", W_dec lr {s['lr'] * s['lr_dec_scale']:.3g} (x{s['lr_dec_scale']:g}, {s['lr_dec_from']})"
+        for group in self.opt.param_groups:
+            if group.get("lr_factor", 1.0) != 1.0:
+                lr += f", {group.get('name', '?')} lr x{group['lr_factor']:.3g} (set at init)"
         if self.schedule_free:
             return f"{s['optimizer']}, {lr}, constant (schedule-free), momentum {self.cfg.momentum:g}"
         decay = (
@@ -191,7 +203,7 @@ class DictionaryOptimizer:
         else:
             lr = self.base_lr * lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.decay_fraction)
         for group in self.opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group.get("lr_scale", 1.0) * group.get("lr_factor", 1.0)
         return lr
 
     def step(self) -> float:
