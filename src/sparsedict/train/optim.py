@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from sparsedict import distributed
 from sparsedict.train.config import TrainConfig
 from sparsedict.train.schedule import BUDGET_MAX_STEPS, budget_lr, lr_factor, width_lr
 
@@ -146,10 +147,15 @@ class DictionaryOptimizer:
 
     def apply_lr_factors(self) -> None:
         """Take the model's ``lr_factors`` (by parameter name, set by ``init_from_data``) into the param groups:
-        call after it. They are then part of the optimiser's state, so a resumed run keeps them."""
+        call after it. Rank 0's factors are used on every rank (as its initial weights are); they are then part
+        of the optimiser's state, so a resumed run keeps them."""
         factors = getattr(self.model, "lr_factors", {})
-        for group in self.opt.param_groups:
-            group["lr_factor"] = float(factors.get(group.get("name", ""), 1.0))
+        groups = self.opt.param_groups
+        f = torch.tensor([float(factors.get(g.get("name", ""), 1.0)) for g in groups], dtype=torch.float64,
+                         device=groups[0]["params"][0].device)  # fmt: skip
+        distributed.broadcast_tensors([f])
+        for group, value in zip(groups, f.tolist(), strict=True):
+            group["lr_factor"] = value
 
     def describe(self) -> str:
         """One line: the optimiser, LR (and W_dec's), betas and warmup this run gets, with their sources."""

@@ -129,9 +129,9 @@ class Trainer:
             m.model.input_scale.fill_(input_scale(x.reshape(-1, x.shape[-1]), m.normalisation))
             c = float(m.model.input_scale)
             m.model.init_from_data(x * c, y * c)
-            if m.opt is not None:
-                m.opt.apply_lr_factors()
             distributed.broadcast_model(m.model)  # replicas start identical (rank 0's values)
+            if m.opt is not None:
+                m.opt.apply_lr_factors()  # LR factors the init set (rank 0's)
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, batches: dict[SourceKey, tuple[Tensor, Tensor | None]]) -> dict[str, float]:
