@@ -272,6 +272,15 @@ class BatchTopK(Dictionary):
             self.calibrate_threshold(self._recent)
             self._recent = []
 
+    @property
+    def calibrates(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[Tensor]) -> None:
+        """θ from ``batches`` of inputs (:meth:`calibrate_threshold` on their encoder inputs)."""
+        self.calibrate_threshold([self._x_in(x) for x in batches])
+
     @torch.no_grad()
     def calibrate_threshold(self, batches: list[Tensor]) -> None:
         """θ ← the mean over ``batches`` (encoder inputs ``[B, d_in]``) of each one's ``k·B``-th largest

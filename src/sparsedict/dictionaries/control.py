@@ -197,6 +197,15 @@ class Steered:
         cut = top.topk(min(k + 1, top.numel())).values[-2:].mean()
         self.shift_firing(float(distributed.all_reduce_mean(cut)))
 
+    @property
+    def calibrates(self) -> bool:
+        """Steered to ``l0_target`` with the final calibration on (``l0_calibration_rows`` > 0)."""
+        return self.l0_controller is not None and getattr(self.cfg, "l0_calibration_rows", 0) > 0
+
+    def calibrate(self, batches: list[Tensor]) -> None:
+        """The final L0 calibration (:meth:`calibrate_l0`) on ``batches`` instead of the last training rows."""
+        self.calibrate_l0(batches)
+
     def steered_coefficient(self, step: int, total_steps: int) -> float | None:
         """The coefficient for training step ``step`` when steered (None otherwise)."""
         self._step, self._total = step, total_steps
