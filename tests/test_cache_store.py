@@ -207,7 +207,9 @@ def test_hold_out_rows_never_served(cache, shuffle):
     torch.testing.assert_close(y_held, stores[0].rows()[1][held_ids])  # the targets of the same rows
     for epoch in range(2):
         seen = [ids[row.numpy().tobytes()] for s in stores for x, _ in s for row in x]
-        assert len(seen) == len(set(seen)) == N_TOKENS - len(held_ids), f"epoch {epoch}: a row twice or skipped"
+        assert len(seen) == len(set(seen)) == N_TOKENS - len(held_ids), (
+            f"epoch {epoch}: a row twice or skipped"
+        )
         assert not set(seen) & set(held_ids), f"epoch {epoch}: a held-out row was served"
     again = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", rank=0, world_size=2, **kw)
     assert torch.equal(again.hold_out(120, seed=5)[0], x_held)  # fixed by the seed

@@ -80,5 +80,7 @@ def test_calibration_on_trained_rows_overshoots(rows, tmp_path):
         assert trainer.held == {}
         trainer.fit(resume=False)
         results[epochs] = reconstruction_stats(model, [(test, None)]).l0
-    assert results[3] > (1 + TOLERANCE) * TARGET, f"held-out L0 {results[3]:.2f}: the control no longer overshoots"
+    assert results[3] > (1 + TOLERANCE) * TARGET, (
+        f"held-out L0 {results[3]:.2f}: the control no longer overshoots"
+    )
     assert abs(results[1] - TARGET) <= TOLERANCE * TARGET, f"one pass: held-out L0 {results[1]:.2f}"

@@ -64,7 +64,8 @@ class Source(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     # Optional (the store and TensorSource; not a live source): ``hold_out(n_rows, seed) -> (x, y | None)``
-    # takes rows out of every epoch, before the first batch, and returns them (the trainer's calibration rows).
+    # takes rows out of every epoch, before the first batch, and returns them (the trainer's calibration rows);
+    # ``holds_out`` says whether the automatic ``calibration_rows`` uses it.
 
 
 class EpochIterator:

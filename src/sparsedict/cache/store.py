@@ -441,6 +441,12 @@ class ActivationStore(WindowOrder):
         check_order(state, self._order(), "store")
         self.epoch, self._batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
 
+    @property
+    def holds_out(self) -> bool:
+        """Whether the trainer's automatic ``calibration_rows`` holds rows out of this store: under the global
+        shuffle only (the window order stays the batches a live source, which cannot hold rows out, serves)."""
+        return self.shuffle == "global"
+
     def hold_out(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Take about ``n_rows`` rows out of every epoch and return them, ``(x, y | None)`` in cache order.
 

@@ -83,7 +83,8 @@ class TrainConfig:
     trained on fire fewer latents than new rows, so a threshold set on them overshoots k on new data once a
     run repeats its rows (benchmarks/RESULTS_defaults.md). -1: 8192 rows (at most a tenth of the rows) when the
     run passes over its rows more than once and a dictionary calibrates, else none (a single pass sets them
-    on rows as yet untrained); 0: none. Cache and in-memory sources only (not live)."""
+    on rows as yet untrained); 0: none. Automatic only from a cache read in the global shuffle (the window
+    order stays a live source's batches) and in-memory rows; a live source cannot hold rows out."""
     shuffle: str = "auto"
     """Order of the training rows: 'global' (blocks of 256 rows from the whole cache permuted, then windows of
     262,144 rows permuted; a cache only), 'window' (the text in order, windows of 262,144 rows permuted: the

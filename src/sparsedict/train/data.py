@@ -80,6 +80,9 @@ class TensorSource:
         idx = torch.randperm(self.n_rows, generator=g)[:n_rows]
         return self.x[idx], (self.y[idx] if self.y is not None else None)
 
+    holds_out = True
+    """The trainer's automatic ``calibration_rows`` may hold rows out of this source."""
+
     def hold_out(self, n_rows: int, seed: int = 0) -> tuple[Tensor, Tensor | None]:
         """Take ``n_rows`` rows drawn with ``seed`` out of every epoch and return them (as
         :meth:`sparsedict.cache.ActivationStore.hold_out`; before the first batch)."""

@@ -130,7 +130,7 @@ class Trainer:
             src = self.sources[key]
             n = want
             if want == -1:
-                can = hasattr(src, "hold_out") and self._repeats_rows(src)
+                can = getattr(src, "holds_out", False) and self._repeats_rows(src)
                 n = min(AUTO_CALIBRATION_ROWS, src.n_rows // 10) if can else 0
             elif want > 0 and not hasattr(src, "hold_out"):
                 raise ValueError(
@@ -254,8 +254,8 @@ class Trainer:
         for m in self.members:
             if m.opt is not None:
                 self.logger.note(f"{m.name}: {m.opt.describe()}")
-        for key, (x, _) in self.held.items():
-            self.logger.note(f"{key_name(key)}: {len(x):,} training rows held out of every epoch; the run repeats "
+        for (hookpoint, target), (x, _) in self.held.items():
+            self.logger.note(f"{hookpoint}{f' -> {target}' if target else ''}: {len(x):,} training rows held out of every epoch; the run repeats "
                              "its rows, so the end-of-run calibration (θ / final L0) is set on these")  # fmt: skip
         for m in self.members:
             if m.model.calibrates and m.key not in self.held and self._repeats_rows(self.sources[m.key]):
