@@ -24,7 +24,9 @@ the training batches of the estimate phase (up to that many of the most recent r
 the mean number of latents above θ is k (what batch top-k keeps in expectation), without the lag of an
 average over batches encoded by earlier weights. The running mean is θ until then (a mid-run evaluation uses
 it), and the default keeps it: rows the model has just trained on fire less than new rows, so the
-recalibrated θ overshoots k on held-out rows.
+recalibrated θ overshoots k on held-out rows. A run that repeats its rows trains on every row before the
+estimate phase sees it again, so there the trainer holds rows out of training (``TrainConfig.calibration_rows``)
+and θ is set on them after the last step (:meth:`calibrate`).
 
 Unit-norm decoder, AuxK and init as TopK (``W_enc = W_dec^T``, b_dec from a data sample). With
 ``encoder_scale_init`` ``W_enc`` is then scaled by the least-squares factor of the first code's

@@ -21,7 +21,8 @@ In a short run the L0 follows λ only over tens of steps, so two more pieces mak
   the sample, instead of half the latents firing on every token;
 - a final calibration (:meth:`Steered.calibrate_l0`): at the last step every latent's firing threshold moves by
   one common shift so the frozen phase's most recent training rows have mean L0 = the target under the final
-  weights (as BatchTopK's inference threshold θ is calibrated).
+  weights; a run that repeats its rows calibrates instead on rows the trainer held out of training
+  (``TrainConfig.calibration_rows``: rows trained on fire fewer latents than new rows).
 
 Defaults and their measurements: benchmarks/RESULTS_defaults.md.
 """
