@@ -187,3 +187,44 @@ def test_default_window_follows_host_memory(cache, monkeypatch):
     host(2 * (RAM_FIXED + digest.WINDOW + 1_500_000), 1)  # ~300 rows: under 16 batches of 32
     with pytest.raises(ValueError, match="below the floor of 16 batches of 32: free host memory"):
         ActivationStore(cache, "resid_post.5", **kw)
+
+
+@pytest.mark.parametrize("shuffle", ["global", "window"])
+def test_hold_out_rows_never_served(cache, shuffle):
+    """hold_out takes whole blocks drawn from the whole cache out of every epoch (the same rows on each rank),
+    returns them with their targets, and the ranks' epochs then serve every other row exactly once."""
+    kw = dict(batch_size=50, shuffle_buffer_rows=300, block_rows=50, drop_last=False, loop=False, seed=3,
+              shuffle=shuffle)  # fmt: skip
+    stores = [ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", rank=r, world_size=2, **kw)
+              for r in range(2)]  # fmt: skip
+    ids = _row_ids(ActivationStore(cache, "resid_post.5"))
+    held = [s.hold_out(120, seed=5) for s in stores]
+    assert torch.equal(held[0][0], held[1][0]) and torch.equal(held[0][1], held[1][1])
+    x_held, y_held = held[0]
+    held_ids = [ids[r.numpy().tobytes()] for r in x_held]
+    assert len(held_ids) == stores[0].held_rows >= 120  # whole blocks: at least the rows asked for
+    assert np.ptp(held_ids) + 1 > len(held_ids) and min(held_ids) > 0, "drawn blocks, not the cache's head"
+    torch.testing.assert_close(y_held, stores[0].rows()[1][held_ids])  # the targets of the same rows
+    for epoch in range(2):
+        seen = [ids[row.numpy().tobytes()] for s in stores for x, _ in s for row in x]
+        assert len(seen) == len(set(seen)) == N_TOKENS - len(held_ids), (
+            f"epoch {epoch}: a row twice or skipped"
+        )
+        assert not set(seen) & set(held_ids), f"epoch {epoch}: a held-out row was served"
+    again = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", rank=0, world_size=2, **kw)
+    assert torch.equal(again.hold_out(120, seed=5)[0], x_held)  # fixed by the seed
+    other = ActivationStore(cache, "resid_post.5", target="mlp_hidden.2", **kw)
+    assert not torch.equal(other.hold_out(120, seed=6)[0][:100], x_held[:100])
+
+
+def test_hold_out_is_part_of_the_resume_check(cache):
+    kw = dict(batch_size=64, seed=1, block_rows=50)
+    a = ActivationStore(cache, "resid_post.5", **kw)
+    a.hold_out(100, seed=0)
+    next(iter(a))
+    state = a.state_dict()
+    plain = ActivationStore(cache, "resid_post.5", **kw)
+    with pytest.raises(ValueError, match=f"held_rows={a.held_rows} but this store has 0"):
+        plain.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        a.hold_out(100, seed=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_dict, mean_max_cosine, planted_data, train_dictionary
 
-from sparsedict.dictionaries import build
+from sparsedict.dictionaries import Dictionary, build
 from sparsedict.dictionaries.jumprelu import JumpReLUConfig, JumpReLUFn, StepFn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,11 +129,37 @@ def test_steered_l0_penalty_uses_the_controller_coefficient():
 
 
 def test_defaults_follow_methods():
+    """Gemma Scope's θ_init and encoder input; ε from the data by default (Gemma Scope's fixed 0.001 on request)."""
     cfg = JumpReLUConfig()
-    assert cfg.bandwidth == 0.001 and cfg.threshold_init == 0.001 and cfg.apply_b_dec_to_input is False
+    assert cfg.bandwidth == -2 and cfg.threshold_init == 0.001 and cfg.apply_b_dec_to_input is False
     m = make()
     torch.testing.assert_close(m.threshold.detach(), torch.full((40,), 0.001))
     assert [n for n, _ in m.named_parameters()].count("threshold") == 1  # θ itself is the parameter
+    assert m.bandwidth == pytest.approx(2 / 16**0.5)  # before init_from_data: 2/√d_in
+    assert make(bandwidth=0.001).bandwidth == 0.001
+    with pytest.raises(ValueError, match="bandwidth"):
+        make(bandwidth=0.0)
+
+
+def test_bandwidth_from_the_data_is_saved_and_resumed(tmp_path):
+    """bandwidth −c: init_from_data sets ε = c × the median over latents of the std of the initial
+    pre-activations (checked against a direct computation), records it in the config (so a saved model loads with
+    it) and the train state, and a fresh model restores it from the train state; the window then follows the input
+    scale (×10 input: ×10 ε)."""
+    x = torch.randn(2000, 16) * torch.linspace(0.2, 2.0, 16) + 0.3
+    m = make(l0_target=4.0, bandwidth=-2.0)
+    m.init_from_data(x)
+    ref = 2.0 * float((x @ m.W_enc.detach() + m.b_enc.detach()).std(0).median())
+    assert m.bandwidth == pytest.approx(ref, rel=1e-5) and m.cfg.bandwidth == m.bandwidth
+    assert m.train_state()["bandwidth"] == m.bandwidth
+    fresh = make(l0_target=4.0, bandwidth=-2.0)
+    fresh.load_train_state(m.train_state())
+    assert fresh.bandwidth == m.bandwidth and fresh.cfg.bandwidth == m.bandwidth
+    m.save_pretrained(tmp_path / "m", model_card=False)
+    assert Dictionary.from_pretrained(tmp_path / "m").bandwidth == pytest.approx(m.bandwidth)
+    big = make(l0_target=4.0, bandwidth=-2.0)
+    big.init_from_data(10 * x)
+    assert big.bandwidth == pytest.approx(10 * m.bandwidth, rel=1e-5)
 
 
 def test_threshold_init_from_data_quantiles():
@@ -157,23 +183,23 @@ def test_planted_recovery(tmp_path):
     """Threshold 0.95 mean max |cos| over the 256 true atoms (d=64, 6 active, noise 0.01), trained by the
     real Trainer on unit-mean-squared-norm inputs with λ steered to the target L0 (the default controller, target =
     the planted 6, as the TopK/BatchTopK tests use k = 6) and θ calibrated at the end, θ initialised from the data,
-    ε = 0.1, b_dec subtracted, lr 4e-3 (measured: 0.973 / 0.977 / 0.974 on data seeds 1 / 2 / 3; the default LR,
-    the width rule's 1.13e-3 at this run length, gave 0.710). The model seed differs from the data seed: with
-    equal seeds the model's random W_dec would start as the planted atoms (the same RNG stream)."""
+    b_dec subtracted, the package defaults otherwise (ε from the data, 0.17 here; lr=0, warmup_steps=-1: the 'auto'
+    preset; measured: 0.983 / 0.982 / 0.979, eval-mode L0 5.98 / 5.96 / 5.92 on data seeds 1 / 2 / 3; with ε = 0.1
+    0.965 / 0.964 / 0.972). The model sees
+    ``x * input_scale``, so the L0 check feeds that (raw x gives L0 ≈ 165). The model seed differs from the data
+    seed: with equal seeds the model's random W_dec would start as the planted atoms (the same RNG stream)."""
     x, atoms = planted_data(d=64, n_atoms=256, k_active=6, n_rows=40_000, seed=1)
     torch.manual_seed(0)
     cfg = JumpReLUConfig(
         d_in=64,
         n_latents=512,
         l0_target=6.0,
-        bandwidth=0.1,
         apply_b_dec_to_input=True,
     )
     m = build(cfg.resolved(64))
     assert mean_max_cosine(m.W_dec, atoms) < 0.5  # the start is not the answer
-    train_dictionary(
-        m, x, epochs=6, lr=4e-3, normalise_inputs="unit_msn", out_dir=str(tmp_path), dead_tokens=20_000
-    )
+    train_kw = dict(normalise_inputs="unit_msn", out_dir=str(tmp_path), dead_tokens=20_000)
+    train_dictionary(m, x, epochs=6, lr=0, warmup_steps=-1, **train_kw)
     score = mean_max_cosine(m.W_dec, atoms)
     assert score >= 0.95, f"mean max cosine {score:.3f} < 0.95"
     m.eval()

@@ -63,6 +63,10 @@ class Source(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # Optional (the store and TensorSource; not a live source): ``hold_out(n_rows, seed) -> (x, y | None)``
+    # takes rows out of every epoch, before the first batch, and returns them (the trainer's calibration rows);
+    # ``holds_out`` says whether the automatic ``calibration_rows`` uses it.
+
 
 class EpochIterator:
     """``__iter__`` of a source made of epochs: ``_epoch_batches()`` serves the rest of the current epoch (from

@@ -72,6 +72,8 @@ the cache a rank reads), so a batch takes on average at most ``block_rows / 16``
 block of consecutive tokens. A RAM bound that cannot hold it is an error naming the fix, never a worse shuffle."""
 AUTO_RAM_FRACTION = 0.5
 """Share of the host's available memory that the default bounds of all shuffle windows together may take."""
+HOLDOUT_STREAM = 7_919
+"""Second seed word of the generator that picks :meth:`ActivationStore.hold_out`'s blocks (apart from the epochs')."""
 
 
 def local_ranks() -> int:
@@ -184,6 +186,9 @@ class ActivationStore(WindowOrder):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.block_rows, self.drop_last, self.loop = block_rows, drop_last, loop
         self.dtype, self.device = dtype, torch.device(device)
+        self.held_rows = 0
+        """Rows :meth:`hold_out` took out of every epoch (0: none)."""
+        self._held: np.ndarray | None = None  # per block of the cache (cache order): held out of the epochs
         self.rows_per_rank = self.n_rows // world_size
         if max_ram_bytes is not None:
             shuffle_buffer_rows = self._window_rows(max_ram_bytes)
@@ -195,14 +200,19 @@ class ActivationStore(WindowOrder):
         else:
             shuffle_buffer_rows = self._auto_window(ram_sources)
         self.shuffle_buffer_rows = max(1, int(shuffle_buffer_rows))
-        per = self.rows_per_rank
-        self.batches_per_epoch = per // batch_size if drop_last else math.ceil(per / batch_size)
+        self._plan_epochs()
         self.epoch, self._batch = 0, 0
         listed = [h for names in (hookpoint, target) if names is not None
                   for h in ([names] if isinstance(names, str) else names)]  # fmt: skip
         names = {h: (c.name, c.head) for h, c in zip(listed, self._cols)}
         self.meta: dict = provenance(self.manifest, names)
         """Provenance recorded in the checkpoints trained on this store (:func:`provenance`)."""
+
+    def _plan_epochs(self) -> None:
+        """``rows_per_rank`` and ``batches_per_epoch`` from the rows an epoch serves (all but the held-out)."""
+        self.rows_per_rank = (self.n_rows - self.held_rows) // self.world_size
+        per, b = self.rows_per_rank, self.batch_size
+        self.batches_per_epoch = per // b if self.drop_last else math.ceil(per / b)
 
     def _columns(
         self, names: str | Sequence[str], verify: bool, what: str
@@ -302,15 +312,23 @@ class ActivationStore(WindowOrder):
         return found, head
 
     # ----------------------------------------------------------------- epoch plan
-    def _blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Permuted blocks ``(shard, start, stop)`` and the cumulative row count before each block."""
+    def _cache_blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every block ``(shard, start, stop)`` of the cache, in cache order."""
         shard, start = [], []
         for s, rows in enumerate(self._x.rows):
             starts = np.arange(0, rows, self.block_rows)
             shard.append(np.full(len(starts), s))
             start.append(starts)
         shard_a, start_a = np.concatenate(shard), np.concatenate(start)
-        stop_a = np.minimum(start_a + self.block_rows, np.asarray(self._x.rows)[shard_a])
+        return shard_a, start_a, np.minimum(start_a + self.block_rows, np.asarray(self._x.rows)[shard_a])
+
+    def _blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Permuted blocks ``(shard, start, stop)`` of an epoch (the held-out ones left out) and the cumulative
+        row count before each block."""
+        shard_a, start_a, stop_a = self._cache_blocks()
+        if self._held is not None:
+            keep = ~self._held
+            shard_a, start_a, stop_a = shard_a[keep], start_a[keep], stop_a[keep]
         if self.shuffle == "global":
             order = np.random.default_rng([self.seed, epoch]).permutation(len(shard_a))
             shard_a, start_a, stop_a = shard_a[order], start_a[order], stop_a[order]
@@ -413,7 +431,8 @@ class ActivationStore(WindowOrder):
         } | self._order()
 
     def _order(self) -> dict:
-        order = {"world_size": self.world_size, "n_rows": self.n_rows, "batch_size": self.batch_size,
+        order = {"world_size": self.world_size, "n_rows": self.n_rows, "held_rows": self.held_rows,
+                 "batch_size": self.batch_size,
                  "shuffle": self.shuffle, "shuffle_buffer_rows": self.shuffle_buffer_rows,
                  "config_hash": self.manifest["config_hash"]}  # fmt: skip
         return {**order, "block_rows": self.block_rows} if self.shuffle == "global" else order
@@ -421,6 +440,39 @@ class ActivationStore(WindowOrder):
     def load_state_dict(self, state: dict) -> None:
         check_order(state, self._order(), "store")
         self.epoch, self._batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether the trainer's automatic ``calibration_rows`` holds rows out of this store: under the global
+        shuffle only (the window order stays the batches a live source, which cannot hold rows out, serves)."""
+        return self.shuffle == "global"
+
+    def hold_out(self, n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Take about ``n_rows`` rows out of every epoch and return them, ``(x, y | None)`` in cache order.
+
+        The rows are whole blocks of ``block_rows`` drawn with ``seed`` from the whole cache (at least
+        ``n_rows`` rows: so they follow the cache's mix of documents), the same on every rank. The epochs then
+        serve the other rows only (``held_rows`` counts those taken). Called before the first batch and before
+        :meth:`load_state_dict` (the resume check includes ``held_rows``); a second call with the same
+        arguments returns the same rows.
+        """
+        if n_rows <= 0:
+            raise ValueError(f"hold_out: n_rows must be > 0, not {n_rows}")
+        if self.epoch or self._batch:
+            raise RuntimeError("hold_out() must come before the first batch of the store")
+        shard, start, stop = self._cache_blocks()
+        order = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(len(shard))
+        sizes = (stop - start)[order]
+        n_blocks = min(len(order), int(np.searchsorted(np.cumsum(sizes), n_rows)) + 1)
+        held = np.zeros(len(shard), dtype=bool)
+        held[order[:n_blocks]] = True
+        if self._held is not None and not np.array_equal(held, self._held):
+            raise RuntimeError(f"{self.root}: rows were already held out with other arguments")
+        self._held, self.held_rows = held, int(sizes[:n_blocks].sum())
+        self._plan_epochs()
+        offsets = np.concatenate([[0], np.cumsum(self._x.rows)])[shard[held]]
+        rows = np.concatenate([np.arange(o + a, o + b) for o, a, b in zip(offsets, start[held], stop[held])])
+        return self._assemble([self._gather(c, rows) for c in self._cols])
 
     # ----------------------------------------------------------------- random access
     def _gather(self, col: Column, rows: np.ndarray) -> torch.Tensor:

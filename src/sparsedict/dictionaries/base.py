@@ -395,6 +395,16 @@ class Dictionary(nn.Module):
     def after_step(self, out: Output) -> None:
         """Called by the trainer after each optimiser step with that step's output (threshold estimates)."""
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether :meth:`calibrate` sets something from data at the end of a run (a firing threshold chosen for
+        a target L0), so the trainer holds rows out of training for it when the run repeats its rows."""
+        return False
+
+    def calibrate(self, batches: list[Tensor]) -> None:
+        """Set at the end of a run what :attr:`calibrates` names, from ``batches`` of inputs (input-scaled) that
+        the run did not train on: rows already trained on fire fewer latents than new rows."""
+
     def train_state(self) -> dict[str, Any]:
         """Python-side training state a checkpoint must restore for an exact resume (a steered coefficient);
         tensors and JSON values only. Empty unless an architecture keeps such state."""

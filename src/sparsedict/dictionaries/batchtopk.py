@@ -24,7 +24,9 @@ the training batches of the estimate phase (up to that many of the most recent r
 the mean number of latents above θ is k (what batch top-k keeps in expectation), without the lag of an
 average over batches encoded by earlier weights. The running mean is θ until then (a mid-run evaluation uses
 it), and the default keeps it: rows the model has just trained on fire less than new rows, so the
-recalibrated θ overshoots k on held-out rows.
+recalibrated θ overshoots k on held-out rows. A run that repeats its rows trains on every row before the
+estimate phase sees it again, so there the trainer holds rows out of training (``TrainConfig.calibration_rows``)
+and θ is set on them after the last step (:meth:`calibrate`).
 
 Unit-norm decoder, AuxK and init as TopK (``W_enc = W_dec^T``, b_dec from a data sample), then (by default,
 ``encoder_scale_init``) ``W_enc`` scaled by the least-squares factor s of the per-token top-k code's
@@ -288,6 +290,15 @@ class BatchTopK(Dictionary):
         if self._total and self._step == self._total - 1 and self._recent:
             self.calibrate_threshold(self._recent)
             self._recent = []
+
+    @property
+    def calibrates(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[Tensor]) -> None:
+        """θ from ``batches`` of inputs (:meth:`calibrate_threshold` on their encoder inputs)."""
+        self.calibrate_threshold([self._x_in(x) for x in batches])
 
     @torch.no_grad()
     def calibrate_threshold(self, batches: list[Tensor]) -> None:

@@ -21,7 +21,8 @@ In a short run the L0 follows λ only over tens of steps, so two more pieces mak
   the sample, instead of half the latents firing on every token;
 - a final calibration (:meth:`Steered.calibrate_l0`): at the last step every latent's firing threshold moves by
   one common shift so the frozen phase's most recent training rows have mean L0 = the target under the final
-  weights (as BatchTopK's inference threshold θ is calibrated).
+  weights; a run that repeats its rows calibrates instead on rows the trainer held out of training
+  (``TrainConfig.calibration_rows``: rows trained on fire fewer latents than new rows).
 
 Defaults and their measurements: benchmarks/RESULTS_defaults.md.
 """
@@ -196,6 +197,15 @@ class Steered:
         top = torch.cat(top)
         cut = top.topk(min(k + 1, top.numel())).values[-2:].mean()
         self.shift_firing(float(distributed.all_reduce_mean(cut)))
+
+    @property
+    def calibrates(self) -> bool:
+        """Steered to ``l0_target`` with the final calibration on (``l0_calibration_rows`` > 0)."""
+        return self.l0_controller is not None and getattr(self.cfg, "l0_calibration_rows", 0) > 0
+
+    def calibrate(self, batches: list[Tensor]) -> None:
+        """The final L0 calibration (:meth:`calibrate_l0`) on ``batches`` instead of the last training rows."""
+        self.calibrate_l0(batches)
 
     def steered_coefficient(self, step: int, total_steps: int) -> float | None:
         """The coefficient for training step ``step`` when steered (None otherwise)."""

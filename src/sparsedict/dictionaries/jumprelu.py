@@ -24,14 +24,17 @@ kernel ``K(u) = 1[|u| < ½]`` of bandwidth ε (pseudo-derivatives):
 - :class:`JumpReLUFn`: ``∂f/∂z = H(z − θ)``, ``∂f/∂θ = −(θ/ε) K((z − θ)/ε)``;
 - :class:`StepFn`: ``∂H/∂z = 0`` (no gradient to z through the L0 term), ``∂H/∂θ = −(1/ε) K((z − θ)/ε)``.
 
-The defaults (θ_init = ε = 0.001, Adam β1 = 0, lr 7e-5 in Gemma Scope) assume inputs with **unit mean
-squared norm** (``TrainConfig.normalise_inputs = "unit_msn"``): θ and ε are in activation units and must
-follow the input scale. θ is in latent units, which the export fold (``fold_scaling``: ``W_enc *= c``,
+Gemma Scope's settings (θ_init = ε = 0.001, Adam β1 = 0, lr 7e-5) assume inputs with **unit mean squared
+norm** (``TrainConfig.normalise_inputs = "unit_msn"``, the default here): θ and ε are in activation units and
+must follow the input scale. By default ε is taken from the data instead, a fixed multiple of the latents'
+typical pre-activation spread at initialisation: in a short run at the 'auto' LR a narrow window leaves most
+θ_i without a gradient once the first steps have moved the pre-activations away from it, and those latents
+stay dead. θ is in latent units, which the export fold (``fold_scaling``: ``W_enc *= c``,
 ``b_dec /= c``) leaves unchanged, so ``fold_extra`` has nothing to do. The forward uses ``max(θ, 0)``, so a
 loaded threshold θ < 0 (SAELens ``ReLU(z)·1[z > θ]``) behaves as θ = 0, exactly like SAELens.
 
 Precision: z, θ and both kernels are computed in fp32 even under ``autocast: bf16`` (the decoder still runs in
-bf16). Rounded to bf16, z lies on a grid of spacing ``2^(⌊log2 θ⌋ − 7)``, which is wider than the kernel window
+bf16). Rounded to bf16, z lies on a grid of spacing ``2^(⌊log2 θ⌋ − 7)``, which is wider than a kernel window
 ε = 0.001 once θ ≳ 0.13, so the θ gradient would count grid points rather than nearby pre-activations.
 """
 
@@ -43,6 +46,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sparsedict import distributed
 from sparsedict.dictionaries.active import active_pre_acts
 from sparsedict.dictionaries.base import Dictionary, DictionaryConfig, Output, SparseCode, mse_loss, register
 from sparsedict.dictionaries.control import L0TargetFields, Steered
@@ -69,9 +73,13 @@ class JumpReLUConfig(L0TargetFields, DictionaryConfig):
     while λ is steered)."""
     threshold_init: float = 0.001
     """Initial θ for every latent (activation units of the normalised input)."""
-    bandwidth: float = 0.001
-    """ε, the width of the rectangle kernel of the straight-through estimators (activation units). Gemma
-    Scope's 0.001 suits billions of tokens; short runs need a wider window (0.1) for a usable θ gradient."""
+    bandwidth: float = -2.0
+    """ε, the width of the rectangle kernel of the straight-through estimators (activation units of the
+    normalised input, as θ). Negative: from the data, ``−bandwidth`` × the median over latents of the standard
+    deviation of the initial pre-activations on the init sample (``init_from_data`` stores the value here), so the
+    window follows the input scale; until then ``−bandwidth / √d_in``, the same for isotropic inputs of unit mean
+    squared norm. The default −2 was chosen by measurement (benchmarks/RESULTS_defaults.md); Gemma Scope's
+    0.001 is for runs of billions of tokens."""
     threshold_init_l0: float = -1.0
     """Data-driven start: if > 0, ``init_from_data`` sets θ_i to the ``1 − threshold_init_l0/n`` quantile of
     latent i's initial pre-activations on the sample, so every latent starts firing on the same fraction of
@@ -133,10 +141,13 @@ class JumpReLU(Steered, Dictionary):
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
-        if cfg.threshold_init <= 0 or cfg.bandwidth <= 0:
+        if cfg.threshold_init <= 0 or cfg.bandwidth == 0:
             raise ValueError(
-                f"threshold_init ({cfg.threshold_init}) and bandwidth ({cfg.bandwidth}) must be > 0"
+                f"threshold_init ({cfg.threshold_init}) must be > 0 and bandwidth ({cfg.bandwidth}) > 0, or < 0 "
+                "(a multiple of the pre-activations' spread)"
             )
+        self.bandwidth = cfg.bandwidth if cfg.bandwidth > 0 else -cfg.bandwidth / cfg.d_in**0.5
+        """ε as used (the config's, or the data-driven one)."""
         self.threshold = nn.Parameter(
             torch.full((cfg.n_latents,), cfg.threshold_init, dtype=getattr(torch, cfg.dtype))
         )
@@ -150,6 +161,15 @@ class JumpReLU(Steered, Dictionary):
         q = self.sparse_start(x, self.b_enc)
         if q is not None:
             self.threshold.copy_(q.clamp_min(0.0).to(self.threshold.dtype))
+        if self.cfg.bandwidth < 0:
+            std = self.pre_acts(x[: self.init_rows]).std(0).median()
+            self.set_bandwidth(-self.cfg.bandwidth * float(distributed.all_reduce_mean(std)))
+
+    def set_bandwidth(self, eps: float) -> None:
+        """Use ε = ``eps`` from now on and record it in the config (saved with the model)."""
+        if not eps > 0:
+            raise ValueError(f"bandwidth from the data must be > 0, got {eps} (constant pre-activations?)")
+        self.bandwidth = self.cfg.bandwidth = float(eps)
 
     def firing_scores(self, x: Tensor) -> Tensor:
         """``z − θ``, below all others where ``z ≤ 0`` (no θ ≥ 0 fires those), so a shift clamped at θ = 0 is exact."""
@@ -179,7 +199,15 @@ class JumpReLU(Steered, Dictionary):
     def encode(self, x: Tensor) -> SparseCode:
         """Dense code ``values [B, n] = z · H(z − θ)`` for ``x [B, d_in]``."""
         z = self.pre_acts(x)
-        return SparseCode(JumpReLUFn.apply(z, self.theta(z.dtype), self.cfg.bandwidth), None, self.n_latents)
+        return SparseCode(JumpReLUFn.apply(z, self.theta(z.dtype), self.bandwidth), None, self.n_latents)
+
+    def train_state(self) -> dict[str, Any]:
+        return {**super().train_state(), "bandwidth": self.bandwidth}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        super().load_train_state(state)
+        if "bandwidth" in state:
+            self.set_bandwidth(state["bandwidth"])
 
     def on_step(self, step: int, total_steps: int) -> None:
         steered = self.steered_coefficient(step, total_steps)
@@ -193,7 +221,7 @@ class JumpReLU(Steered, Dictionary):
         self.check_input(x)
         self.keep_recent(x)
         y = x if target is None else target
-        eps = self.cfg.bandwidth
+        eps = self.bandwidth
         dtype = torch.promote_types(self.W_enc.dtype, torch.float32)
         theta = self.theta(dtype)
         act = active_pre_acts(self, x, self.b_enc, (eps - theta).detach(), dtype)

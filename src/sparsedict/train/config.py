@@ -77,6 +77,14 @@ class TrainConfig:
     resumed, and read back) or 'live' (the model runs during training, on cache.device, with the cache
     section's model, text, hookpoints and exclusion rules; no shards are written; one forward computes every
     hookpoint the dictionaries read, and the model runs again every epoch)."""
+    calibration_rows: int = -1
+    """Training rows held out of every epoch, on which the end-of-run calibrations are set (the inference θ of
+    BatchTopK and Matryoshka; the final L0 of ReLU, Gated and JumpReLU steered to l0_target): rows a run has
+    trained on fire fewer latents than new rows, so a threshold set on them overshoots k on new data once a
+    run repeats its rows (benchmarks/RESULTS_defaults.md). -1: 8192 rows (at most a tenth of the rows) when the
+    run passes over its rows more than once and a dictionary calibrates, else none (a single pass sets them
+    on rows as yet untrained); 0: none. Automatic only from a cache read in the global shuffle (the window
+    order stays a live source's batches) and in-memory rows; a live source cannot hold rows out."""
     shuffle: str = "auto"
     """Order of the training rows: 'global' (blocks of 256 rows from the whole cache permuted, then windows of
     262,144 rows permuted; a cache only), 'window' (the text in order, windows of 262,144 rows permuted: the
@@ -105,6 +113,8 @@ class TrainConfig:
                 "shuffle: global needs a cache on disk; a live source serves the text in order, shuffled within "
                 "windows: use shuffle: window (or auto)"
             )
+        if self.calibration_rows < -1:
+            raise ValueError(f"calibration_rows must be >= 0 (or -1: automatic), got {self.calibration_rows}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.betas is not None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from sparsedict.cache.store import HOLDOUT_STREAM
 
 
 class TensorSource:
@@ -76,6 +79,23 @@ class TensorSource:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(self.n_rows, generator=g)[:n_rows]
         return self.x[idx], (self.y[idx] if self.y is not None else None)
+
+    holds_out = True
+    """The trainer's automatic ``calibration_rows`` may hold rows out of this source."""
+
+    def hold_out(self, n_rows: int, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Take ``n_rows`` rows drawn with ``seed`` out of every epoch and return them (as
+        :meth:`sparsedict.cache.ActivationStore.hold_out`; before the first batch)."""
+        if not 0 < n_rows < self.n_rows:
+            raise ValueError(f"hold_out: n_rows must be in (0, {self.n_rows}), not {n_rows}")
+        if self.epoch or self.position:
+            raise RuntimeError("hold_out() must come before the first batch of the source")
+        held = torch.zeros(self.n_rows, dtype=torch.bool)
+        pick = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(self.n_rows)[:n_rows]
+        held[torch.from_numpy(pick)] = True
+        out = self.x[held], (self.y[held] if self.y is not None else None)
+        self.x, self.y = self.x[~held], (self.y[~held] if self.y is not None else None)
+        return out
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

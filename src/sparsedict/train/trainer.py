@@ -41,6 +41,8 @@ from sparsedict.train.logging import RunLogger
 from sparsedict.train.optim import DictionaryOptimizer
 
 SourceKey = tuple[Any, Any]
+AUTO_CALIBRATION_ROWS = 8192
+"""``calibration_rows = -1``: rows held out for the end-of-run calibrations of a run that repeats its rows."""
 
 
 def source_key(model: Dictionary) -> SourceKey:
@@ -102,6 +104,8 @@ class Trainer:
         self.batch_stats: dict[str, ReconstructionStats] = {}
         """This rank's reconstruction statistics of the last logged step, by member name."""
         self._stop = False
+        self.held = self._hold_out()
+        """Rows held out of training for the end-of-run calibrations (``calibration_rows``), by source."""
 
     def _steps_from_epochs(self) -> int:
         rows = [s.n_rows for s in self.sources.values()]
@@ -110,6 +114,42 @@ class Trainer:
                 "a source has no known length (a LiveSource with max_tokens=None): set train.max_steps"
             )
         return max(1, math.floor(self.cfg.epochs * min(rows) / self.cfg.batch_size))
+
+    def _repeats_rows(self, src: Source) -> bool:
+        """Whether this run reads more rows from ``src`` than one pass holds."""
+        return (
+            src.n_rows is not None and self.total_steps * self.cfg.batch_size * self.world_size > src.n_rows
+        )
+
+    def _hold_out(self) -> dict[SourceKey, tuple[Tensor, Tensor | None]]:
+        """Take the calibration rows out of the sources of the members that calibrate (``calibration_rows``)."""
+        held, want = {}, self.cfg.calibration_rows
+        for key in dict.fromkeys(
+            m.key for m in self.members if m.model.calibrates and not m.model.latent_sharded
+        ):
+            src = self.sources[key]
+            n = want
+            if want == -1:
+                can = getattr(src, "holds_out", False) and self._repeats_rows(src)
+                n = min(AUTO_CALIBRATION_ROWS, src.n_rows // 10) if can else 0
+            elif want > 0 and not hasattr(src, "hold_out"):
+                raise ValueError(
+                    f"train.calibration_rows={want}: the source of {key_name(key)} (live) cannot hold rows out; "
+                    "set it to -1 or 0, or train from a cache"
+                )
+            if n > 0:
+                held[key] = src.hold_out(n, seed=self.cfg.seed)
+        return held
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """The end-of-run calibrations of the members that calibrate, on their source's held-out rows."""
+        for m in self.members:
+            if m.key not in self.held or not m.model.calibrates or m.model.latent_sharded:
+                continue
+            x, _ = _slot(self.held[m.key], m.slot)
+            x = x.to(self.device, torch.float32) * float(m.model.input_scale)
+            m.model.calibrate(list(x.split(self.cfg.batch_size)))
 
     def is_log_step(self, step: int) -> bool:
         """Whether the step that ends with ``self.step == step`` is logged (every ``log_every``, and the last)."""
@@ -216,6 +256,14 @@ class Trainer:
         for m in self.members:
             if m.opt is not None:
                 self.logger.note(f"{m.name}: {m.opt.describe()}")
+        for (hookpoint, target), (x, _) in self.held.items():
+            self.logger.note(f"{hookpoint}{f' -> {target}' if target else ''}: {len(x):,} training rows held out of every epoch; the run repeats "
+                             "its rows, so the end-of-run calibration (θ / final L0) is set on these")  # fmt: skip
+        for m in self.members:
+            if m.model.calibrates and m.key not in self.held and self._repeats_rows(self.sources[m.key]):
+                self.logger.note(f"{m.name}: the run repeats its rows and none are held out (calibration_rows), "
+                                 "so its calibration uses rows already trained on: held-out L0 may exceed "
+                                 "the target")  # fmt: skip
         iters = {key: iter(src) for key, src in self.sources.items()}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         last: dict[str, float] = {}
@@ -241,6 +289,7 @@ class Trainer:
         if self._stop:
             self.save_checkpoint()
             raise SystemExit(f"stopped by SIGTERM at step {self.step}; checkpoint saved, rerun to resume")
+        self.calibrate()
         for m in self.members:
             if m.opt is not None:
                 m.opt.eval()
