@@ -349,3 +349,19 @@ def test_nan_loss_stops_training_with_the_step_and_the_fix(tmp_path):
     with pytest.raises(FloatingPointError, match=r"^m: loss is (nan|inf) at step 0; check the activations for "
                        r"NaN/inf or lower the learning rate \(lr=0\.001\)$"):  # fmt: skip
         trainer.fit(resume=False)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_clt_auto_preset_follows_its_activation(activation):
+    """A TopK/BatchTopK CLT takes TopK's preset (run-length LR over all its features, betas (0.8, 0.99), warmup
+    capped at 10 %) with its decoder blocks at the base LR; the unmeasured activations keep plain Adam."""
+    from sparsedict.dictionaries import CLTConfig
+    from sparsedict.train.schedule import budget_lr
+
+    clt = build(CLTConfig(layers=[0, 1], activation=activation, n_latents=32, k=4).resolved(8))
+    opt = DictionaryOptimizer(clt, TrainConfig(batch_size=64), 100)
+    measured = activation != "jumprelu"
+    assert opt.base_lr == pytest.approx(budget_lr(64, 100, 64) if measured else width_lr(64, "adam"))
+    assert opt.settings["betas"] == ((0.8, 0.99) if measured else (0.9, 0.999))
+    assert {g["lr_scale"] for g in opt.opt.param_groups} == {1.0}  # no W_dec factor on the decoder blocks
+    assert opt.warmup_steps == (10 if measured else 100)

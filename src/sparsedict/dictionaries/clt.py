@@ -75,6 +75,7 @@ from sparsedict.dictionaries.batchtopk import (
 from sparsedict.dictionaries.jumprelu import JumpReLUFn
 from sparsedict.dictionaries.relu import warmup_factor
 from sparsedict.dictionaries.sharded import global_topk
+from sparsedict.dictionaries.topk import TopK
 from sparsedict.distributed import CopyToShards, ReduceFromShards
 from sparsedict.kernels import sparse_decode, topk_encode
 from sparsedict.metrics import LayerwiseStats, layer_code
@@ -173,6 +174,14 @@ class CLT(LayerRange, Dictionary):
     sparsity_fields = ("activation", "k", "sparsity_coefficient")
     init_rows: int = 8192
     """At most this many sample rows are used for the data-driven θ initialisation."""
+
+    @property
+    def auto_train(self) -> dict:  # type: ignore[override]
+        """TopK's preset without its W_dec LR factor for the topk/batchtopk activations (chosen by measurement:
+        benchmarks/RESULTS.md); plain Adam at the width rule for jumprelu/relu, which were not measured."""
+        if self.cfg.activation not in ("topk", "batchtopk"):
+            return {}
+        return {key: v for key, v in TopK.auto_train.items() if key != "lr_dec_scale"}
 
     def __init__(self, cfg: CLTConfig):
         nn.Module.__init__(self)

@@ -68,13 +68,13 @@ def _schedule_free(base: torch.optim.Optimizer, momentum: float):
 
 
 def auto_preset(model: nn.Module, name: str) -> dict:
-    """The training preset that ``optimizer='auto'`` applies: ``type(model).auto_train`` (empty otherwise).
+    """The training preset that ``optimizer='auto'`` applies: ``model.auto_train`` (empty otherwise).
 
     Keys: ``betas``, ``lr_rule`` ('budget': :func:`~sparsedict.train.schedule.budget_lr`; else the width
     rule), ``budget_scale`` (a factor on the run-length rule's LR), ``lr_dec_scale`` (W_dec's LR multiplier) and ``warmup_fraction`` (warmup capped to this
     fraction of the run). Explicit TrainConfig values (lr, betas, lr_dec_scale, warmup_steps) take precedence.
     """
-    return dict(type(model).auto_train) if name == "auto" else {}
+    return dict(getattr(model, "auto_train", {})) if name == "auto" else {}
 
 
 class DictionaryOptimizer:
