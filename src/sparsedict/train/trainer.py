@@ -257,8 +257,8 @@ class Trainer:
             if m.opt is not None:
                 self.logger.note(f"{m.name}: {m.opt.describe()}")
         for (hookpoint, target), (x, _) in self.held.items():
-            self.logger.note(f"{hookpoint}{f' -> {target}' if target else ''}: {len(x):,} training rows held out of every epoch; the run repeats "
-                             "its rows, so the end-of-run calibration (θ / final L0) is set on these")  # fmt: skip
+            self.logger.note(f"{hookpoint}{f' -> {target}' if target else ''}: {len(x):,} training rows held out of "
+                             "every epoch; the end-of-run calibration (θ / final L0) is set on them")  # fmt: skip
         for m in self.members:
             if m.model.calibrates and m.key not in self.held and self._repeats_rows(self.sources[m.key]):
                 self.logger.note(f"{m.name}: the run repeats its rows and none are held out (calibration_rows), "
