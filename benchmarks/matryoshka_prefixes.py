@@ -2,11 +2,12 @@
 
     python benchmarks/matryoshka_prefixes.py --train CACHE --test CACHE [--hookpoint resid_post.6] [--k 32] \
         [--expansion 4] [--steps 481] [--batch_size 1024] [--threads 1] \
-        [--weights equal "0.1,0.1,0.1,0.1,0.1,0.5" "0.05,0.05,0.05,0.05,0.05,0.75"]
+        [--weights equal "0.1,0.1,0.1,0.1,0.1,0.5" "0.05,0.05,0.05,0.05,0.05,0.75" "g:0.125,0.125,0.25,0.5"]
 
-Trains TopK and one Matryoshka per weight vector in one Trainer (the same batches, package defaults otherwise),
-then encodes the held-out rows in eval mode (Matryoshka's inference threshold θ) and reports the FVU of the code
-restricted to the latents below each prefix end ``m_g`` (the reconstruction a user of that prefix gets), and L0.
+Trains TopK and one Matryoshka per weight vector (``g:`` + fractions: those groups at equal weights) in one
+Trainer (the same batches, package defaults otherwise), then encodes the held-out rows in eval mode (Matryoshka's
+inference threshold θ) and reports the FVU of the code restricted to the latents below each prefix end ``m_g`` (the
+reconstruction a user of that prefix gets), and L0.
 Prints one JSON line.
 """
 
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     for w in args.weights:
         points[w] = (
             "matryoshka",
-            {} if w == "equal" else {"group_weights": tuple(float(v) for v in w.split(","))},
+            {}
+            if w == "equal"
+            else {"group_fractions": tuple(float(v) for v in w[2:].split(","))}
+            if w.startswith("g:")
+            else {"group_weights": tuple(float(v) for v in w.split(","))},
         )
     models = {}
     for name, (arch, fields) in points.items():
