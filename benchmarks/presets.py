@@ -161,7 +161,9 @@ def run(args) -> list[dict]:
         if m.opt is not None:
             row.update(lr=m.opt.base_lr, warmup=m.opt.warmup_steps,
                        betas=list(m.opt.opt.param_groups[0].get("betas", ())),
-                       lr_scales=sorted({g.get("lr_scale", 1.0) for g in m.opt.opt.param_groups}))  # fmt: skip
+                       lr_scales=sorted({g.get("lr_scale", 1.0) for g in m.opt.opt.param_groups}),
+                       lr_factors={g["name"]: g["lr_factor"] for g in m.opt.opt.param_groups
+                                   if g.get("lr_factor", 1.0) != 1.0})  # fmt: skip
         theta = dict(m.model.named_buffers()).get("threshold")
         if theta is not None and theta.numel() == 1:
             row["theta"] = float(theta)
