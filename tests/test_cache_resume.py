@@ -85,3 +85,52 @@ def test_two_rank_gloo_cache_equals_single_process(tmp_path, reference):
     assert {s["rank"] for s in manifest["shards"]} == {0, 1}
     assert [s["rank"] for s in manifest["shards"]] == [i % 2 for i in range(manifest["n_shards"])]
     _assert_same(reference, out)
+
+
+def test_resume_refuses_a_cache_begun_in_another_corpus_order(tmp_path, monkeypatch, capsys):
+    from helpers import debian_docs
+
+    from sparsedict import corpus
+    from sparsedict.cache import CacheError
+
+    debian_docs(tmp_path / "docs", monkeypatch)  # the embedded corpus, built from real manual prose
+    monkeypatch.setattr(corpus, "corpus_dir", lambda: tmp_path / "corpus")
+    out = tmp_path / "c"
+    cfg = CacheConfig(dataset="embedded", hookpoints=["resid_post.1"], max_tokens=240, context_length=32,
+                      shard_rows=60, batch_size=4, num_threads=1, progress=False, out_dir=str(out))  # fmt: skip
+    cache_activations(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["dataset"]["corpus_order"] == corpus.ORDER
+    last = out / "shards" / "_receipts" / f"{manifest['n_shards'] - 1:06d}.json"
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("shards/*/*.safetensors")}
+
+    def partial(order: str | None) -> None:
+        """The cache as a run killed before its last shard would leave it, begun on a corpus in ``order``."""
+        m = {**manifest, "status": "in_progress", "dataset": dict(manifest["dataset"])}
+        m["dataset"].pop("corpus_order")
+        if order is not None:
+            m["dataset"]["corpus_order"] = order
+        (out / "manifest.json").write_text(json.dumps(m))
+        last.unlink(missing_ok=True)
+
+    for order in (None, "by-path"):  # a cache begun by an older sparsedict, or in another order
+        partial(order)
+        with pytest.raises(
+            CacheError, match=r"partial cache of the embedded corpus in document order .* delete"
+        ):
+            cache_activations(cfg)
+        assert not last.exists()
+    partial(corpus.ORDER)  # the same order resumes: only the last shard is recomputed
+    cache_activations(cfg)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete" and last.exists()
+    changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t]
+    assert changed and all(p.stem == last.stem for p in changed)
+    # a complete cache of another order is read as it is (a note, nothing recomputed)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["dataset"]["corpus_order"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("shards/*/*.safetensors")}
+    capsys.readouterr()
+    assert cache_activations(cfg) == out
+    assert "cached from the embedded corpus in document order by path" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.glob("shards/*/*.safetensors")} == stamps
