@@ -3,7 +3,6 @@
 - :func:`make_dict` builds any registered architecture at a small size (seeded);
 - :func:`identity_dict` builds a ReLU or TopK dictionary that reconstructs its input exactly;
 - :func:`small_cache` caches a few hundred tokens of the shipped corpus sample from the real SmolLM2;
-- :func:`debian_docs` writes the shipped sample back as a small Debian manual tree (reST and HTML pages);
 - :func:`planted_data` / :func:`mean_max_cosine`: a planted dictionary and how well one is recovered;
 - :func:`train_dictionary`: the real Trainer on in-memory rows.
 
@@ -58,33 +57,6 @@ def small_cache(out_dir, hookpoints: list[str], max_tokens: int, **fields):
     return cache_activations(
         CacheConfig(hookpoints=hookpoints, max_tokens=max_tokens, out_dir=str(out_dir), **cfg)
     )
-
-
-def debian_docs(root, monkeypatch, files_in_reverse: bool = False):
-    """Write the shipped corpus sample as a Debian manual tree under ``root`` (the Python pages as
-    ``.rst.txt``, the PostgreSQL pages as ``<p>`` HTML) and point ``sparsedict.corpus`` at it, so
-    ``build_corpus`` runs on real manual prose; ``files_in_reverse`` creates the files in the other order."""
-    import html
-    import json
-    from pathlib import Path
-
-    from sparsedict import corpus
-    from sparsedict.data import CORPUS_SAMPLE
-
-    py, pg = Path(root) / "python", Path(root) / "postgresql"
-    docs = [json.loads(line) for line in CORPUS_SAMPLE.open()]
-    for doc in reversed(docs) if files_in_reverse else docs:
-        manual, name = doc["source"].split("/", 1)
-        if manual == "python3.11":
-            path, text = py / name, doc["text"]
-        else:
-            paras = "".join(f"<p>{html.escape(p)}</p>\n" for p in doc["text"].split("\n\n"))
-            path, text = pg / name, f"<html><body>\n{paras}</body></html>\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    monkeypatch.setattr(corpus, "PYTHON_DOCS", py)
-    monkeypatch.setattr(corpus, "POSTGRES_DOCS", pg)
-    return docs
 
 
 def planted_data(

@@ -5,13 +5,9 @@ of the Python manual (``/usr/share/doc/python3.11/html/_sources/**/*.rst.txt``) 
 manual as HTML (``/usr/share/doc/postgresql-doc-15/html/*.html``). :func:`build_corpus` keeps the
 prose (paragraphs, list items, headings) and drops code and literal blocks, directives that hold
 code or tables, tables, ``<pre>`` and synopses, then writes one JSONL record per document,
-``{"text": ..., "source": ...}``, under ``cache_dir()/corpus/{train,test}.jsonl``, and a marker
-``meta.json`` (the document order and the counts). The held-out split is fixed by a stable hash of each
-document's path (5 % -> ``test``). The documents are written in the order of a second, independent
-hash of the path (:data:`ORDER`), so the two manuals are interleaved and any prefix of either split
-(a cache of its first N tokens) samples both throughout. :func:`corpus_files` rebuilds a corpus whose
-marker is missing or names another order; :func:`load_corpus` reads the files back through
-``datasets.load_dataset("json", ...)``.
+``{"text": ..., "source": ...}``, under ``cache_dir()/corpus/{train,test}.jsonl``. The held-out split
+is fixed by a stable hash of each document's path (5 % -> ``test``). :func:`load_corpus` reads the
+files back through ``datasets.load_dataset("json", ...)``.
 
 Licences: the Python documentation is under the PSF licence (Python Software Foundation License
 Version 2), the PostgreSQL documentation under the PostgreSQL licence (BSD-style).
@@ -26,13 +22,11 @@ import hashlib
 import html
 import json
 import re
-import sys
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 from sparsedict.data import CORPUS_SAMPLE
-from sparsedict.util import write_json_atomic
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 POSTGRES_DOCS = Path("/usr/share/doc/postgresql-doc-15/html")
@@ -45,9 +39,6 @@ TEST_FRACTION = 0.05
 """Fraction of documents held out as the ``test`` split (by stable hash of the source path)."""
 MIN_CHARS = 200
 """Documents with less prose than this are dropped (index pages, stubs)."""
-ORDER = "sha256-interleaved"
-"""Name of the document order (:func:`order_key`), recorded in ``meta.json`` and in cache manifests."""
-MARKER = "meta.json"
 
 # reST directives whose body is code, tables or machinery rather than prose.
 _DROP_DIRECTIVES = {
@@ -71,11 +62,6 @@ def split_of(source: str) -> str:
     """``"test"`` for ~5 % of documents chosen by a stable hash of ``source``, else ``"train"``."""
     digest = hashlib.sha256(source.encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < TEST_FRACTION else "train"
-
-
-def order_key(source: str) -> bytes:
-    """Sort key of a document: sha256 of ``"order:" + source`` (independent of :func:`split_of`'s hash)."""
-    return hashlib.sha256(f"order:{source}".encode()).digest()
 
 
 def _inline(text: str) -> str:
@@ -197,8 +183,7 @@ def html_prose(source: str) -> str:
 
 
 def iter_documents() -> Iterator[dict[str, str]]:
-    """Yield ``{"text", "source"}`` for every Debian manual page with enough prose, in :func:`order_key`
-    order (a stable shuffle that interleaves the Python and PostgreSQL manuals)."""
+    """Yield ``{"text", "source"}`` for every Debian manual page with enough prose (sorted by path)."""
     missing = [str(p) for p in (PYTHON_DOCS, POSTGRES_DOCS) if not p.is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -206,14 +191,14 @@ def iter_documents() -> Iterator[dict[str, str]]:
             f"Install them with `{APT_COMMAND}`, or pass `--dataset` with any `datasets` dataset or a "
             "local json/jsonl/txt/parquet file instead."
         )
-    pages = [
-        (f"python3.11/{p.relative_to(PYTHON_DOCS)}", p, rst_prose) for p in PYTHON_DOCS.rglob("*.rst.txt")
-    ]
-    pages += [(f"postgresql-15/{p.name}", p, html_prose) for p in POSTGRES_DOCS.glob("*.html")]
-    for source, path, prose in sorted(pages, key=lambda page: order_key(page[0])):
-        text = prose(path.read_text(errors="replace"))
+    for path in sorted(PYTHON_DOCS.rglob("*.rst.txt")):
+        text = rst_prose(path.read_text(errors="replace"))
         if len(text) >= MIN_CHARS:
-            yield {"text": text, "source": source}
+            yield {"text": text, "source": f"python3.11/{path.relative_to(PYTHON_DOCS)}"}
+    for path in sorted(POSTGRES_DOCS.glob("*.html")):
+        text = html_prose(path.read_text(errors="replace"))
+        if len(text) >= MIN_CHARS:
+            yield {"text": text, "source": f"postgresql-15/{path.name}"}
 
 
 def corpus_dir() -> Path:
@@ -223,8 +208,7 @@ def corpus_dir() -> Path:
 
 
 def build_corpus(out: Path | None = None) -> dict[str, int]:
-    """Write ``train.jsonl`` / ``test.jsonl`` (atomically), then the marker ``meta.json`` (:data:`ORDER` and
-    the counts); return the document/character counts."""
+    """Write ``train.jsonl`` / ``test.jsonl`` (atomically) and return document/character counts."""
     out = Path(out) if out is not None else corpus_dir()
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "test": 0, "chars": 0}
@@ -242,39 +226,20 @@ def build_corpus(out: Path | None = None) -> dict[str, int]:
     for s, path in tmp.items():
         path.replace(out / f"{s}.jsonl")
     (out / "LICENCE.txt").write_text(LICENCE_NOTE + "\n")
-    write_json_atomic(out / MARKER, {"order": ORDER, **counts})
     return counts
 
 
-def built_order(out: Path) -> str | None:
-    """The order named by the corpus marker in ``out`` (None: no marker or an unreadable one)."""
-    try:
-        return json.loads((out / MARKER).read_text()).get("order")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def corpus_files(split: str = "train", sample: bool = False) -> list[str]:
-    """JSONL files of ``split``; builds the corpus on first use, and rebuilds one built in another order
-    (its marker is missing or names another order than :data:`ORDER`). ``sample=True``: the shipped
-    sample."""
+    """JSONL files of ``split``; builds the corpus on first use (``sample=True``: the shipped sample)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if sample:
         if not CORPUS_SAMPLE.exists():
             raise FileNotFoundError(f"{CORPUS_SAMPLE} is missing: reinstall sparsedict (it is package data)")
         return [str(CORPUS_SAMPLE)]
-    out = corpus_dir()
-    path = out / f"{split}.jsonl"
-    order = built_order(out)
-    if path.exists() and order != ORDER:
-        print(
-            f"sparsedict: rebuilding the embedded corpus in {out} (it was built in document order "
-            f"{order or 'by path'!r}; this version uses {ORDER!r})",
-            file=sys.stderr,
-        )
-    if not path.exists() or order != ORDER:
-        build_corpus(out)
+    path = corpus_dir() / f"{split}.jsonl"
+    if not path.exists():
+        build_corpus()
     return [str(path)]
 
 

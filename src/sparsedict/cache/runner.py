@@ -32,7 +32,6 @@ from sparsedict.cache.manifest import (
 )  # fmt: skip
 from sparsedict.cache.tokens import RULES, ShardPlan, plan_shards
 from sparsedict.cache.writer import check_shard, expected_tensors, write_shard
-from sparsedict.corpus import ORDER
 from sparsedict.distributed import init_process_group
 from sparsedict.util import write_json_atomic
 
@@ -63,7 +62,7 @@ def _new_manifest(cfg: CacheConfig, model, tok, hps: list[hooks.Hookpoint], dims
         "tokenizer": {"name_or_path": tok.name_or_path, "vocab_size": len(tok), "bos_id": tok.bos_token_id,
                       "pad_id": tok.pad_token_id, "special_ids": sorted(set(tok.all_special_ids))},
         "dataset": {"name": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split,
-                    "text_column": cfg.text_column, **_corpus_order(cfg)},
+                    "text_column": cfg.text_column},
         "context_length": cfg.context_length,
         "hookpoints": {hp.name: {"module_path": hp.module_path, "side": hp.side, "path": hp.path,
                                  "layer": hp.layer, "d": dims[hp.name], "dtype": cfg.dtype,
@@ -78,35 +77,6 @@ def _new_manifest(cfg: CacheConfig, model, tok, hps: list[hooks.Hookpoint], dims
         "stats": {},
         "shards": [],
     }  # fmt: skip
-
-
-def _corpus_order(cfg: CacheConfig) -> dict:
-    """``{"corpus_order": ...}`` for the embedded corpus (its document order decides which text a cache of its
-    first N tokens holds), else ``{}``."""
-    return {"corpus_order": ORDER} if cfg.dataset == "embedded" else {}
-
-
-def _reuse_other_order(root: Path, cfg: CacheConfig, manifest: dict, rank: int) -> bool:
-    """True when ``manifest`` is a complete embedded-corpus cache made from the corpus in another document
-    order (it is used as it is, with a note, and not re-planned); refuse to resume a partial one (its done
-    shards hold other text than the plan now yields)."""
-    want, have = _corpus_order(cfg).get("corpus_order"), manifest["dataset"].get("corpus_order")
-    if want is None or have == want:
-        return False
-    old = repr(have) if have else "by path (an older sparsedict)"
-    if manifest.get("status") != "complete":
-        raise CacheError(
-            f"{root} is a partial cache of the embedded corpus in document order {old}, but the corpus is now "
-            f"in order {want!r}, so resuming would mix texts; delete the directory (or use another out_dir) "
-            "and re-run."
-        )
-    if rank == 0:
-        print(
-            f"sparsedict cache: note: {root} was cached from the embedded corpus in document order {old}, not "
-            f"{want!r}; using it as it is (delete the directory to re-cache it from the current corpus)",
-            file=sys.stderr,
-        )
-    return True
 
 
 def _heads(model, hp: hooks.Hookpoint, d: int) -> dict:
@@ -254,8 +224,6 @@ def cache_activations(cfg: CacheConfig) -> Path:
         _prepare(root, cfg, model, tok, hps, device, rank)
     _barrier(world)
     manifest = _prepare(root, cfg, model, tok, hps, device, rank) if rank else read_manifest(root)
-    if _reuse_other_order(root, cfg, manifest, rank):
-        return root
     for stale in root.glob("shards/**/.*.tmp-*"):  # temp files of a killed run (never a complete file)
         if rank == 0 and stale.is_file():
             stale.unlink(missing_ok=True)

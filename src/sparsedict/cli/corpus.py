@@ -20,13 +20,13 @@ class CorpusConfig:
 
 
 def main(argv: list[str]) -> int:
-    from sparsedict.corpus import LICENCE_NOTE, ORDER, build_corpus, corpus_dir
+    from sparsedict.corpus import LICENCE_NOTE, build_corpus, corpus_dir
 
     cfg = parse_cli(CorpusConfig, argv, "sparsedict corpus", __doc__)
     out = Path(cfg.out) if cfg.out else corpus_dir()
     counts = build_corpus(out)
     print(f"wrote {out}/train.jsonl ({counts['train']} docs) and test.jsonl ({counts['test']} docs)")
-    print(f"{counts['chars']:,} characters of prose, documents in order {ORDER!r} (see {out}/meta.json)")
+    print(f"{counts['chars']:,} characters of prose")
     if not cfg.no_count_tokens:
         from sparsedict.lm import load_model
 
