@@ -43,6 +43,20 @@ def test_controller_step_is_the_damped_log_error_step_and_freezes():
     assert again.coefficient == frozen and again.last_error == c.last_error
 
 
+def test_integral_gain_shrinks_with_the_run_length_past_gain_steps():
+    for total, scale in ((50, 1.0), (100, 1.0), (400, 0.25)):  # gain_steps 100: k_i · min(1, 100 / total)
+        c = L0Controller(
+            target=8, coefficient=2.0, k_i=0.1, k_p=0.4, freeze_fraction=1.0, max_step=1.0, gain_steps=100
+        )
+        # e = log 2 and no previous error: the integral step alone
+        c.update(_code([16, 16]), step=0, total_steps=total)
+        assert c.coefficient == pytest.approx(2.0 * math.exp(scale * 0.1 * math.log(2)), rel=1e-12)
+        c.update(_code([4, 12]), step=1, total_steps=total)  # e = 0: the damping term is not scaled
+        assert c.coefficient == pytest.approx(2.0 * math.exp((scale * 0.1 - 0.4) * math.log(2)), rel=1e-12)
+    relu = make_dict("relu", l0_target=8)
+    assert relu.l0_controller.gain_steps == relu.cfg.l0_control_steps > 0
+
+
 @pytest.mark.parametrize("arch", ["relu", "gated"])
 def test_steered_coefficient_rises_when_l0_is_too_high(arch):
     torch.manual_seed(0)

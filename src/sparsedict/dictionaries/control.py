@@ -6,7 +6,8 @@ hand λ to :class:`L0Controller`: after every optimiser step it reads the batch'
 ranks, so every replica holds the same λ) and moves ``log λ`` by a velocity-form PI step on the log error
 ``e = log(L0 / target)``:
 
-``log λ ← log λ + k_i · e_t + k_p · (e_t − e_{t−1})``, each step's change clipped to ``±max_step``.
+``log λ ← log λ + k_i · e_t + k_p · (e_t − e_{t−1})``, each step's change clipped to ``±max_step`` (with
+``l0_control_steps`` set, k_i shrinks in proportion in runs longer than that).
 
 The proportional term damps the loop: while L0 is already falling fast toward the target λ stops rising
 (the encoder needs many steps to follow a change of λ, and a pure integral step would overshoot). From
@@ -54,6 +55,10 @@ class L0TargetFields:
     """Integral gain k_i of the controller: ``log λ`` moves by k_i · log(L0 / target) per step."""
     l0_control_damping: float = 1.0
     """Proportional gain k_p on the change of the log error (damping)."""
+    l0_control_steps: int = 0
+    """If > 0, a run longer than this many steps steers with the integral gain scaled by
+    ``l0_control_steps / total_steps``, so λ settles over the same fraction of a longer run; 0: the same gain at
+    every run length."""
     threshold_init_l0: float = -1.0
     """Data-driven sparse start: if > 0, ``init_from_data`` sets each latent's firing threshold to the
     ``1 − threshold_init_l0/n`` quantile of its initial pre-activations on the sample (:func:`firing_quantiles`),
@@ -69,20 +74,21 @@ class L0TargetFields:
         if self.l0_target <= 0:
             return None
         return L0Controller(self.l0_target, coefficient, self.l0_control_gain, self.l0_control_damping,
-                            self.l0_freeze_fraction)  # fmt: skip
+                            self.l0_freeze_fraction, gain_steps=self.l0_control_steps)  # fmt: skip
 
 
 class L0Controller:
     """Steer coefficient λ so the training L0 meets ``target`` until ``freeze_fraction`` of the run."""
 
     def __init__(self, target: float, coefficient: float, k_i: float, k_p: float, freeze_fraction: float,
-                 max_step: float = 0.1) -> None:  # fmt: skip
+                 max_step: float = 0.1, gain_steps: int = 0) -> None:  # fmt: skip
         if target <= 0 or coefficient <= 0:
             raise ValueError(f"l0_target ({target}) and the starting coefficient ({coefficient}) must be > 0")
         if not 0.0 <= freeze_fraction <= 1.0:
             raise ValueError(f"l0_freeze_fraction must be in [0, 1], got {freeze_fraction}")
         self.target, self.k_i, self.k_p = float(target), float(k_i), float(k_p)
         self.freeze_fraction, self.max_step = float(freeze_fraction), float(max_step)
+        self.gain_steps = int(gain_steps)
         self.log_coefficient = math.log(coefficient)
         self.last_error: float | None = None
 
@@ -101,7 +107,8 @@ class L0Controller:
         l0 = (code_values.detach() != 0).sum(-1).float().mean()
         l0 = float(distributed.all_reduce_mean(l0))
         error = math.log(max(l0, 1e-2) / self.target)
-        delta = self.k_i * error + (0.0 if self.last_error is None else self.k_p * (error - self.last_error))
+        k_i = self.k_i * min(1.0, self.gain_steps / total_steps) if self.gain_steps > 0 else self.k_i
+        delta = k_i * error + (0.0 if self.last_error is None else self.k_p * (error - self.last_error))
         self.log_coefficient += max(-self.max_step, min(self.max_step, delta))
         self.last_error = error
 

@@ -35,6 +35,10 @@ class ReLUConfig(L0TargetFields, DictionaryConfig):
     with ``l0_target``: the steered λ starts at ``l1_coefficient``)."""
     decoder_init_norm: float = 0.1
     """Norm of the randomly oriented decoder rows at initialisation."""
+    l0_control_steps: int = 150
+    """With ``l0_target``: runs longer than this many steps steer with the integral gain scaled by
+    ``l0_control_steps / total_steps`` (a fast controller kills latents over a long run; chosen by measurement:
+    benchmarks/RESULTS_defaults.md); 0: the same gain at every run length."""
 
 
 def warmup_factor(step: int, total_steps: int, warmup_steps: int, default_fraction: float = 0.05) -> float:
