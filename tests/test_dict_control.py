@@ -53,8 +53,10 @@ def test_integral_gain_shrinks_with_the_run_length_past_gain_steps():
         assert c.coefficient == pytest.approx(2.0 * math.exp(scale * 0.1 * math.log(2)), rel=1e-12)
         c.update(_code([4, 12]), step=1, total_steps=total)  # e = 0: the damping term is not scaled
         assert c.coefficient == pytest.approx(2.0 * math.exp((scale * 0.1 - 0.4) * math.log(2)), rel=1e-12)
-    relu = make_dict("relu", l0_target=8)
-    assert relu.l0_controller.gain_steps == relu.cfg.l0_control_steps > 0
+    for arch in ("relu", "gated"):  # their defaults scale the gain; JumpReLU's does not
+        m = make_dict(arch, l0_target=8)
+        assert m.l0_controller.gain_steps == m.cfg.l0_control_steps > 0
+    assert make_dict("jumprelu", l0_target=8).l0_controller.gain_steps == 0
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])

@@ -50,6 +50,10 @@ class GatedConfig(L0TargetFields, DictionaryConfig):
     with ``l0_target``: the steered λ starts at ``l1_coefficient``)."""
     encoder_init_norm: float = 0.1
     """Norm of the encoder columns at init (``W_enc = encoder_init_norm · W_dec^T``); 1 is the plain transpose."""
+    l0_control_steps: int = 150
+    """With ``l0_target``: runs longer than this many steps steer with the integral gain scaled by
+    ``l0_control_steps / total_steps`` (fewer dead latents over a long run at the same FVU; chosen by measurement:
+    benchmarks/RESULTS_defaults.md); 0: the same gain at every run length."""
 
 
 @register("gated", GatedConfig)
