@@ -21,6 +21,7 @@ import torch
 from sparsedict.cache import ActivationStore
 from sparsedict.dictionaries import build, lookup
 from sparsedict.dictionaries.matryoshka import resolve_groups
+from sparsedict.metrics import fvu
 from sparsedict.train import TrainConfig, Trainer
 
 
@@ -28,13 +29,21 @@ def prefix_fvus(model, x: torch.Tensor, ends: list[int]) -> dict[str, float]:
     """L0 and the FVU of ``x`` reconstructed from the code's latents below each of ``ends``."""
     x = x * float(model.input_scale)
     dense = model.encode(x).to_dense()
-    var = (x - x.mean(0)).pow(2).sum()
     row = {"l0": float((dense != 0).sum(1).float().mean())}
     for end in ends:
         kept = dense.clone()
         kept[:, end:] = 0
-        row[f"fvu@{end}"] = float((x - (kept @ model.W_dec + model.b_dec)).pow(2).sum() / var)
+        row[f"fvu@{end}"] = fvu(x, kept @ model.W_dec + model.b_dec)
     return row
+
+
+def variant_fields(spec: str) -> dict:
+    """Matryoshka config fields of one ``--weights`` entry: ``equal``, ``g:`` + group fractions, or weights."""
+    if spec == "equal":
+        return {}
+    if spec.startswith("g:"):
+        return {"group_fractions": tuple(float(v) for v in spec[2:].split(","))}
+    return {"group_weights": tuple(float(v) for v in spec.split(","))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,16 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = ActivationStore(args.train, args.hookpoint, batch_size=args.batch_size, seed=0)
-    points = {"topk": ("topk", {})}
-    for w in args.weights:
-        points[w] = (
-            "matryoshka",
-            {}
-            if w == "equal"
-            else {"group_fractions": tuple(float(v) for v in w[2:].split(","))}
-            if w.startswith("g:")
-            else {"group_weights": tuple(float(v) for v in w.split(","))},
-        )
+    points = {"topk": ("topk", {}), **{w: ("matryoshka", variant_fields(w)) for w in args.weights}}
     models = {}
     for name, (arch, fields) in points.items():
         torch.manual_seed(0)
