@@ -121,12 +121,15 @@ class Trainer:
             src.n_rows is not None and self.total_steps * self.cfg.batch_size * self.world_size > src.n_rows
         )
 
+    @staticmethod
+    def _calibrates(m) -> bool:
+        """Whether member ``m`` takes the end-of-run calibration on held-out rows (latent-sharded ones do not)."""
+        return m.model.calibrates and not m.model.latent_sharded
+
     def _hold_out(self) -> dict[SourceKey, tuple[Tensor, Tensor | None]]:
         """Take the calibration rows out of the sources of the members that calibrate (``calibration_rows``)."""
         held, want = {}, self.cfg.calibration_rows
-        for key in dict.fromkeys(
-            m.key for m in self.members if m.model.calibrates and not m.model.latent_sharded
-        ):
+        for key in dict.fromkeys(m.key for m in self.members if self._calibrates(m)):
             src = self.sources[key]
             n = want
             if want == -1:
@@ -145,7 +148,7 @@ class Trainer:
     def calibrate(self) -> None:
         """The end-of-run calibrations of the members that calibrate, on their source's held-out rows."""
         for m in self.members:
-            if m.key not in self.held or not m.model.calibrates or m.model.latent_sharded:
+            if m.key not in self.held or not self._calibrates(m):
                 continue
             x, _ = _slot(self.held[m.key], m.slot)
             x = x.to(self.device, torch.float32) * float(m.model.input_scale)
